@@ -1,0 +1,181 @@
+"""What every attack shares: input validation, batching, compiled-function caching, the result type."""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import weakref
+from typing import Any, Callable, ClassVar
+
+import keras
+import numpy as np
+from tqdm.auto import tqdm
+
+from attacks.backend import Forward, compile_with_model
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackResult:
+    """Adversarial images with a per-sample success flag and perturbation norms (all numpy)."""
+
+    x_adv: np.ndarray
+    success: np.ndarray
+    linf: np.ndarray
+    l2: np.ndarray
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.mean()) if len(self.success) else 0.0
+
+
+def check_images(x: Any, clip: tuple[float, float]) -> np.ndarray:
+    """Return `x` as a float32 NHWC array after checking rank, dtype, finiteness and range."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"images must be a 4-D NHWC array, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"images must be floating point in {list(clip)}, got dtype {x.dtype}")
+    if len(x) == 0:
+        raise ValueError("no images given (empty batch)")
+    if not np.isfinite(x).all():
+        raise ValueError("images contain NaN or infinite values")
+    low, high = float(x.min()), float(x.max())
+    if low < clip[0] or high > clip[1]:
+        raise ValueError(f"images must lie in {list(clip)}, found values in [{low:.4g}, {high:.4g}]")
+    return x.astype(np.float32, copy=False)
+
+
+def check_labels(y: Any, n: int, num_classes: int, what: str = "labels") -> np.ndarray:
+    """Return `y` as int32 class indices after checking length, dtype and range."""
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"{what} must be a 1-D array of {n} class indices, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{what} must be integer class indices, got dtype {y.dtype}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(
+            f"{what} must lie in [0, {num_classes - 1}] for this model, "
+            f"found [{y.min()}, {y.max()}]"
+        )
+    return y.astype(np.int32)
+
+
+def check_model_input(model: keras.Model, x: np.ndarray) -> int:
+    """Check that `x` fits the model's input and return the number of classes it outputs."""
+    expected = tuple(model.input_shape[1:])
+    if len(expected) != 3 or any(e is not None and e != a for e, a in zip(expected, x.shape[1:])):
+        raise ValueError(
+            f"images of shape {x.shape[1:]} do not fit the model's input shape {expected}"
+        )
+    return int(model.output_shape[-1])
+
+
+def check_finite_nonnegative(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+_compiled: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Attack(abc.ABC):
+    """Base of all attacks: immutable, keyword-only parameters, called as `attack(model, x, y)`.
+
+    Subclasses implement `_batch(forward, x, y, noise, targeted)` in `keras.ops`, which is compiled
+    once per model and reused for every batch, and `_noise(sample_shape, rng)` for the random start
+    of one input (drawn from a generator seeded by `seed` and that input's index).
+    """
+
+    name: ClassVar[str]
+    clip: tuple[float, float] = (0.0, 1.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        low, high = (float(v) for v in self.clip)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"clip must be a finite range (low, high) with low < high, got {self.clip}")
+        object.__setattr__(self, "clip", (low, high))
+
+    @abc.abstractmethod
+    def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool) -> tuple:
+        """One batch, in `keras.ops`: returns (x_adv, success, linf, l2) tensors."""
+
+    def _noise(self, sample_shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
+        """The random start of one input, or None when the attack has none."""
+        return None
+
+    def _compiled_batch(self, model: keras.Model, targeted: bool) -> Callable[..., tuple]:
+        per_model = _compiled.setdefault(model, {})
+        key = (self, targeted)
+        if key not in per_model:
+            per_model[key] = compile_with_model(
+                model, lambda forward, x, y, noise: self._batch(forward, x, y, noise, targeted)
+            )
+        return per_model[key]
+
+    def __call__(
+        self,
+        model: keras.Model,
+        x: Any,
+        y: Any,
+        *,
+        targets: Any = None,
+        index: Any = None,
+        batch_size: int = 256,
+        progress: bool | tqdm = False,
+    ) -> AttackResult:
+        """Attack `x` (labels `y`); with `targets`, push each input towards its target class.
+
+        Inputs are processed in fixed-size batches (the last one padded) so nothing recompiles.
+        The caller's arrays are never modified. Each input's random start depends only on `seed` and
+        its `index` (default 0..n-1; pass source indices so a dataset split into shards gets the
+        same bytes as one run). `progress` shows a bar, or advances a caller's `tqdm` bar.
+        """
+        x = check_images(x, self.clip)
+        num_classes = check_model_input(model, x)
+        y = check_labels(y, len(x), num_classes)
+        targeted = targets is not None
+        goal = check_labels(targets, len(x), num_classes, "targets") if targeted else y
+        index = np.arange(len(x)) if index is None else np.asarray(index)
+        if index.shape != (len(x),):
+            raise ValueError(f"index must hold one integer per input ({len(x)}), got shape {index.shape}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        size = min(batch_size, len(x))
+        run = self._compiled_batch(model, targeted)
+        outputs: list[list[np.ndarray]] = [[], [], [], []]
+        own_bar = not isinstance(progress, tqdm)
+        bar = tqdm(total=len(x), desc=self.name, unit="img", disable=not progress) if own_bar else progress
+        for start in range(0, len(x), size):
+            xb, gb = x[start : start + size], goal[start : start + size]
+            count = len(xb)
+            if count < size:  # pad with copies of the first rows; their results are dropped
+                xb = np.concatenate([xb, np.repeat(xb[:1], size - count, axis=0)])
+                gb = np.concatenate([gb, np.repeat(gb[:1], size - count)])
+            noise = self._batch_noise(xb.shape, index[start : start + size])
+            for out, value in zip(outputs, run(xb, gb, noise)):
+                out.append(keras.ops.convert_to_numpy(value)[:count])
+            bar.update(count)
+        if own_bar:
+            bar.close()
+        x_adv, success, linf, l2 = (np.concatenate(parts) for parts in outputs)
+        return AttackResult(x_adv=x_adv, success=success.astype(bool), linf=linf, l2=l2)
+
+    def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
+        noise = np.zeros(shape, np.float32)
+        for row, key in enumerate(index):
+            sample = self._noise(shape[1:], np.random.default_rng([self.seed, int(key)]))
+            if sample is None:
+                break
+            noise[row] = sample
+        return noise
+
+    def params(self) -> dict[str, Any]:
+        """The attack's parameters as plain JSON-able values (for manifests and reports)."""
+        values = dataclasses.asdict(self)
+        values["clip"] = list(self.clip)
+        return {"attack": self.name, **values}

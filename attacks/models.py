@@ -1,0 +1,58 @@
+"""The model contract: attacks, detectors and guards all work on a classifier's logits.
+
+A softmax squashes gradients towards zero once the model is confident, so every model that enters
+safetynet goes through `logits_model`, which cuts a trailing softmax once: a final `Softmax` or
+`Activation("softmax")` layer is dropped; a last layer with `activation="softmax"` is rebuilt with a
+linear activation and the same weights. Models are loaded with Keras's `safe_mode` (no arbitrary
+code) and saved as `.keras` files atomically.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+
+from attacks.storage import atomic_write
+
+
+def _is_softmax(activation: object) -> bool:
+    return activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
+
+
+def logits_model(model: keras.Model) -> keras.Model:
+    """Return `model` with a trailing softmax removed (the same model when it has none)."""
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax) or (
+        isinstance(last, keras.layers.Activation) and _is_softmax(last.activation)
+    ):
+        return keras.Model(model.inputs, last.input, name=f"{model.name}_logits")
+    if _is_softmax(getattr(last, "activation", None)):
+        config = last.get_config() | {"activation": "linear", "name": f"{last.name}_logits"}
+        linear = last.__class__.from_config(config)
+        outputs = linear(last.input)
+        linear.set_weights(last.get_weights())
+        return keras.Model(model.inputs, outputs, name=f"{model.name}_logits")
+    return model
+
+
+def load_model(path: str | os.PathLike) -> keras.Model:
+    """Load a `.keras` or `.h5` model safely (no arbitrary code) and return its logits model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier model not found: {path}")
+    if path.suffix not in (".keras", ".h5"):
+        raise ValueError(f"classifier must be a .keras or .h5 file, got {path.name}")
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load classifier {path}: {error}") from None
+    return logits_model(model)
+
+
+def save_model(model: keras.Model, path: str | os.PathLike) -> Path:
+    """Save as a `.keras` file, atomically."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"classifiers are saved as .keras files, got {path.name}")
+    return atomic_write(path, lambda temp: model.save(temp))

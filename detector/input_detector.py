@@ -1,0 +1,130 @@
+"""The `input` family: a binary CNN on the images themselves (Gong et al. 2017, "Adversarial and
+clean data are not twins"). It learns the statistics of the perturbation, so it is near perfect on the
+attacks it was trained on."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from sklearn.model_selection import train_test_split
+from sklearn.utils.class_weight import compute_class_weight
+
+from detector.base import Detector
+
+MODEL_FILE = "detector.keras"
+
+
+def build_input_cnn(input_shape: tuple[int, ...]) -> keras.Model:
+    """Three conv layers (pooling while the image is large enough), features averaged over the whole
+    image, then one logit (adversarial vs clean)."""
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    for filters in (32, 64, 64):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        if min(x.shape[1], x.shape[2]) >= 8:
+            x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(64, activation="relu")(x)
+    outputs = keras.layers.Dense(1, name="adversarial_logit")(x)
+    return keras.Model(inputs, outputs, name="input_detector")
+
+
+class InputDetector(Detector):
+    """Binary CNN detector on input images.
+
+    `score` is the network's logit (log-odds of 'adversarial'): unlike a sigmoid probability it
+    never saturates to ties at 1.0, so thresholds and AUROC stay well defined.
+    """
+
+    kind = "input"
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 10,
+        batch_size: int = 128,
+        learning_rate: float = 1e-3,
+        validation_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if epochs < 1 or batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+        if not 0.0 < validation_fraction < 0.5:
+            raise ValueError(f"validation_fraction must lie in (0, 0.5), got {validation_fraction}")
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.validation_fraction = validation_fraction
+        self.seed = seed
+        self.model: keras.Model | None = None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "validation_fraction": self.validation_fraction,
+            "seed": self.seed,
+        }
+
+    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 2) -> "InputDetector":
+        """Train on clean (label 0) vs adversarial (label 1) images, balanced by class weights,
+        early-stopped on a stratified validation split."""
+        if x_clean.shape[1:] != x_adversarial.shape[1:]:
+            raise ValueError(
+                f"clean images {x_clean.shape[1:]} and adversarial images "
+                f"{x_adversarial.shape[1:]} differ in shape"
+            )
+        keras.utils.set_random_seed(self.seed)
+        x = np.concatenate([x_clean, x_adversarial]).astype(np.float32)
+        labels = np.concatenate([np.zeros(len(x_clean)), np.ones(len(x_adversarial))]).astype(np.float32)
+        x_fit, x_val, y_fit, y_val = train_test_split(
+            x, labels, test_size=self.validation_fraction, stratify=labels, random_state=self.seed
+        )
+        weights = compute_class_weight("balanced", classes=np.array([0.0, 1.0]), y=y_fit)
+        self.model = build_input_cnn(x.shape[1:])
+        self.model.compile(
+            optimizer=keras.optimizers.Adam(self.learning_rate),
+            loss=keras.losses.BinaryCrossentropy(from_logits=True),
+            metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)],
+        )
+        self.model.fit(
+            x_fit,
+            y_fit,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            validation_data=(x_val, y_val),
+            class_weight={0: float(weights[0]), 1: float(weights[1])},
+            callbacks=[keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True)],
+            verbose=verbose,
+        )
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+        expected = tuple(self.model.input_shape[1:])
+        if tuple(np.shape(x)[1:]) != expected:
+            raise ValueError(f"images of shape {np.shape(x)[1:]} do not fit the detector's input {expected}")
+        logits = self.model.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
+        return logits[:, 0].astype(np.float64)
+
+    def _save_files(self, directory: Path) -> None:
+        if self.model is None:
+            raise ValueError("cannot save an untrained detector")
+        self.model.save(directory / MODEL_FILE)
+
+    @classmethod
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> "InputDetector":
+        detector = cls(**hyperparameters)
+        path = directory / MODEL_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"detector model file missing: {path}")
+        try:
+            detector.model = keras.models.load_model(path, compile=False, safe_mode=True)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"detector model {path} is corrupt: {error}") from None
+        return detector

@@ -1,0 +1,43 @@
+"""Shared fixtures: real data beside the checkout, quiet TensorFlow, deterministic seeds."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The ../shared/data folder beside the checkout (skips when absent)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    keras.utils.set_random_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's bundled 8x8 digits, as an ImageDataset (no network, loads in milliseconds)."""
+    from training.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits_classifier(digits) -> keras.Model:
+    """The reference CNN trained briefly on digits (about 95% test accuracy, a few seconds)."""
+    from training.classifier import train_classifier
+
+    return train_classifier(digits.x_train, digits.y_train, digits.num_classes, epochs=8, verbose=0)

@@ -1,0 +1,185 @@
+"""Correctness of the gradient-sign family. Runs under every Keras backend (KERAS_BACKEND=jax too)."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from attacks import BIM, FGSM, PGD, make_attack, parse_attack_spec
+
+
+@pytest.fixture(scope="module")
+def linear_model() -> keras.Model:
+    """logits = W x + b on 6x6x1 images, with known weights."""
+    rng = np.random.default_rng(1)
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(), keras.layers.Dense(4)])
+    model.layers[-1].set_weights([rng.normal(size=(36, 4)).astype("float32"), rng.normal(size=4).astype("float32")])
+    return model
+
+
+@pytest.fixture(scope="module")
+def interior_batch() -> tuple[np.ndarray, np.ndarray]:
+    """Images far enough from 0 and 1 that a 0.05 step never hits the clip range."""
+    rng = np.random.default_rng(2)
+    return rng.uniform(0.2, 0.8, (40, 6, 6, 1)).astype("float32"), rng.integers(0, 4, 40)
+
+
+def analytic_gradient(model: keras.Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """d CE(W x + b, y) / dx = W (softmax - onehot(y)), per sample."""
+    w, b = model.layers[-1].get_weights()
+    logits = x.reshape(len(x), -1) @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    return (p @ w.T).reshape(x.shape)
+
+
+def test_fgsm_moves_exactly_eps_times_sign_of_the_analytic_gradient(linear_model, interior_batch):
+    x, y = interior_batch
+    eps = 0.05
+    result = FGSM(eps=eps)(linear_model, x, y)
+    expected = eps * np.sign(analytic_gradient(linear_model, x, y))
+    np.testing.assert_allclose(result.x_adv - x, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("attack", [FGSM(eps=0.1), BIM(eps=0.1, steps=7), PGD(eps=0.1, steps=7)])
+def test_linf_bound_and_clip_range_hold(linear_model, attack):
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (50, 6, 6, 1)).astype("float32")
+    y = rng.integers(0, 4, 50)
+    result = attack(linear_model, x, y)
+    assert np.abs(result.x_adv - x).max() <= attack.eps + 1e-6
+    assert result.x_adv.min() >= 0.0 and result.x_adv.max() <= 1.0
+    np.testing.assert_allclose(result.linf, np.abs(result.x_adv - x).reshape(50, -1).max(1), atol=1e-6)
+
+
+def test_l2_step_has_exactly_the_requested_norm(linear_model, interior_batch):
+    x, y = interior_batch
+    result = BIM(eps=0.5, steps=1, step_size=0.3, norm="2")(linear_model, x, y)
+    norms = np.linalg.norm((result.x_adv - x).reshape(len(x), -1), axis=1)
+    np.testing.assert_allclose(norms, 0.3, rtol=1e-5)
+    np.testing.assert_allclose(result.l2, norms, rtol=1e-5)
+
+
+def test_l2_projection_never_exceeds_eps(linear_model):
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0, 1, (30, 6, 6, 1)).astype("float32")
+    result = PGD(eps=0.4, steps=10, norm="2")(linear_model, x, rng.integers(0, 4, 30))
+    assert np.linalg.norm((result.x_adv - x).reshape(30, -1), axis=1).max() <= 0.4 + 1e-5
+
+
+def test_caller_arrays_are_not_modified_and_eps_zero_returns_the_input(linear_model, interior_batch):
+    x, y = interior_batch
+    x_copy, y_copy = x.copy(), y.copy()
+    PGD(eps=0.1, steps=3)(linear_model, x, y)
+    np.testing.assert_array_equal(x, x_copy)
+    np.testing.assert_array_equal(y, y_copy)
+    for attack in (FGSM(eps=0.0), PGD(eps=0.0, steps=3), PGD(eps=0.0, steps=3, norm="2")):
+        np.testing.assert_array_equal(attack(linear_model, x, y).x_adv, x)
+
+
+def test_success_flag_matches_the_model_prediction(linear_model, interior_batch):
+    x, y = interior_batch
+    result = PGD(eps=0.2, steps=10)(linear_model, x, y)
+    predicted = np.argmax(linear_model.predict(result.x_adv, verbose=0), axis=1)
+    np.testing.assert_array_equal(result.success, predicted != y)
+
+
+def test_batching_and_padding_give_the_same_result_as_one_batch(linear_model):
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 1, (23, 6, 6, 1)).astype("float32")
+    y = rng.integers(0, 4, 23)
+    attack = BIM(eps=0.1, steps=5)
+    whole = attack(linear_model, x, y, batch_size=64)
+    pieces = attack(linear_model, x, y, batch_size=5)
+    np.testing.assert_allclose(whole.x_adv, pieces.x_adv, atol=1e-6)
+    np.testing.assert_array_equal(whole.success, pieces.success)
+
+
+def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_cnn(digits, digits_classifier):
+    x, y = digits.x_test[:200], digits.y_test[:200]
+    fgsm = FGSM(eps=0.15)(digits_classifier, x, y)
+    pgd = PGD(eps=0.15, steps=20)(digits_classifier, x, y)
+    assert pgd.success_rate >= fgsm.success_rate
+    assert pgd.success_rate > 0.6
+
+
+def test_targeted_pgd_reaches_its_targets(digits, digits_classifier):
+    x, y = digits.x_test[:100], digits.y_test[:100]
+    targets = (y + 1) % 10
+    result = PGD(eps=0.3, steps=20)(digits_classifier, x, y, targets=targets)
+    predicted = np.argmax(digits_classifier.predict(result.x_adv, verbose=0), axis=1)
+    np.testing.assert_array_equal(result.success, predicted == targets)
+    assert result.success_rate >= 0.9
+
+
+def test_early_stop_freezes_samples_at_their_first_success(digits, digits_classifier):
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    full = BIM(eps=0.2, steps=10, step_size=0.05, early_stop=True)(digits_classifier, x, y)
+    frozen_any = False
+    for k in range(1, 10):
+        at_k = BIM(eps=0.2, steps=k, step_size=0.05, early_stop=True)(digits_classifier, x, y)
+        done = at_k.success
+        frozen_any |= done.any()
+        # a sample that succeeded by step k keeps exactly its step-k image to the end
+        np.testing.assert_array_equal(full.x_adv[done], at_k.x_adv[done])
+    assert frozen_any
+    no_stop = BIM(eps=0.2, steps=10, step_size=0.05)(digits_classifier, x, y)
+    assert np.abs(no_stop.x_adv - x).mean() > np.abs(full.x_adv - x).mean()
+
+
+def test_random_start_is_reproducible_and_seeded(linear_model, interior_batch):
+    x, y = interior_batch
+    first = PGD(eps=0.1, steps=2, seed=3)(linear_model, x, y)
+    again = PGD(eps=0.1, steps=2, seed=3)(linear_model, x, y)
+    other = PGD(eps=0.1, steps=2, seed=4)(linear_model, x, y)
+    np.testing.assert_array_equal(first.x_adv, again.x_adv)
+    assert not np.array_equal(first.x_adv, other.x_adv)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: PGD(eps=-0.1), "eps must be"),
+        (lambda: PGD(eps=float("nan")), "eps must be"),
+        (lambda: PGD(eps=1.5), "eps must lie"),
+        (lambda: PGD(eps=0.1, steps=0), "steps must be"),
+        (lambda: PGD(eps=0.1, step_size=-1.0), "step_size must be"),
+        (lambda: PGD(eps=0.1, norm="1"), "unknown norm"),
+        (lambda: PGD(eps=0.1, clip=(1.0, 0.0)), "clip must be"),
+        (lambda: make_attack("fgsm", eps=0.1, steps=3), "no parameter"),
+        (lambda: make_attack("cw2", eps=0.1), "unknown attack"),
+        (lambda: make_attack("pgd", eps=0.1, bogus=1), "no parameter"),
+        (lambda: make_attack("pgd"), "needs the parameter"),
+        (lambda: parse_attack_spec("pgd:eps"), "cannot parse"),
+    ],
+)
+def test_bad_parameters_are_refused_at_construction(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+@pytest.mark.parametrize(
+    "x, y, kwargs, message",
+    [
+        (np.zeros((6, 6, 1), "float32"), [0], {}, "4-D"),
+        (np.zeros((2, 6, 6, 1), "uint8"), [0, 1], {}, "floating point"),
+        (np.full((2, 6, 6, 1), 1.5, "float32"), [0, 1], {}, "must lie in"),
+        (np.full((2, 6, 6, 1), np.nan, "float32"), [0, 1], {}, "NaN"),
+        (np.zeros((2, 5, 5, 1), "float32"), [0, 1], {}, "do not fit"),
+        (np.zeros((2, 6, 6, 1), "float32"), [0, 4], {}, "labels must lie"),
+        (np.zeros((2, 6, 6, 1), "float32"), [0], {}, "labels must be a 1-D array of 2"),
+        (np.zeros((2, 6, 6, 1), "float32"), [0.0, 1.0], {}, "integer"),
+        (np.zeros((2, 6, 6, 1), "float32"), [0, 1], {"targets": [0, 9]}, "targets must lie"),
+        (np.zeros((0, 6, 6, 1), "float32"), [], {}, "empty"),
+    ],
+)
+def test_bad_inputs_are_refused_at_call(linear_model, x, y, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PGD(eps=0.1, steps=2)(linear_model, x, np.asarray(y), **kwargs)
+
+
+def test_spec_parsing_reads_fractions_defaults_and_overrides():
+    attack = parse_attack_spec("pgd:eps=8/255,steps=20,norm=2", overrides={"steps": 5})
+    assert attack == PGD(eps=8 / 255, steps=5, norm="2")
+    assert parse_attack_spec("fgsm", defaults={"eps": 0.3, "steps": 4}) == FGSM(eps=0.3)

@@ -1,0 +1,507 @@
+"""Tests for detector: threshold calibration, the Detector interface, InputDetector, the on-disk
+layout (save / load_detector) and training.detector.fit_input_detector.
+
+One InputDetector is trained per module (through fit_input_detector, on stored FGSM and PGD
+datasets of the digits training split) and shared by the tests below.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
+
+from attacks import FGSM, PGD
+from attacks.dataset import generate_dataset, load_adversarial_dataset
+from attacks.storage import model_fingerprint
+from detector import FAMILIES, Calibration, Detector, InputDetector, calibrate_threshold, load_detector
+from detector.base import FORMAT_VERSION, MANIFEST
+from detector.input_detector import MODEL_FILE
+from training.detector import fit_input_detector
+
+EPS = 0.3
+
+
+# --------------------------------------------------------------------------------------------
+# Small synthetic detectors: scores are fixed functions of the image, so results are exact.
+# --------------------------------------------------------------------------------------------
+
+
+def _content_noise(image: np.ndarray) -> float:
+    """A standard normal draw seeded by the image's bytes (same image -> same value)."""
+    seed = int.from_bytes(hashlib.sha256(np.ascontiguousarray(image, np.float32).tobytes()).digest()[:8], "little")
+    return float(np.random.default_rng(seed).standard_normal())
+
+
+class _SyntheticDetector(Detector):
+    kind = "synthetic-test"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+    def _save_files(self, directory: Path) -> None:  # pragma: no cover - not saved in these tests
+        pass
+
+    @classmethod
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> "Detector":  # pragma: no cover
+        return cls()
+
+
+class MeanPixelDetector(_SyntheticDetector):
+    """Mean pixel value plus content-seeded noise: continuous, deterministic, exchangeable."""
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        return np.array([float(image.mean()) + 0.05 * _content_noise(image) for image in x])
+
+
+class NaNForDarkImages(_SyntheticDetector):
+    """Mean pixel value, but NaN (a detector failure) for images darker than `cutoff`."""
+
+    def __init__(self, cutoff: float) -> None:
+        super().__init__()
+        self.cutoff = cutoff
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        means = np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
+        return np.where(means < self.cutoff, np.nan, means)
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate_threshold on hand-computed cases
+# --------------------------------------------------------------------------------------------
+
+
+def test_calibrate_threshold_arange_flags_exactly_five_percent():
+    scores = np.arange(100, dtype=np.float64)
+    cal = calibrate_threshold(scores, 0.05)
+    assert int(np.sum(scores > cal.threshold)) == 5
+    assert cal.threshold == 94.0  # 95..99 are above it, 94 itself is not
+    assert cal.fpr == pytest.approx(0.05)
+    assert cal.target_fpr == 0.05
+    assert cal.n_clean == 100
+    expected = binomtest(5, 100).proportion_ci(method="exact")
+    assert cal.fpr_interval == pytest.approx((expected.low, expected.high), rel=1e-12)
+    assert cal.fpr_interval[0] < 0.05 < cal.fpr_interval[1]
+
+
+def test_calibrate_threshold_ignores_input_order():
+    scores = np.arange(100, dtype=np.float64)
+    shuffled = np.random.default_rng(3).permutation(scores)
+    assert calibrate_threshold(shuffled, 0.1) == calibrate_threshold(scores, 0.1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("target", [0.01, 0.05, 0.1, 0.25])
+def test_calibrate_threshold_is_the_smallest_threshold_within_target(seed, target):
+    rng = np.random.default_rng(seed)
+    scores = np.round(rng.normal(size=int(rng.integers(20, 400))), 1)  # rounding makes ties
+    cal = calibrate_threshold(scores, target)
+    flagged = int(np.sum(scores > cal.threshold))
+    assert flagged <= math.floor(target * len(scores))  # never more than the target
+    assert cal.fpr == flagged / len(scores)
+    # any smaller threshold also flags the scores equal to this one, which would exceed the target
+    assert int(np.sum(scores >= cal.threshold)) > math.floor(target * len(scores))
+
+
+def test_calibrate_threshold_ties_are_never_split():
+    # 10 tied top scores, 5% allowed: flagging any of them flags all 10 (10%), so none is flagged
+    scores = np.array([0.0] * 90 + [1.0] * 10)
+    cal = calibrate_threshold(scores, 0.05)
+    assert cal.threshold == 1.0
+    assert cal.fpr == 0.0
+    assert int(np.sum(scores > cal.threshold)) == 0
+    assert cal.fpr_interval[0] == 0.0
+    assert cal.fpr_interval[1] == pytest.approx(binomtest(0, 100).proportion_ci(method="exact").high)
+    # exactly 5 tied top scores fit the 5% budget
+    scores = np.array([0.0] * 95 + [1.0] * 5)
+    cal = calibrate_threshold(scores, 0.05)
+    assert cal.threshold == 0.0 and cal.fpr == 0.05
+    # all scores tied: nothing can be flagged
+    cal = calibrate_threshold(np.full(50, 3.0), 0.5)
+    assert cal.threshold == 3.0 and cal.fpr == 0.0
+
+
+def test_calibrate_threshold_too_few_scores_flags_nothing():
+    scores = np.arange(10, dtype=np.float64)
+    cal = calibrate_threshold(scores, 0.05)  # 5% of 10 is 0.5 -> no image may be flagged
+    assert cal.threshold == 9.0 and cal.fpr == 0.0
+
+
+def test_calibrate_threshold_budget_is_exact_for_decimal_targets():
+    scores = np.arange(100, dtype=np.float64)
+    cal = calibrate_threshold(scores, 0.29)
+    assert int(np.sum(scores > cal.threshold)) == 29
+    assert cal.fpr == pytest.approx(0.29)
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_calibrate_threshold_rejects_target_outside_unit_interval(target):
+    with pytest.raises(ValueError, match="target_fpr"):
+        calibrate_threshold(np.arange(100.0), target)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_calibrate_threshold_rejects_non_finite_scores(bad):
+    scores = np.arange(100.0)
+    scores[17] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        calibrate_threshold(scores, 0.05)
+
+
+@pytest.mark.parametrize("scores", [np.array([]), np.zeros((10, 2))], ids=["empty", "2-D"])
+def test_calibrate_threshold_rejects_empty_or_not_1d(scores):
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        calibrate_threshold(scores, 0.05)
+
+
+def test_calibration_json_round_trip():
+    cal = calibrate_threshold(np.arange(200.0), 0.05)
+    again = Calibration.from_json(json.loads(json.dumps(cal.to_json())))
+    assert again == cal
+    assert isinstance(again.fpr_interval, tuple)
+
+
+# --------------------------------------------------------------------------------------------
+# Detector interface with synthetic detectors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [0.05, 0.1, 0.2])
+def test_calibrated_fpr_holds_on_fresh_clean_data(digits, target):
+    """Calibrated on the training images, the detector flags about `target` of the (never seen)
+    test images: the target lies inside the exact 99% interval of the observed test rate."""
+    detector = MeanPixelDetector().calibrate(digits.x_train, target)
+    assert detector.calibration.n_clean == len(digits.x_train)
+    assert detector.calibration.fpr <= target
+    flagged = detector.predict(digits.x_test)
+    assert flagged.dtype == bool and flagged.shape == (len(digits.x_test),)
+    k, n = int(flagged.sum()), len(flagged)
+    interval = binomtest(k, n).proportion_ci(confidence_level=0.99, method="exact")
+    assert interval.low <= target <= interval.high, (k, n, target)
+
+
+def _dark_cutoff(digits) -> float:
+    """The 20th percentile of the training images' mean pixel value."""
+    return float(np.quantile(digits.x_train.reshape(len(digits.x_train), -1).mean(axis=1), 0.2))
+
+
+def test_predict_matches_threshold_and_fails_closed_on_nan(digits):
+    cutoff = _dark_cutoff(digits)
+    detector = NaNForDarkImages(cutoff=cutoff)
+    finite = digits.x_train[digits.x_train.reshape(len(digits.x_train), -1).mean(axis=1) >= cutoff]
+    detector.calibrate(finite, 0.1)
+    x = digits.x_test
+    scores = detector.score(x)
+    nan = np.isnan(scores)
+    assert nan.sum() > 20 and (~nan).sum() > 20  # the case is meaningful
+    flagged = detector.predict(x)
+    assert flagged[nan].all()  # a detector failure is a rejection
+    np.testing.assert_array_equal(flagged[~nan], scores[~nan] > detector.threshold)
+
+
+def test_calibrate_refuses_nan_scores(digits):
+    detector = NaNForDarkImages(cutoff=_dark_cutoff(digits))
+    with pytest.raises(ValueError, match="NaN"):
+        detector.calibrate(digits.x_train, 0.05)
+    assert detector.calibration is None
+
+
+def test_threshold_and_predict_need_calibration(digits):
+    for detector in (MeanPixelDetector(), InputDetector()):
+        with pytest.raises(ValueError, match="not calibrated"):
+            detector.threshold
+    with pytest.raises(ValueError, match="not calibrated"):
+        MeanPixelDetector().predict(digits.x_test[:4])
+
+
+def test_families_registry():
+    assert FAMILIES["input"] is InputDetector
+
+
+# --------------------------------------------------------------------------------------------
+# fit_input_detector and the real InputDetector (trained once for the module)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def datasets(digits, digits_classifier, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adversarial")
+    loaded = []
+    for attack in (FGSM(eps=EPS), PGD(eps=EPS)):
+        generate_dataset(
+            digits_classifier, attack, digits.x_train, digits.y_train, root / attack.name,
+            source={"data": "digits", "split": "train"}, progress=False,
+        )
+        loaded.append(load_adversarial_dataset(root / attack.name))
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def fitted(datasets):
+    """fit_input_detector on both datasets, spying on what reached fit and calibrate."""
+    captured: dict[str, np.ndarray] = {}
+    original_fit, original_calibrate = InputDetector.fit, InputDetector.calibrate
+
+    def spy_fit(self, x_clean, x_adversarial, **kwargs):
+        captured["fit_clean"], captured["fit_adversarial"] = np.array(x_clean), np.array(x_adversarial)
+        return original_fit(self, x_clean, x_adversarial, **kwargs)
+
+    def spy_calibrate(self, clean_x, target_fpr=0.05):
+        captured["calibration"] = np.array(clean_x)
+        return original_calibrate(self, clean_x, target_fpr)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InputDetector, "fit", spy_fit)
+        patch.setattr(InputDetector, "calibrate", spy_calibrate)
+        detector = fit_input_detector(datasets, target_fpr=0.05, calibration_fraction=0.2, epochs=4, verbose=0)
+    return detector, captured
+
+
+@pytest.fixture(scope="module")
+def detector(fitted) -> InputDetector:
+    return fitted[0]
+
+
+@pytest.fixture(scope="module")
+def test_adversarials(digits, digits_classifier):
+    return {
+        attack.name: attack(digits_classifier, digits.x_test, digits.y_test)
+        for attack in (FGSM(eps=EPS), PGD(eps=EPS))
+    }
+
+
+def _rows(x: np.ndarray) -> list[bytes]:
+    return [np.ascontiguousarray(row, np.float32).tobytes() for row in x]
+
+
+def test_input_detector_separates_held_out_adversarials(detector, digits, test_adversarials):
+    clean = detector.score(digits.x_test)
+    assert clean.dtype == np.float64 and clean.shape == (len(digits.x_test),)
+    for name, result in test_adversarials.items():
+        assert result.success.mean() > 0.5, name
+        adversarial = detector.score(result.x_adv[result.success])
+        labels = np.r_[np.zeros(len(clean)), np.ones(len(adversarial))]
+        auroc = roc_auc_score(labels, np.r_[clean, adversarial])
+        assert auroc > 0.95, (name, auroc)
+        assert detector.predict(result.x_adv[result.success]).mean() > 0.8, name
+
+
+def test_fit_input_detector_holds_out_calibration_images(fitted, datasets, digits_classifier):
+    detector, captured = fitted
+    sources = set(np.concatenate([d.index for d in datasets]).tolist())
+    info = detector.info
+    assert info["n_calibration"] + info["n_fit_clean"] == len(sources)
+    assert info["n_calibration"] == round(0.2 * len(sources))
+    assert detector.calibration.n_clean == info["n_calibration"]
+    assert detector.calibration.target_fpr == 0.05
+    assert len(captured["calibration"]) == info["n_calibration"]
+    assert len(captured["fit_clean"]) == info["n_fit_clean"]
+    assert len(captured["fit_adversarial"]) == info["n_fit_adversarial"] == 2 * info["n_fit_clean"]
+
+    # map images back to their source index (digits has no duplicate images)
+    clean_source = {row: int(i) for d in datasets for row, i in zip(_rows(d.x_clean), d.index)}
+    adversarial_source = {row: int(i) for d in datasets for row, i in zip(_rows(d.x_adv), d.index)}
+    held_out = {clean_source[row] for row in _rows(captured["calibration"])}
+    fit_clean = {clean_source[row] for row in _rows(captured["fit_clean"])}
+    fit_adversarial = {adversarial_source[row] for row in _rows(captured["fit_adversarial"])}
+    assert len(held_out) == info["n_calibration"]
+    assert held_out.isdisjoint(fit_clean)
+    assert held_out.isdisjoint(fit_adversarial)  # no adversarial version of a calibration image
+    assert held_out | fit_clean == sources
+
+    # the threshold is the one the held-out clean images give
+    scores = detector.score(captured["calibration"])
+    assert np.mean(scores > detector.threshold) == pytest.approx(detector.calibration.fpr)
+    assert detector.calibration.fpr <= 0.05
+
+    assert detector.classifier_fingerprint == model_fingerprint(digits_classifier)
+    assert [entry["attack"]["attack"] for entry in info["trained_on"]] == ["fgsm", "pgd"]
+    assert [entry["count"] for entry in info["trained_on"]] == [len(d.index) for d in datasets]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5])
+def test_fit_input_detector_rejects_bad_calibration_fraction(datasets, fraction):
+    with pytest.raises(ValueError, match="calibration_fraction"):
+        fit_input_detector(datasets, calibration_fraction=fraction, epochs=1, verbose=0)
+
+
+def test_fit_input_detector_rejects_empty_list():
+    with pytest.raises(ValueError, match="at least one"):
+        fit_input_detector([], epochs=1, verbose=0)
+
+
+def test_fit_input_detector_rejects_datasets_of_different_classifiers(
+    datasets, digits, digits_classifier, tmp_path
+):
+    other = keras.models.clone_model(digits_classifier)
+    other.set_weights([w * 1.01 for w in digits_classifier.get_weights()])
+    assert model_fingerprint(other) != model_fingerprint(digits_classifier)
+    generate_dataset(other, FGSM(eps=EPS), digits.x_train[:16], digits.y_train[:16], tmp_path / "other", progress=False)
+    foreign = load_adversarial_dataset(tmp_path / "other")
+    with pytest.raises(ValueError, match="different classifiers"):
+        fit_input_detector([datasets[0], foreign], epochs=1, verbose=0)
+
+
+# --------------------------------------------------------------------------------------------
+# InputDetector input checks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 9, 9, 1), (3, 8, 8, 3), (3, 8, 8)])
+def test_score_rejects_wrong_image_shape(detector, shape):
+    with pytest.raises(ValueError, match="do not fit the detector's input"):
+        detector.score(np.zeros(shape, np.float32))
+
+
+def test_score_needs_a_trained_model():
+    with pytest.raises(ValueError, match="not trained"):
+        InputDetector().score(np.zeros((2, 8, 8, 1), np.float32))
+
+
+def test_fit_rejects_mismatched_shapes():
+    detector = InputDetector(epochs=1)
+    with pytest.raises(ValueError, match="differ in shape"):
+        detector.fit(np.zeros((8, 8, 8, 1), np.float32), np.zeros((8, 9, 9, 1), np.float32), verbose=0)
+    assert detector.model is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"epochs": 0}, {"batch_size": 0}, {"validation_fraction": 0.0}, {"validation_fraction": 0.5}],
+)
+def test_input_detector_rejects_bad_hyperparameters(options):
+    with pytest.raises(ValueError):
+        InputDetector(**options)
+
+
+# --------------------------------------------------------------------------------------------
+# save / load_detector
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(detector, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("saved") / "detector"
+    assert detector.save(directory) == directory
+    return directory
+
+
+def _copy(saved: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(saved, target)
+    return target
+
+
+def test_save_load_round_trip(detector, saved, digits):
+    assert sorted(p.name for p in saved.iterdir()) == sorted([MANIFEST, MODEL_FILE])
+    manifest = json.loads((saved / MANIFEST).read_text())
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["kind"] == "input"
+    assert manifest["hyperparameters"] == detector.hyperparameters()
+
+    loaded = load_detector(saved)
+    assert isinstance(loaded, InputDetector)
+    x = np.concatenate([digits.x_test, digits.x_train[:50]])
+    np.testing.assert_array_equal(loaded.score(x), detector.score(x))
+    np.testing.assert_array_equal(loaded.predict(x), detector.predict(x))
+    assert loaded.calibration == detector.calibration
+    assert loaded.threshold == detector.threshold
+    assert loaded.classifier_fingerprint == detector.classifier_fingerprint
+    assert loaded.info == detector.info
+    assert loaded.hyperparameters() == detector.hyperparameters()
+
+
+def test_save_replaces_existing_directory_atomically(detector, tmp_path):
+    directory = tmp_path / "parent" / "det"
+    detector.save(directory)
+    (directory / "stale.txt").write_text("from an older save")
+    detector.save(directory)
+    assert sorted(p.name for p in directory.iterdir()) == sorted([MANIFEST, MODEL_FILE])
+    assert [p.name for p in directory.parent.iterdir()] == ["det"]  # no temp or .old dirs left
+    assert load_detector(directory).threshold == detector.threshold
+
+
+def test_failed_save_keeps_the_old_directory(detector, tmp_path):
+    directory = tmp_path / "det"
+    detector.save(directory)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with pytest.raises(ValueError, match="untrained"):
+        InputDetector().save(directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["det"]
+
+
+def test_load_refuses_newer_format_version(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    (directory / MANIFEST).write_text(json.dumps(manifest | {"format_version": 999}))
+    with pytest.raises(ValueError, match="999"):
+        load_detector(directory)
+
+
+def test_load_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_detector(tmp_path / "nothing-here")
+
+
+def test_load_missing_manifest(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    (directory / MANIFEST).unlink()
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        load_detector(directory)
+
+
+def test_load_corrupt_manifest(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    (directory / MANIFEST).write_text('{"format_version": 1, "kind": "inp')
+    with pytest.raises(ValueError, match="corrupt"):
+        load_detector(directory)
+
+
+def test_load_manifest_that_is_not_an_object(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    (directory / MANIFEST).write_text("[]")
+    with pytest.raises(ValueError):
+        load_detector(directory)
+
+
+def test_load_missing_model_file(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    (directory / MODEL_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="model file missing"):
+        load_detector(directory)
+
+
+def test_load_corrupt_model_file(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    (directory / MODEL_FILE).write_bytes(b"not a keras archive")
+    with pytest.raises(ValueError):
+        load_detector(directory)
+
+
+def test_load_unknown_kind(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    (directory / MANIFEST).write_text(json.dumps(manifest | {"kind": "no-such-family"}))
+    with pytest.raises(ValueError, match="unknown kind 'no-such-family'"):
+        load_detector(directory)
+
+
+def test_load_uncalibrated_detector_keeps_it_uncalibrated(saved, tmp_path):
+    directory = _copy(saved, tmp_path)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    (directory / MANIFEST).write_text(json.dumps(manifest | {"calibration": None}))
+    loaded = load_detector(directory)
+    assert loaded.calibration is None
+    with pytest.raises(ValueError, match="not calibrated"):
+        loaded.threshold

@@ -1,0 +1,306 @@
+"""Tests for detector.evaluation: the report schema, hand-checked AUROC / TPR / FPR, counting only
+successful adversarial examples, report keys, the text table, report.json, and a real detector."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from keras import ops
+from sklearn.metrics import roc_auc_score
+
+from attacks import FGSM, PGD
+from attacks.base import Attack, AttackResult
+from attacks.storage import model_fingerprint
+from detector import Detector, InputDetector
+from detector.evaluation import evaluate, format_table, write_report
+
+EPS = 0.3
+N_FIT = 1100
+
+
+# --------------------------------------------------------------------------------------------
+# Test doubles
+# --------------------------------------------------------------------------------------------
+
+
+class CornerDetector(Detector):
+    """Hand-set scores: 10 x the top-left pixel (always 0 in clean digits) plus the mean pixel."""
+
+    kind = "corner-test"
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        return 10.0 * x[:, 0, 0, 0] + x.reshape(len(x), -1).mean(axis=1)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+    def _save_files(self, directory: Path) -> None:  # pragma: no cover
+        pass
+
+    @classmethod
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> "Detector":  # pragma: no cover
+        return cls()
+
+
+RECORDED: list[tuple[str, float, AttackResult]] = []
+
+
+class _Recording:
+    """Keeps each result the attack returns, so a test can recompute the report by hand."""
+
+    def __call__(self, *args, **kwargs):
+        result = super().__call__(*args, **kwargs)
+        RECORDED.append((self.name, self.eps, result))
+        return result
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecordingFGSM(_Recording, FGSM):
+    pass
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecordingPGD(_Recording, PGD):
+    pass
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScriptedAttack(Attack):
+    """Every other input 'succeeds' and gets a bright top-left pixel; the others come back unchanged."""
+
+    name = "scripted"
+    eps: float = 1.0
+
+    def _batch(self, forward, x, y, noise, targeted):  # pragma: no cover - __call__ is scripted
+        raise AssertionError("not used")
+
+    def __call__(self, model, x, y, *, targets=None, batch_size=256, progress=False) -> AttackResult:
+        x = np.asarray(x, np.float32)
+        success = np.arange(len(x)) % 2 == 0
+        x_adv = x.copy()
+        x_adv[success, 0, 0, 0] = 1.0
+        delta = (x_adv - x).reshape(len(x), -1)
+        return AttackResult(x_adv, success, np.abs(delta).max(axis=1), np.linalg.norm(delta, axis=1))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IdentityAttack(Attack):
+    """A user-defined attack without an `eps`: returns the input; succeeds where the model errs."""
+
+    name = "identity"
+
+    def _batch(self, forward, x, y, noise, targeted):
+        predicted = ops.cast(ops.argmax(forward(x), axis=-1), y.dtype)
+        fooled = predicted == y if targeted else predicted != y
+        zeros = ops.zeros((ops.shape(x)[0],))
+        return x, fooled, zeros, zeros
+
+
+def _raise_on_constant(token: str):
+    raise AssertionError(f"report.json holds the non-JSON constant {token}")
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corner(digits) -> CornerDetector:
+    return CornerDetector().calibrate(digits.x_train, 0.1)
+
+
+@pytest.fixture(scope="module")
+def recorded_report(digits, digits_classifier, corner):
+    RECORDED.clear()
+    attacks = [RecordingFGSM(eps=0.1), RecordingPGD(eps=0.1, steps=5)]
+    report = evaluate(
+        digits_classifier, corner, digits.x_test, digits.y_test, attacks, data="digits:test", progress=False
+    )
+    return report, list(RECORDED)
+
+
+# --------------------------------------------------------------------------------------------
+# Report schema and hand-checked numbers
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_schema(recorded_report):
+    report, _ = recorded_report
+    assert {"data", "classifier", "detector", "attacks"} <= set(report)
+    assert report["data"] == "digits:test"
+    assert {"clean_accuracy"} <= set(report["classifier"])
+    assert {"kind", "threshold", "target_fpr", "clean_fpr"} <= set(report["detector"])
+    assert list(report["attacks"]) == ["fgsm", "pgd"]
+    for row in report["attacks"].values():
+        assert {"eps", "success_rate", "auroc", "tpr"} <= set(row)
+        for key in ("eps", "success_rate", "auroc", "tpr"):
+            assert isinstance(row[key], float), (key, row[key])
+
+
+def test_report_numbers_match_hand_computation(recorded_report, digits, digits_classifier, corner):
+    report, recorded = recorded_report
+    x, y = digits.x_test, digits.y_test
+    predicted = np.argmax(digits_classifier.predict(x, verbose=0), axis=-1)
+    assert report["classifier"]["clean_accuracy"] == pytest.approx(np.mean(predicted == y))
+    assert report["classifier"]["fingerprint"] == model_fingerprint(digits_classifier)
+    assert report["n"] == len(x)
+
+    clean = corner.score(x)
+    threshold = corner.threshold
+    det = report["detector"]
+    assert det["kind"] == "corner-test"
+    assert det["threshold"] == threshold
+    assert det["target_fpr"] == 0.1
+    assert det["calibration_fpr"] == corner.calibration.fpr
+    assert det["clean_fpr"] == pytest.approx(np.mean(clean > threshold))
+    assert 0.0 < det["clean_fpr"] < 0.3  # calibrated on train, so near the target on test
+
+    assert [(name, eps) for name, eps, _ in recorded] == [("fgsm", 0.1), ("pgd", 0.1)]
+    for name, eps, result in recorded:
+        row = report["attacks"][name]
+        success = result.success
+        assert 0.05 < success.mean() < 0.95, (name, success.mean())  # a mix, so the mask matters
+        adversarial = corner.score(result.x_adv)
+        labels = np.r_[np.zeros(len(clean)), np.ones(success.sum())]
+        auroc = roc_auc_score(labels, np.r_[clean, adversarial[success]])
+        assert row["eps"] == eps
+        assert row["success_rate"] == pytest.approx(success.mean())
+        assert row["n_successful"] == int(success.sum())
+        assert row["auroc"] == pytest.approx(auroc, abs=1e-12)
+        assert row["tpr"] == pytest.approx(np.mean(adversarial[success] > threshold))
+        assert row["guarded_accuracy"] == pytest.approx(np.mean((adversarial > threshold) | ~success))
+        assert row["mean_linf"] == pytest.approx(result.linf.mean())
+        assert row["params"]["attack"] == name
+
+
+def test_only_successful_adversarials_are_positives(digits, digits_classifier, corner):
+    x = digits.x_test
+    report = evaluate(digits_classifier, corner, x, digits.y_test, [ScriptedAttack()], data="d", progress=False)
+    row = report["attacks"]["scripted"]
+    # recompute what the attack returned
+    result = ScriptedAttack()(digits_classifier, x, digits.y_test)
+    clean, adversarial = corner.score(x), corner.score(result.x_adv)
+    success = result.success
+    auroc_successful = roc_auc_score(
+        np.r_[np.zeros(len(clean)), np.ones(success.sum())], np.r_[clean, adversarial[success]]
+    )
+    auroc_all = roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(adversarial))], np.r_[clean, adversarial])
+    tpr_all = np.mean(adversarial > corner.threshold)
+    assert auroc_successful == 1.0 and auroc_all < 0.9  # the case tells the two apart
+    assert tpr_all < 0.9
+    assert row["auroc"] == auroc_successful
+    assert row["tpr"] == 1.0
+    assert row["success_rate"] == 0.5
+    assert row["n_successful"] == len(x) // 2
+    assert row["guarded_accuracy"] == 1.0  # successes flagged; failures need no flagging
+
+
+def test_same_name_different_eps_get_distinct_keys(digits, digits_classifier, corner):
+    attacks = [FGSM(eps=0.05), FGSM(eps=0.3)]
+    report = evaluate(digits_classifier, corner, digits.x_test, digits.y_test, attacks, data="d", progress=False)
+    assert len(report["attacks"]) == 2
+    rows = list(report["attacks"].values())
+    assert [row["eps"] for row in rows] == [0.05, 0.3]
+    assert rows[0]["success_rate"] < rows[1]["success_rate"]
+    assert "fgsm" in report["attacks"]
+    assert any("0.3" in key for key in report["attacks"] if key != "fgsm")
+
+
+def test_every_attack_gets_its_own_row(digits, digits_classifier, corner):
+    x, y = digits.x_test[:40], digits.y_test[:40]
+    attacks = [PGD(eps=0.1, steps=2), PGD(eps=0.1, steps=3), PGD(eps=0.1, steps=4)]
+    report = evaluate(digits_classifier, corner, x, y, attacks, data="d", progress=False)
+    assert len(report["attacks"]) == 3
+    assert sorted(row["params"]["steps"] for row in report["attacks"].values()) == [2, 3, 4]
+
+
+def test_evaluate_needs_a_calibrated_detector(digits, digits_classifier):
+    with pytest.raises(ValueError, match="not calibrated"):
+        evaluate(digits_classifier, CornerDetector(), digits.x_test, digits.y_test, [FGSM(eps=0.1)], data="d",
+                 progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# format_table and write_report
+# --------------------------------------------------------------------------------------------
+
+
+def test_format_table_lists_attacks_and_accuracy(recorded_report):
+    report, _ = recorded_report
+    table = format_table(report)
+    assert f"{report['classifier']['clean_accuracy']:.4f}" in table
+    assert "digits:test" in table
+    lines = table.splitlines()
+    for name, row in report["attacks"].items():
+        line = next(line for line in lines if line.startswith(name))
+        assert f"{row['auroc']:.4f}" in line and f"{row['success_rate']:.4f}" in line
+
+
+def test_write_report_round_trip(recorded_report, tmp_path):
+    report, _ = recorded_report
+    path = write_report(report, tmp_path / "out")
+    assert path == tmp_path / "out" / "report.json"
+    with open(path, encoding="utf-8") as stream:
+        assert json.load(stream) == report
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no temp files left
+
+
+def test_zero_successes_give_none_and_valid_json(digits, digits_classifier, corner, tmp_path):
+    predicted = np.argmax(digits_classifier.predict(digits.x_test, verbose=0), axis=-1)
+    correct = predicted == digits.y_test
+    x, y = digits.x_test[correct], digits.y_test[correct]
+    report = evaluate(digits_classifier, corner, x, y, [FGSM(eps=0.0)], data="d", progress=False)
+    row = report["attacks"]["fgsm"]
+    assert row["success_rate"] == 0.0 and row["n_successful"] == 0
+    assert row["auroc"] is None and row["tpr"] is None
+    assert "n/a" in format_table(report)
+    text = write_report(report, tmp_path).read_text(encoding="utf-8")
+    assert json.loads(text, parse_constant=_raise_on_constant) == report
+
+
+def test_attack_without_eps_gives_valid_json(digits, digits_classifier, corner, tmp_path):
+    report = evaluate(digits_classifier, corner, digits.x_test, digits.y_test, [IdentityAttack()], data="d",
+                      progress=False)
+    assert report["attacks"]["identity"]["n_successful"] > 0  # the classifier errs on a few images
+    text = write_report(report, tmp_path).read_text(encoding="utf-8")
+    json.loads(text, parse_constant=_raise_on_constant)
+
+
+# --------------------------------------------------------------------------------------------
+# The real detector
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def input_detector(digits, digits_classifier) -> InputDetector:
+    x_fit, y_fit = digits.x_train[:N_FIT], digits.y_train[:N_FIT]
+    adversarial = np.concatenate(
+        [attack(digits_classifier, x_fit, y_fit).x_adv for attack in (FGSM(eps=EPS), PGD(eps=EPS))]
+    )
+    detector = InputDetector(epochs=4).fit(x_fit, adversarial, verbose=0)
+    detector.calibrate(digits.x_train[N_FIT:], 0.05)
+    return detector
+
+
+def test_real_detector_detects_fgsm_and_pgd(digits, digits_classifier, input_detector):
+    attacks = [FGSM(eps=EPS), PGD(eps=EPS)]
+    report = evaluate(
+        digits_classifier, input_detector, digits.x_test, digits.y_test, attacks, data="digits", progress=False
+    )
+    assert report["detector"]["kind"] == "input"
+    assert report["classifier"]["clean_accuracy"] > 0.85
+    assert report["detector"]["clean_fpr"] < 0.15
+    for name in ("fgsm", "pgd"):
+        row = report["attacks"][name]
+        assert row["eps"] == EPS
+        assert row["success_rate"] > 0.5, name
+        assert row["auroc"] > 0.95, (name, row["auroc"])
+        assert row["tpr"] > 0.8, (name, row["tpr"])
+        assert math.isfinite(row["guarded_accuracy"]) and row["guarded_accuracy"] > 0.8

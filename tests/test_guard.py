@@ -1,0 +1,199 @@
+"""Tests for serving.guard: guarded predictions, calibrated rejection rates, failing closed,
+fingerprint checks, input validation and loading a guard from saved files."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from attacks import FGSM, PGD
+from attacks.models import save_model
+from attacks.storage import model_fingerprint
+from detector import Detector, InputDetector
+from serving.guard import Guard, GuardResult
+
+EPS = 0.3
+TARGET_FPR = 0.05
+N_FIT = 1100  # training images used to fit the detector; the rest calibrate it
+
+
+class NaNForDarkImages(Detector):
+    """Mean pixel value, but NaN (a detector failure) for images darker than `cutoff`."""
+
+    kind = "nan-test"
+
+    def __init__(self, cutoff: float) -> None:
+        super().__init__()
+        self.cutoff = cutoff
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        means = np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
+        return np.where(means < self.cutoff, np.nan, means)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"cutoff": self.cutoff}
+
+    def _save_files(self, directory: Path) -> None:  # pragma: no cover
+        pass
+
+    @classmethod
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> "Detector":  # pragma: no cover
+        return cls(**hyperparameters)
+
+
+@pytest.fixture(scope="module")
+def detector(digits, digits_classifier) -> InputDetector:
+    """Fit on the first N_FIT training images and their FGSM/PGD versions; calibrate on the rest."""
+    x_fit, y_fit = digits.x_train[:N_FIT], digits.y_train[:N_FIT]
+    adversarial = np.concatenate(
+        [attack(digits_classifier, x_fit, y_fit).x_adv for attack in (FGSM(eps=EPS), PGD(eps=EPS))]
+    )
+    detector = InputDetector(epochs=4).fit(x_fit, adversarial, verbose=0)
+    detector.calibrate(digits.x_train[N_FIT:], TARGET_FPR)
+    detector.classifier_fingerprint = model_fingerprint(digits_classifier)
+    return detector
+
+
+@pytest.fixture(scope="module")
+def guard(digits_classifier, detector) -> Guard:
+    return Guard(digits_classifier, detector)
+
+
+@pytest.fixture(scope="module")
+def clean_result(guard, digits) -> GuardResult:
+    return guard.predict(digits.x_test)
+
+
+def test_predict_outputs_are_consistent(clean_result, digits, digits_classifier, detector):
+    result = clean_result
+    n = len(digits.x_test)
+    assert result.probabilities.shape == (n, digits.num_classes)
+    assert result.labels.shape == result.scores.shape == result.rejected.shape == (n,)
+    assert result.rejected.dtype == bool
+    assert np.all(result.probabilities >= 0)
+    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(result.labels, result.probabilities.argmax(axis=1))
+    # the probabilities are the softmax of the classifier's logits
+    logits = digits_classifier.predict(digits.x_test, verbose=0).astype(np.float64)
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+    np.testing.assert_array_equal(result.scores, detector.score(digits.x_test))
+    np.testing.assert_array_equal(result.rejected, result.scores > detector.threshold)
+    # the classifier is good on clean data
+    assert np.mean(result.labels == digits.y_test) > 0.85
+
+
+def test_clean_rejection_rate_matches_calibrated_target(clean_result, detector, digits):
+    """Calibrated on training images the detector never saw, the guard rejects about TARGET_FPR of
+    the clean test images: the target lies inside the exact 99% interval of the observed rate."""
+    assert detector.calibration.n_clean == len(digits.x_train) - N_FIT
+    assert detector.calibration.fpr <= TARGET_FPR
+    k, n = int(clean_result.rejected.sum()), len(clean_result.rejected)
+    interval = binomtest(k, n).proportion_ci(confidence_level=0.99, method="exact")
+    assert interval.low <= TARGET_FPR <= interval.high, (k, n)
+
+
+def test_pgd_inputs_are_rejected(guard, digits, digits_classifier):
+    result = PGD(eps=EPS)(digits_classifier, digits.x_test, digits.y_test)
+    guarded = guard.predict(result.x_adv)
+    assert guarded.rejected.mean() > 0.9
+    assert guarded.rejected[result.success].mean() > 0.9
+    # what the guard accepts after PGD is mostly still classified correctly or rare
+    accepted_wrong = ~guarded.rejected & (guarded.labels != digits.y_test)
+    assert accepted_wrong.mean() < 0.1
+
+
+def test_guard_fails_closed_on_nan_scores(digits, digits_classifier):
+    cutoff = float(np.quantile(digits.x_train.reshape(len(digits.x_train), -1).mean(axis=1), 0.2))
+    nan_detector = NaNForDarkImages(cutoff)
+    finite = digits.x_train[digits.x_train.reshape(len(digits.x_train), -1).mean(axis=1) >= cutoff]
+    nan_detector.calibrate(finite, 0.1)
+    result = Guard(digits_classifier, nan_detector).predict(digits.x_test)
+    nan = np.isnan(result.scores)
+    assert nan.sum() > 20 and (~nan).sum() > 20
+    assert result.rejected[nan].all()
+    np.testing.assert_array_equal(result.rejected[~nan], result.scores[~nan] > nan_detector.threshold)
+
+
+def test_detector_for_another_classifier_is_refused(digits_classifier, detector, digits):
+    foreign = copy.copy(detector)
+    foreign.classifier_fingerprint = "0" * 64
+    with pytest.raises(ValueError, match="different classifier"):
+        Guard(digits_classifier, foreign)
+    result = Guard(digits_classifier, foreign, check_fingerprint=False).predict(digits.x_test[:10])
+    assert result.rejected.shape == (10,)
+
+
+def test_uncalibrated_detector_is_refused(digits_classifier, detector):
+    uncalibrated = copy.copy(detector)
+    uncalibrated.calibration = None
+    with pytest.raises(ValueError, match="not calibrated"):
+        Guard(digits_classifier, uncalibrated)
+    with pytest.raises(ValueError, match="not calibrated"):
+        Guard(digits_classifier, uncalibrated, check_fingerprint=False)
+
+
+def test_bad_batch_size_is_refused(digits_classifier, detector):
+    with pytest.raises(ValueError, match="batch_size"):
+        Guard(digits_classifier, detector, batch_size=0)
+
+
+def _with_nan(x: np.ndarray) -> np.ndarray:
+    x = x.copy()
+    x[1, 3, 3, 0] = np.nan
+    return x
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda x: x[0], "4-D"),
+        (lambda x: x.reshape(len(x), -1), "4-D"),
+        (lambda x: (x * 16).astype(np.int64), "floating point"),
+        (lambda x: x * 2.0, r"must lie in \[0.0, 1.0\]"),
+        (lambda x: x - 0.5, r"must lie in \[0.0, 1.0\]"),
+        (_with_nan, "NaN"),
+        (lambda x: np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))), "do not fit the model's input"),
+        (lambda x: np.repeat(x, 3, axis=-1), "do not fit the model's input"),
+        (lambda x: x[:0], "empty"),
+    ],
+    ids=["rank3", "rank2", "int", "above1", "below0", "nan", "size", "channels", "empty"],
+)
+def test_bad_inputs_are_refused(guard, digits, make, message):
+    with pytest.raises(ValueError, match=message):
+        guard.predict(make(digits.x_test[:8]))
+
+
+def test_from_paths_matches_in_memory_guard(tmp_path, digits_classifier, detector, guard, clean_result, digits):
+    classifier_path = save_model(digits_classifier, tmp_path / "classifier.keras")
+    detector_dir = detector.save(tmp_path / "detector")
+    loaded = Guard.from_paths(classifier_path, detector_dir)  # fingerprint check on by default
+    assert model_fingerprint(loaded.classifier) == detector.classifier_fingerprint
+    result = loaded.predict(digits.x_test)
+    np.testing.assert_allclose(result.probabilities, clean_result.probabilities, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(result.labels, clean_result.labels)
+    np.testing.assert_array_equal(result.scores, clean_result.scores)
+    np.testing.assert_array_equal(result.rejected, clean_result.rejected)
+    assert loaded.detector.threshold == detector.threshold
+
+
+def test_from_paths_passes_options(tmp_path, digits_classifier, detector):
+    classifier_path = save_model(digits_classifier, tmp_path / "classifier.keras")
+    foreign = copy.copy(detector)
+    foreign.classifier_fingerprint = "f" * 64
+    detector_dir = foreign.save(tmp_path / "detector")
+    with pytest.raises(ValueError, match="different classifier"):
+        Guard.from_paths(classifier_path, detector_dir)
+    loaded = Guard.from_paths(classifier_path, detector_dir, check_fingerprint=False, batch_size=7)
+    assert loaded.batch_size == 7
+
+
+def test_from_paths_missing_files(tmp_path, detector):
+    detector_dir = detector.save(tmp_path / "detector")
+    with pytest.raises(FileNotFoundError):
+        Guard.from_paths(tmp_path / "missing.keras", detector_dir)

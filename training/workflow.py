@@ -1,0 +1,208 @@
+"""The pipeline's stages as functions of files: each reads what the previous one wrote.
+
+train_classifier_stage -> classifier.keras
+attack_stage           -> adversarial dataset directory (one per attack)
+train_detector_stage   -> detector directory
+evaluate_stage         -> report.json (+ the table as text)
+quickstart             -> all of the above into one folder, with defaults that suit the data
+
+The `safetynet` command maps its arguments onto these functions and nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from attacks import Attack, make_attack, parse_attack_spec
+from attacks.dataset import generate_dataset, load_adversarial_dataset
+from attacks.models import load_model, save_model
+from detector import Detector, load_detector
+from detector.evaluation import evaluate, format_table, write_report
+from training.classifier import accuracy, train_classifier
+from training.data import ImageDataset, load_dataset
+from training.detector import fit_input_detector
+
+Log = Callable[[str], None]
+Data = str | ImageDataset
+
+
+def _loaded(data: Data) -> ImageDataset:
+    """Stages take a data spec or an already loaded dataset (quickstart loads it once)."""
+    return data if isinstance(data, ImageDataset) else load_dataset(data)
+
+
+def default_eps(input_shape: Sequence[int]) -> float:
+    """0.3 for single-channel images (the MNIST convention), 8/255 for colour (CIFAR, ImageNet)."""
+    return 0.3 if input_shape[-1] == 1 else 8 / 255
+
+
+def default_attacks(input_shape: Sequence[int], eps: float | None = None) -> list[Attack]:
+    """FGSM and PGD-10 at `eps` (default: `default_eps`)."""
+    eps = default_eps(input_shape) if eps is None else eps
+    return [make_attack("fgsm", eps=eps), make_attack("pgd", eps=eps, steps=10)]
+
+
+def resolve_attack(attack: Attack | str, data: ImageDataset, overrides: dict[str, Any] | None = None) -> Attack:
+    """An attack object from a spec string, with eps defaulting to the data's convention."""
+    if isinstance(attack, Attack):
+        return attack
+    return parse_attack_spec(attack, defaults={"eps": default_eps(data.input_shape)}, overrides=overrides)
+
+
+def select(data: ImageDataset, split: str, n: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first `n` images (all when None) of a split, with their labels and source indices."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+    if n is not None and n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    count = len(x) if n is None else min(n, len(x))
+    return x[:count], y[:count], np.arange(count)
+
+
+def train_classifier_stage(
+    data: Data, out: str | os.PathLike, *, epochs: int = 10, seed: int = 0, log: Log = print
+) -> float:
+    """Train the reference CNN on the data's train split, save it, return its test accuracy."""
+    data = _loaded(data)
+    log(f"training classifier on {data.name}: {len(data.x_train)} images {data.input_shape}, {data.num_classes} classes")
+    model = train_classifier(data.x_train, data.y_train, data.num_classes, epochs=epochs, seed=seed)
+    clean_accuracy = accuracy(model, data.x_test, data.y_test)
+    save_model(model, out)
+    log(f"classifier saved to {out}: clean test accuracy {clean_accuracy:.4f}")
+    return clean_accuracy
+
+
+def attack_stage(
+    model_path: str | os.PathLike,
+    data: Data,
+    attack: Attack | str,
+    out: str | os.PathLike,
+    *,
+    params: dict[str, Any] | None = None,
+    split: str = "train",
+    n: int | None = None,
+    batch_size: int = 256,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Attack a split of the data with a saved classifier and write the adversarial dataset.
+
+    `attack` is an Attack or a spec like `pgd:steps=20`; `params` override the spec's parameters.
+    """
+    model = load_model(model_path)
+    data = _loaded(data)
+    attack = resolve_attack(attack, data, {k: v for k, v in (params or {}).items() if v is not None})
+    x, y, index = select(data, split, n)
+    manifest = generate_dataset(
+        model, attack, x, y, out, index=index, batch_size=batch_size,
+        source={"data": data.name, "split": split, "n": int(len(x))},
+    )
+    log(f"{attack.name}: {manifest['count']} examples, success rate {manifest['success_rate']:.4f} -> {out}")
+    return manifest
+
+
+def train_detector_stage(
+    adversarial: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    target_fpr: float = 0.05,
+    epochs: int = 10,
+    seed: int = 0,
+    log: Log = print,
+) -> float:
+    """Fit the input detector on adversarial datasets, calibrate it, save it; return its threshold."""
+    datasets = [load_adversarial_dataset(path) for path in adversarial]
+    detector = fit_input_detector(datasets, target_fpr=target_fpr, epochs=epochs, seed=seed)
+    detector.save(out)
+    calibration = detector.calibration
+    log(
+        f"detector saved to {out}: threshold {calibration.threshold:.4g}, calibration FPR "
+        f"{calibration.fpr:.4f} on {calibration.n_clean} held-out clean images"
+    )
+    return calibration.threshold
+
+
+def trained_attacks(detector_dir: str | os.PathLike) -> list[Attack]:
+    """The attacks a detector was trained on, rebuilt from its manifest."""
+    info = Detector.read_manifest(detector_dir).get("info", {})
+    attacks = []
+    for entry in info.get("trained_on", []):
+        params = {k: v for k, v in entry["attack"].items() if k != "attack"}
+        params["clip"] = tuple(params.get("clip", (0.0, 1.0)))
+        attacks.append(make_attack(entry["attack"]["attack"], **params))
+    return attacks
+
+
+def evaluate_stage(
+    model_path: str | os.PathLike,
+    detector_dir: str | os.PathLike,
+    data: Data,
+    out: str | os.PathLike,
+    *,
+    attacks: Sequence[Attack | str] | None = None,
+    n: int | None = None,
+    batch_size: int = 256,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Evaluate detection on the test split (attacks default to those the detector was trained on)."""
+    model = load_model(model_path)
+    detector = load_detector(detector_dir)
+    data = _loaded(data)
+    attacks = [resolve_attack(a, data) for a in attacks] if attacks else trained_attacks(detector_dir)
+    if not attacks:
+        raise ValueError("no attacks to evaluate: name them, or use a detector whose manifest lists its attacks")
+    x, y, _ = select(data, "test", n)
+    report = evaluate(model, detector, x, y, attacks, data=data.name, batch_size=batch_size)
+    path = write_report(report, out)
+    log(format_table(report))
+    log(f"report written to {path}")
+    return report
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickstartPaths:
+    classifier: Path
+    datasets: list[Path]
+    detector: Path
+    report: Path
+
+
+def quickstart(
+    data_spec: str = "digits",
+    out: str | os.PathLike = "runs/quickstart",
+    *,
+    eps: float | None = None,
+    n_attack: int = 10_000,
+    n_eval: int | None = None,
+    classifier_epochs: int = 10,
+    detector_epochs: int = 10,
+    target_fpr: float = 0.05,
+    seed: int = 0,
+    log: Log = print,
+) -> QuickstartPaths:
+    """The whole path: classifier -> FGSM and PGD datasets -> detector -> evaluation report."""
+    out = Path(out)
+    paths = QuickstartPaths(
+        classifier=out / "classifier.keras",
+        datasets=[out / "datasets" / "fgsm", out / "datasets" / "pgd"],
+        detector=out / "detector",
+        report=out / "report.json",
+    )
+    existing = [p for p in paths.datasets if p.exists()]
+    if existing:
+        raise FileExistsError(f"{existing[0]} already exists: choose another --out or delete it")
+    data = load_dataset(data_spec)
+    log("[1/4] classifier")
+    train_classifier_stage(data, paths.classifier, epochs=classifier_epochs, seed=seed, log=log)
+    log("[2/4] adversarial datasets")
+    for attack, path in zip(default_attacks(data.input_shape, eps), paths.datasets):
+        attack_stage(paths.classifier, data, attack, path, split="train", n=n_attack, log=log)
+    log("[3/4] detector")
+    train_detector_stage(paths.datasets, paths.detector, target_fpr=target_fpr, epochs=detector_epochs, seed=seed, log=log)
+    log("[4/4] evaluation")
+    evaluate_stage(paths.classifier, paths.detector, data, out, n=n_eval, log=log)
+    return paths
