@@ -64,7 +64,7 @@ def check_labels(y: Any, n: int, num_classes: int, what: str = "labels") -> np.n
 def check_model_input(model: keras.Model, x: np.ndarray) -> int:
     """Check that `x` fits the model's input and return the number of classes it outputs."""
     expected = tuple(model.input_shape[1:])
-    if len(expected) != 3 or any(e is not None and e != a for e, a in zip(expected, x.shape[1:])):
+    if len(expected) != 3 or any(e is not None and e != a for e, a in zip(expected, x.shape[1:], strict=True)):
         raise ValueError(
             f"images of shape {x.shape[1:]} do not fit the model's input shape {expected}"
         )
@@ -157,7 +157,7 @@ class Attack(abc.ABC):
                 xb = np.concatenate([xb, np.repeat(xb[:1], size - count, axis=0)])
                 gb = np.concatenate([gb, np.repeat(gb[:1], size - count)])
             noise = self._batch_noise(xb.shape, index[start : start + size])
-            for out, value in zip(outputs, run(xb, gb, noise)):
+            for out, value in zip(outputs, run(xb, gb, noise), strict=True):
                 out.append(keras.ops.convert_to_numpy(value)[:count])
             bar.update(count)
         if own_bar:
@@ -175,7 +175,8 @@ class Attack(abc.ABC):
         return noise
 
     def params(self) -> dict[str, Any]:
-        """The attack's parameters as plain JSON-able values (for manifests and reports)."""
-        values = dataclasses.asdict(self)
+        """The attack's effective parameters as JSON-able values (for manifests and reports);
+        `make_attack(**params)` rebuilds the same attack."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         values["clip"] = list(self.clip)
         return {"attack": self.name, **values}

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from attacks.base import Attack
+from attacks.base import Attack, check_images, check_labels, check_model_input
 from attacks.storage import atomic_write, atomic_write_json, model_fingerprint, read_json, sha256_file
 
 FORMAT_VERSION = 1
@@ -87,6 +87,12 @@ def generate_dataset(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if len(x) == 0:
         raise ValueError("the source data is empty: nothing to attack")
+    # validate everything before the first byte is written
+    x = check_images(x, attack.clip)
+    num_classes = check_model_input(model, x)
+    y = check_labels(y, len(x), num_classes)
+    if targets is not None:
+        targets = check_labels(targets, len(x), num_classes, "targets")
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise FileExistsError(f"{out} already holds a dataset; choose a new directory or delete it")
@@ -124,7 +130,7 @@ def generate_dataset(
             "index": index[start:stop].astype(np.int64),
         }
         name = f"shard-{number:05d}.npz"
-        atomic_write(out / name, lambda temp: np.savez(temp, **arrays))
+        atomic_write(out / name, lambda temp, arrays=arrays: np.savez(temp, **arrays))
         manifest["shards"].append({"file": name, "count": len(result.success), "sha256": sha256_file(out / name)})
         manifest["count"] += len(result.success)
         manifest["successes"] += int(result.success.sum())

@@ -40,7 +40,8 @@ class Guard:
         clip: tuple[float, float] = (0.0, 1.0),
         check_fingerprint: bool = True,
     ) -> None:
-        detector.threshold  # raises when the detector is not calibrated
+        if detector.calibration is None:
+            raise ValueError("the detector is not calibrated: call calibrate(clean_x, target_fpr) first")
         if check_fingerprint and detector.classifier_fingerprint not in (None, model_fingerprint(classifier)):
             raise ValueError(
                 "the detector was trained for a different classifier (weight fingerprints differ); "

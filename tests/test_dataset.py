@@ -87,12 +87,28 @@ def test_an_existing_dataset_is_never_overwritten_and_empty_sources_are_refused(
         generate_dataset(tiny_model, FGSM(eps=0.1), x[:0], y[:0], tmp_path / "empty", progress=False)
 
 
-def test_a_failed_run_leaves_no_complete_manifest_and_no_temp_files(tmp_path, tiny_model, source):
+def test_bad_data_is_refused_before_anything_is_written(tmp_path, tiny_model, source):
     x, y = source
     x_bad = x.copy()
-    x_bad[15] = np.nan  # the second shard fails validation
+    x_bad[15] = np.nan  # in the second shard
     with pytest.raises(ValueError, match="NaN"):
         generate_dataset(tiny_model, FGSM(eps=0.1), x_bad, y, tmp_path / "ds", shard_size=10, progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_run_that_dies_mid_way_leaves_an_incomplete_dataset_and_no_temp_files(tmp_path, tiny_model, source):
+    x, y = source
+    calls = []
+
+    class DiesOnSecondShard(FGSM):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return super().__call__(*args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(tiny_model, DiesOnSecondShard(eps=0.1), x, y, tmp_path / "ds", shard_size=10, progress=False)
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [MANIFEST, "shard-00000.npz"]
     with pytest.raises(ValueError, match="incomplete"):
         load_adversarial_dataset(tmp_path / "ds")

@@ -199,7 +199,7 @@ def quickstart(
     log("[1/4] classifier")
     train_classifier_stage(data, paths.classifier, epochs=classifier_epochs, seed=seed, log=log)
     log("[2/4] adversarial datasets")
-    for attack, path in zip(default_attacks(data.input_shape, eps), paths.datasets):
+    for attack, path in zip(default_attacks(data.input_shape, eps), paths.datasets, strict=True):
         attack_stage(paths.classifier, data, attack, path, split="train", n=n_attack, log=log)
     log("[3/4] detector")
     train_detector_stage(paths.datasets, paths.detector, target_fpr=target_fpr, epochs=detector_epochs, seed=seed, log=log)

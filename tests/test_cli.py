@@ -1,0 +1,108 @@
+"""The `safetynet` command end to end on digits, and its one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from safetynet.cli import main
+
+REPORT_KEYS = {"data", "classifier", "detector", "attacks"}
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["quickstart", "--out", str(out), "--classifier-epochs", "8", "--detector-epochs", "5"])
+    assert code == 0
+    return out
+
+
+def test_quickstart_writes_every_artifact_and_a_report_that_meets_the_schema(quickstart_dir, capsys):
+    report = json.loads((quickstart_dir / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["classifier"]["clean_accuracy"] > 0.9
+    assert {"kind", "threshold", "target_fpr", "clean_fpr"} <= set(report["detector"])
+    assert set(report["attacks"]) == {"fgsm", "pgd"}
+    for row in report["attacks"].values():
+        assert {"eps", "success_rate", "auroc", "tpr"} <= set(row)
+        assert row["eps"] == pytest.approx(0.3)
+        assert row["auroc"] > 0.95
+    for part in ("classifier.keras", "detector/manifest.json", "datasets/fgsm/manifest.json", "datasets/pgd/manifest.json"):
+        assert (quickstart_dir / part).is_file()
+
+
+def test_stages_one_by_one_reproduce_the_pipeline(quickstart_dir, tmp_path, capsys):
+    model = str(quickstart_dir / "classifier.keras")
+    assert main(["attack", "--model", model, "--attack", "bim", "--eps", "0.2", "--steps", "5", "--n", "300",
+                 "--out", str(tmp_path / "bim")]) == 0
+    manifest = json.loads((tmp_path / "bim" / "manifest.json").read_text())
+    assert manifest["count"] == 300 and manifest["attack"]["eps"] == 0.2 and manifest["attack"]["steps"] == 5
+    assert main(["train-detector", "--adversarial", str(tmp_path / "bim"), "--epochs", "3",
+                 "--out", str(tmp_path / "det")]) == 0
+    assert main(["evaluate", "--model", model, "--detector", str(tmp_path / "det"), "--attacks", "pgd:eps=0.2,steps=5",
+                 "fgsm", "--n", "100", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["n"] == 100 and set(report["attacks"]) == {"pgd", "fgsm"}
+    assert report["attacks"]["fgsm"]["eps"] == pytest.approx(0.3)  # the data's default eps
+    assert "fgsm" in capsys.readouterr().out
+
+
+def test_the_console_script_is_installed():
+    script = shutil.which("safetynet", path=str(Path(sys.executable).parent))
+    assert script is not None
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "quickstart" in result.stdout
+
+
+@pytest.fixture()
+def bad_npz(tmp_path) -> Path:
+    path = tmp_path / "bad.npz"
+    x = np.full((4, 8, 8), 2.0, np.float32)
+    np.savez(path, x_train=x, y_train=np.zeros(4, int), x_test=x, y_test=np.zeros(4, int))
+    return path
+
+
+@pytest.fixture()
+def mnist_shaped_npz(tmp_path) -> Path:
+    path = tmp_path / "shape.npz"
+    x = np.zeros((4, 28, 28), np.uint8)
+    np.savez(path, x_train=x, y_train=np.arange(4), x_test=x, y_test=np.arange(4))
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train-classifier", "--data", "imagenet21k", "--out", "{tmp}/m.keras"], "unknown"),
+        (["train-classifier", "--data", "{tmp}/missing.npz", "--out", "{tmp}/m.keras"], "not found"),
+        (["train-classifier", "--data", "{bad_npz}", "--out", "{tmp}/m.keras"], r"\[0, 1\]"),
+        (["attack", "--model", "{model}", "--attack", "cw2", "--out", "{tmp}/a"], "unknown attack"),
+        (["attack", "--model", "{model}", "--attack", "pgd", "--eps", "-0.1", "--out", "{tmp}/a"], "eps must be"),
+        (["attack", "--model", "{model}", "--attack", "pgd", "--eps", "1.5", "--out", "{tmp}/a"], "eps must lie"),
+        (["attack", "--model", "{model}", "--data", "{mnist_shaped_npz}", "--attack", "fgsm", "--out", "{tmp}/a"], "do not fit"),
+        (["attack", "--model", "{tmp}/corrupt.keras", "--attack", "fgsm", "--out", "{tmp}/a"], "cannot load classifier"),
+        (["attack", "--model", "{tmp}/none.keras", "--attack", "fgsm", "--out", "{tmp}/a"], "not found"),
+        (["train-detector", "--adversarial", "{tmp}/nothing", "--out", "{tmp}/d"], "not found"),
+        (["evaluate", "--model", "{model}", "--detector", "{tmp}/nothing", "--out", "{tmp}/e"], "not found"),
+        (["evaluate", "--model", "{model}", "--detector", "{detector}", "--attacks", "pgd:eps", "--out", "{tmp}/e"], "cannot parse"),
+    ],
+)
+def test_bad_input_prints_one_line_exits_2_and_writes_nothing(
+    args, message, tmp_path, quickstart_dir, bad_npz, mnist_shaped_npz, capsys
+):
+    (tmp_path / "corrupt.keras").write_bytes(b"garbage")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    values = {"tmp": tmp_path, "model": quickstart_dir / "classifier.keras", "detector": quickstart_dir / "detector",
+              "bad_npz": bad_npz, "mnist_shaped_npz": mnist_shaped_npz}
+    code = main([a.format(**values) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("safetynet ")
+    assert pytest.importorskip("re").search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
