@@ -15,20 +15,7 @@ from keras import ops
 
 from attacks.backend import Forward, value_and_grad
 from attacks.base import Attack, check_finite_nonnegative
-
-NORMS = ("inf", "2")
-
-
-def _per_sample(values: Any, reduce: str) -> Any:
-    flat = ops.reshape(values, (ops.shape(values)[0], -1))
-    if reduce == "inf":
-        return ops.max(ops.abs(flat), axis=1)
-    return ops.sqrt(ops.sum(ops.square(flat), axis=1))
-
-
-def _broadcast(per_sample: Any) -> Any:
-    return ops.reshape(per_sample, (-1, 1, 1, 1))
-
+from attacks.norms import NORMS, perturbation_norms, per_image, project, steepest_direction
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GradientSignAttack(Attack):
@@ -74,18 +61,7 @@ class GradientSignAttack(Attack):
         return direction * (radius / (np.linalg.norm(direction) + 1e-12))
 
     def _project(self, x0: Any, x: Any) -> Any:
-        delta = x - x0
-        if self.norm == "inf":
-            delta = ops.clip(delta, -self.eps, self.eps)
-        else:
-            norm = _broadcast(_per_sample(delta, "2"))
-            delta = delta * ops.minimum(1.0, self.eps / ops.maximum(norm, 1e-12))
-        return ops.clip(x0 + delta, self.clip[0], self.clip[1])
-
-    def _direction(self, grad: Any) -> Any:
-        if self.norm == "inf":
-            return ops.sign(grad)
-        return grad / ops.maximum(_broadcast(_per_sample(grad, "2")), 1e-12)
+        return project(x0, x, eps=self.eps, norm=self.norm, clip=self.clip)
 
     def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool) -> tuple:
         def fooled(logits: Any) -> Any:
@@ -101,8 +77,8 @@ class GradientSignAttack(Attack):
             _, now_fooled, grad = value_and_grad(loss_and_fooled, x_adv)
             if self.early_stop:
                 active = ops.logical_and(active, ops.logical_not(now_fooled))
-            moved = self._project(x, x_adv + self.step_size * self._direction(grad))
-            return i + 1, ops.where(_broadcast(active), moved, x_adv), active
+            moved = self._project(x, x_adv + self.step_size * steepest_direction(grad, self.norm))
+            return i + 1, ops.where(per_image(active), moved, x_adv), active
 
         def keep_going(i: Any, x_adv: Any, active: Any) -> Any:
             return ops.logical_and(i < self.steps, ops.any(active))
@@ -110,8 +86,7 @@ class GradientSignAttack(Attack):
         start = self._project(x, x + noise)
         active = ops.ones((ops.shape(x)[0],), dtype="bool")
         _, x_adv, _ = ops.while_loop(keep_going, step, (ops.convert_to_tensor(0), start, active))
-        delta = x_adv - x
-        return x_adv, fooled(forward(x_adv)), _per_sample(delta, "inf"), _per_sample(delta, "2")
+        return (x_adv, fooled(forward(x_adv)), *perturbation_norms(x, x_adv))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,11 @@ from training.detector import fit_input_detector
 
 Log = Callable[[str], None]
 Data = str | ImageDataset
+
+
+def _fit_verbosity() -> int:
+    """Keras's live progress bar on a terminal, one line per epoch in logs and CI."""
+    return 1 if sys.stdout.isatty() else 2
 
 
 def _loaded(data: Data) -> ImageDataset:
@@ -70,7 +76,9 @@ def train_classifier_stage(
     """Train the reference CNN on the data's train split, save it, return its test accuracy."""
     data = _loaded(data)
     log(f"training classifier on {data.name}: {len(data.x_train)} images {data.input_shape}, {data.num_classes} classes")
-    model = train_classifier(data.x_train, data.y_train, data.num_classes, epochs=epochs, seed=seed)
+    model = train_classifier(
+        data.x_train, data.y_train, data.num_classes, epochs=epochs, seed=seed, verbose=_fit_verbosity()
+    )
     clean_accuracy = accuracy(model, data.x_test, data.y_test)
     save_model(model, out)
     log(f"classifier saved to {out}: clean test accuracy {clean_accuracy:.4f}")
@@ -116,7 +124,7 @@ def train_detector_stage(
 ) -> float:
     """Fit the input detector on adversarial datasets, calibrate it, save it; return its threshold."""
     datasets = [load_adversarial_dataset(path) for path in adversarial]
-    detector = fit_input_detector(datasets, target_fpr=target_fpr, epochs=epochs, seed=seed)
+    detector = fit_input_detector(datasets, target_fpr=target_fpr, epochs=epochs, seed=seed, verbose=_fit_verbosity())
     detector.save(out)
     calibration = detector.calibration
     log(

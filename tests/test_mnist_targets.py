@@ -1,0 +1,26 @@
+"""The acceptance figures of the MNIST pipeline (README "Measured on MNIST"); about 6 minutes on 2 cores.
+
+Run with `pytest -m slow`.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safetynet.cli import main
+
+
+@pytest.mark.slow
+def test_mnist_quickstart_meets_its_targets(shared_data, tmp_path):
+    npz = shared_data / "mnist" / "mnist_keras_arrays.npz"
+    assert main(["quickstart", "--data", str(npz), "--out", str(tmp_path / "mnist")]) == 0
+    report = json.loads((tmp_path / "mnist" / "report.json").read_text())
+    assert report["n"] == 10_000
+    assert report["classifier"]["clean_accuracy"] >= 0.985
+    assert report["detector"]["clean_fpr"] <= 0.06
+    assert report["attacks"]["pgd"]["success_rate"] >= 0.95
+    for name in ("fgsm", "pgd"):
+        assert report["attacks"][name]["eps"] == pytest.approx(0.3)
+        assert report["attacks"][name]["auroc"] >= 0.99
+        assert report["attacks"][name]["tpr"] >= 0.95
