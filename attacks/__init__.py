@@ -1,6 +1,6 @@
 """Adversarial attacks on Keras classifiers, written once in keras.ops for every backend."""
 from attacks.base import Attack, AttackResult
-from attacks.gradient_sign import BIM, FGSM, PGD, GradientSignAttack
+from attacks.gradient_sign import BIM, FGSM, MIFGSM, PGD, GradientSignAttack
 from attacks.registry import ATTACKS, make_attack, parse_attack_spec
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "GradientSignAttack", "PGD", "make_attack", "parse_attack_spec"]
+__all__ = ["ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "GradientSignAttack", "MIFGSM", "PGD", "make_attack", "parse_attack_spec"]

@@ -22,6 +22,7 @@ class AttackResult:
     success: np.ndarray
     linf: np.ndarray
     l2: np.ndarray
+    targets: np.ndarray | None = None
 
     @property
     def success_rate(self) -> float:
@@ -86,8 +87,8 @@ class Attack(abc.ABC):
     """Base of all attacks: immutable, keyword-only parameters, called as `attack(model, x, y)`.
 
     Subclasses implement `_batch(forward, x, y, noise, targeted)` in `keras.ops`, which is compiled
-    once per model and reused for every batch, and `_noise(sample_shape, rng)` for the random start
-    of one input (drawn from a generator seeded by `seed` and that input's index).
+    once per model and reused for every batch, and may override `_batch_noise` for random starts
+    (drawn per input from a generator seeded by `seed` and that input's index: `input_rng`).
     """
 
     name: ClassVar[str]
@@ -104,9 +105,13 @@ class Attack(abc.ABC):
     def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool) -> tuple:
         """One batch, in `keras.ops`: returns (x_adv, success, linf, l2) tensors."""
 
-    def _noise(self, sample_shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | None:
-        """The random start of one input, or None when the attack has none."""
-        return None
+    def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
+        """Random starts for one batch of `shape`; by default none (zeros)."""
+        return np.zeros(shape, np.float32)
+
+    def input_rng(self, index: int, purpose: int = 0) -> np.random.Generator:
+        """The random generator of one input: depends only on `seed`, the input's index and purpose."""
+        return np.random.default_rng([self.seed, int(index), purpose])
 
     def _compiled_batch(self, model: keras.Model, targeted: bool) -> Callable[..., tuple]:
         per_model = _compiled.setdefault(model, {})
@@ -130,6 +135,9 @@ class Attack(abc.ABC):
     ) -> AttackResult:
         """Attack `x` (labels `y`); with `targets`, push each input towards its target class.
 
+        `targets` is an array of classes, "random" (a random other class per input) or
+        "least_likely" (the class the model finds least likely on the clean input).
+
         Inputs are processed in fixed-size batches (the last one padded) so nothing recompiles.
         The caller's arrays are never modified. Each input's random start depends only on `seed` and
         its `index` (default 0..n-1; pass source indices so a dataset split into shards gets the
@@ -138,11 +146,13 @@ class Attack(abc.ABC):
         x = check_images(x, self.clip)
         num_classes = check_model_input(model, x)
         y = check_labels(y, len(x), num_classes)
-        targeted = targets is not None
-        goal = check_labels(targets, len(x), num_classes, "targets") if targeted else y
         index = np.arange(len(x)) if index is None else np.asarray(index)
         if index.shape != (len(x),):
             raise ValueError(f"index must hold one integer per input ({len(x)}), got shape {index.shape}")
+        targeted = targets is not None
+        if isinstance(targets, str):
+            targets = self._choose_targets(targets, model, x, y, index, num_classes, batch_size)
+        goal = check_labels(targets, len(x), num_classes, "targets") if targeted else y
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         size = min(batch_size, len(x))
@@ -163,16 +173,20 @@ class Attack(abc.ABC):
         if own_bar:
             bar.close()
         x_adv, success, linf, l2 = (np.concatenate(parts) for parts in outputs)
-        return AttackResult(x_adv=x_adv, success=success.astype(bool), linf=linf, l2=l2)
+        return AttackResult(
+            x_adv=x_adv, success=success.astype(bool), linf=linf, l2=l2, targets=goal if targeted else None
+        )
 
-    def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
-        noise = np.zeros(shape, np.float32)
-        for row, key in enumerate(index):
-            sample = self._noise(shape[1:], np.random.default_rng([self.seed, int(key)]))
-            if sample is None:
-                break
-            noise[row] = sample
-        return noise
+    def _choose_targets(
+        self, mode: str, model: keras.Model, x: np.ndarray, y: np.ndarray, index: np.ndarray,
+        num_classes: int, batch_size: int,
+    ) -> np.ndarray:
+        if mode == "random":
+            shifts = [self.input_rng(i, purpose=1).integers(1, num_classes) for i in index]
+            return (y + np.asarray(shifts, dtype=np.int64)) % num_classes
+        if mode == "least_likely":
+            return np.argmin(model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
+        raise ValueError(f"unknown target mode {mode!r}: give classes, 'random' or 'least_likely'")
 
     def params(self) -> dict[str, Any]:
         """The attack's effective parameters as JSON-able values (for manifests and reports);

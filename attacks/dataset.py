@@ -25,7 +25,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from attacks.base import Attack, check_images, check_labels, check_model_input
-from attacks.storage import atomic_write, atomic_write_json, model_fingerprint, read_json, sha256_file
+from attacks.storage import (
+    atomic_write,
+    atomic_write_json,
+    model_fingerprint,
+    read_json,
+    sha256_file,
+)
+from attacks.transfer import fools
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -71,8 +78,9 @@ def generate_dataset(
     y: np.ndarray,
     out_dir: str | os.PathLike,
     *,
-    targets: np.ndarray | None = None,
+    targets: np.ndarray | str | None = None,
     index: np.ndarray | None = None,
+    transfer_to: keras.Model | None = None,
     source: dict[str, Any] | None = None,
     shard_size: int = 10_000,
     batch_size: int = 256,
@@ -81,7 +89,9 @@ def generate_dataset(
     """Attack `x` shard by shard and write the dataset to `out_dir`; return the final manifest.
 
     `index` records where each input came from in its source (default 0..n-1); `source` is any
-    JSON-able description of the data (spec, split) kept in the manifest.
+    JSON-able description of the data (spec, split) kept in the manifest. With `transfer_to`, the
+    examples are crafted on `model` (a surrogate) and their success flags say whether they fool
+    `transfer_to` (the target), whose fingerprint the manifest then records as the classifier's.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -91,8 +101,10 @@ def generate_dataset(
     x = check_images(x, attack.clip)
     num_classes = check_model_input(model, x)
     y = check_labels(y, len(x), num_classes)
-    if targets is not None:
+    if targets is not None and not isinstance(targets, str):
         targets = check_labels(targets, len(x), num_classes, "targets")
+    if transfer_to is not None:
+        check_model_input(transfer_to, x)
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise FileExistsError(f"{out} already holds a dataset; choose a new directory or delete it")
@@ -100,7 +112,8 @@ def generate_dataset(
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "attack": attack.params(),
-        "classifier_fingerprint": model_fingerprint(model),
+        "classifier_fingerprint": model_fingerprint(transfer_to or model),
+        "crafted_on": model_fingerprint(model),
         "source": source or {},
         "targeted": targets is not None,
         "count": 0,
@@ -116,24 +129,27 @@ def generate_dataset(
         stop = start + shard_size
         result = attack(
             model, x[start:stop], y[start:stop],
-            targets=None if targets is None else targets[start:stop],
+            targets=targets if targets is None or isinstance(targets, str) else targets[start:stop],
             index=index[start:stop], batch_size=batch_size, progress=bar,
         )
+        success = result.success
+        if transfer_to is not None:
+            success = fools(transfer_to, result.x_adv, y[start:stop], result.targets, batch_size)
         arrays = {
             "x_clean": x[start:stop].astype(np.float32),
             "x_adv": result.x_adv,
             "y": y[start:stop].astype(np.int64),
-            "target": (y if targets is None else targets)[start:stop].astype(np.int64),
-            "success": result.success,
+            "target": (y[start:stop] if result.targets is None else result.targets).astype(np.int64),
+            "success": success,
             "linf": result.linf,
             "l2": result.l2,
             "index": index[start:stop].astype(np.int64),
         }
         name = f"shard-{number:05d}.npz"
         atomic_write(out / name, lambda temp, arrays=arrays: np.savez(temp, **arrays))
-        manifest["shards"].append({"file": name, "count": len(result.success), "sha256": sha256_file(out / name)})
-        manifest["count"] += len(result.success)
-        manifest["successes"] += int(result.success.sum())
+        manifest["shards"].append({"file": name, "count": len(success), "sha256": sha256_file(out / name)})
+        manifest["count"] += len(success)
+        manifest["successes"] += int(success.sum())
         manifest["success_rate"] = manifest["successes"] / manifest["count"]
         atomic_write_json(out / MANIFEST, manifest)
     bar.close()

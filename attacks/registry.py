@@ -5,9 +5,9 @@ import dataclasses
 from typing import Any
 
 from attacks.base import Attack
-from attacks.gradient_sign import BIM, FGSM, PGD
+from attacks.gradient_sign import BIM, FGSM, MIFGSM, PGD
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (FGSM, BIM, PGD)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (FGSM, BIM, PGD, MIFGSM)}
 
 
 def attack_class(name: str) -> type[Attack]:

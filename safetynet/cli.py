@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--steps", type=int, help="iterations (iterative attacks)")
     attack.add_argument("--step-size", type=float, help="per-step move (default 2.5 * eps / steps)")
     attack.add_argument("--norm", choices=("inf", "2"), help="perturbation norm (default inf)")
+    attack.add_argument("--targets", choices=("random", "least_likely"), help="targeted attack: target classes")
+    attack.add_argument("--surrogate", help="craft on this model instead and measure transfer to --model")
     attack.add_argument("--split", choices=("train", "test"), default="train")
     attack.add_argument("--n", type=int, help="number of images to attack (default all of the split)")
     attack.add_argument("--batch-size", type=int, default=256)
@@ -86,6 +88,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "attack":
         workflow.attack_stage(
             args.model, args.data, args.attack, args.out, split=args.split, n=args.n, batch_size=args.batch_size,
+            targets=args.targets, surrogate=args.surrogate,
             params={"eps": args.eps, "steps": args.steps, "step_size": args.step_size, "norm": args.norm},
         )
     elif args.command == "train-detector":

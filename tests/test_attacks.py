@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from attacks import BIM, FGSM, PGD, make_attack, parse_attack_spec
+from attacks import BIM, FGSM, MIFGSM, PGD, make_attack, parse_attack_spec
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,50 @@ def test_spec_parsing_reads_fractions_defaults_and_overrides():
     attack = parse_attack_spec("pgd:eps=8/255,steps=20,norm=2", overrides={"steps": 5})
     assert attack == PGD(eps=8 / 255, steps=5, norm="2")
     assert parse_attack_spec("fgsm", defaults={"eps": 0.3, "steps": 4}) == FGSM(eps=0.3)
+
+
+def test_restarts_keep_every_success_of_the_first_start_and_add_more(digits, digits_classifier):
+    x, y = digits.x_test[:150], digits.y_test[:150]
+    one = PGD(eps=0.1, steps=1)(digits_classifier, x, y)
+    five = PGD(eps=0.1, steps=1, restarts=10)(digits_classifier, x, y)
+    assert np.all(five.success[one.success])
+    assert five.success.sum() > one.success.sum()
+    assert np.abs(five.x_adv - x).max() <= 0.1 + 1e-6
+    np.testing.assert_array_equal(five.x_adv[one.success], one.x_adv[one.success])
+
+
+def test_target_modes_random_and_least_likely(digits, digits_classifier):
+    x, y = digits.x_test[:60], digits.y_test[:60]
+    random = PGD(eps=0.3, steps=10)(digits_classifier, x, y, targets="random")
+    again = PGD(eps=0.3, steps=10)(digits_classifier, x, y, targets="random")
+    assert np.all(random.targets != y) and len(set(random.targets.tolist())) > 3
+    np.testing.assert_array_equal(random.targets, again.targets)
+    predicted = np.argmax(digits_classifier.predict(random.x_adv, verbose=0), axis=1)
+    np.testing.assert_array_equal(random.success, predicted == random.targets)
+    least = PGD(eps=0.3, steps=30)(digits_classifier, x, y, targets="least_likely")
+    np.testing.assert_array_equal(least.targets, np.argmin(digits_classifier.predict(x, verbose=0), axis=1))
+    assert least.success_rate >= 0.6
+    with pytest.raises(ValueError, match="unknown target mode"):
+        PGD(eps=0.3)(digits_classifier, x, y, targets="most_likely")
+
+
+def test_momentum_zero_is_bim_and_momentum_changes_the_path(digits, digits_classifier):
+    x, y = digits.x_test[:50], digits.y_test[:50]
+    bim = BIM(eps=0.1, steps=6)(digits_classifier, x, y)
+    np.testing.assert_allclose(MIFGSM(eps=0.1, steps=6, momentum=0.0)(digits_classifier, x, y).x_adv, bim.x_adv, atol=1e-6)
+    mifgsm = MIFGSM(eps=0.1, steps=6)(digits_classifier, x, y)
+    assert not np.allclose(mifgsm.x_adv, bim.x_adv)
+    assert np.abs(mifgsm.x_adv - x).max() <= 0.1 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: PGD(eps=0.1, restarts=0), "restarts must be"),
+        (lambda: BIM(eps=0.1, restarts=3), "needs random_start"),
+        (lambda: MIFGSM(eps=0.1, momentum=-1.0), "momentum must be"),
+    ],
+)
+def test_bad_restart_and_momentum_parameters(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -94,22 +94,29 @@ def attack_stage(
     params: dict[str, Any] | None = None,
     split: str = "train",
     n: int | None = None,
+    targets: str | None = None,
+    surrogate: str | os.PathLike | None = None,
     batch_size: int = 256,
     log: Log = print,
 ) -> dict[str, Any]:
     """Attack a split of the data with a saved classifier and write the adversarial dataset.
 
     `attack` is an Attack or a spec like `pgd:steps=20`; `params` override the spec's parameters.
+    `targets` ("random" or "least_likely") makes the attack targeted. With `surrogate`, examples
+    are crafted on that model and their success is measured on the classifier (transfer attack).
     """
     model = load_model(model_path)
+    crafting_model = model if surrogate is None else load_model(surrogate)
     data = _loaded(data)
     attack = resolve_attack(attack, data, {k: v for k, v in (params or {}).items() if v is not None})
     x, y, index = select(data, split, n)
     manifest = generate_dataset(
-        model, attack, x, y, out, index=index, batch_size=batch_size,
+        crafting_model, attack, x, y, out, index=index, targets=targets, batch_size=batch_size,
+        transfer_to=None if surrogate is None else model,
         source={"data": data.name, "split": split, "n": int(len(x))},
     )
-    log(f"{attack.name}: {manifest['count']} examples, success rate {manifest['success_rate']:.4f} -> {out}")
+    on = "" if surrogate is None else f" (crafted on {surrogate}, measured on {model_path})"
+    log(f"{attack.name}: {manifest['count']} examples, success rate {manifest['success_rate']:.4f}{on} -> {out}")
     return manifest
 
 
