@@ -63,6 +63,7 @@ def compile_with_model(
             lambda *tensors: fn(forward_tf, *tensors),
             jit_compile=jit_compile,
             reduce_retracing=True,
+            autograph=False,  # loops are explicit (keras.ops.while_loop): nothing to convert
         )
 
     import jax
