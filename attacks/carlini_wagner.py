@@ -96,15 +96,19 @@ class CarliniWagnerL2(Attack):
         n = ops.shape(x)[0]
         check_every = max(self.steps // 10, 1)
 
-        def to_image(w: Any) -> Any:
-            return (ops.tanh(w) + 1.0) * half + low
-
-        w0 = ops.arctanh(ops.clip((x - low) / half - 1.0, -1.0, 1.0) * _TANH_SHRINK)
-        x0_tanh = to_image(w0)
+        # x(w) = x + (high - low) / 2 / s * (tanh(w) - tanh(w0)), with w0 = arctanh(s * (2 x~ - 1)):
+        # exactly x at w0, and the image of w spans the clip range (a little more, cut off below).
+        shrink = _TANH_SHRINK
+        scale = half / shrink
+        t0 = ops.clip((x - low) / half - 1.0, -1.0, 1.0) * shrink
+        w0 = ops.arctanh(t0)
+        tanh0 = ops.tanh(w0)
+        # the interval of w whose image lies in [low, high]; at a pixel on a bound, that end is w0
+        w_low = ops.arctanh(ops.clip(tanh0 - (x - low) / scale, -1.0, 1.0))
+        w_high = ops.arctanh(ops.clip(tanh0 + (high - x) / scale, -1.0, 1.0))
 
         def image_of(w: Any) -> Any:
-            # equal to to_image(w) up to 1e-6 * (high - low), and exactly x where w == w0
-            return ops.clip(x + (to_image(w) - x0_tanh), low, high)
+            return x + scale * (ops.tanh(w) - tanh0)
 
         def fooled(logits: Any, margin: float) -> Any:
             """Adversarial with at least `margin` to spare (the true/target logit handicapped)."""
@@ -143,6 +147,7 @@ class CarliniWagnerL2(Attack):
                 m_hat = m / (1.0 - ops.power(_ADAM_BETA1, t))
                 v_hat = v / (1.0 - ops.power(_ADAM_BETA2, t))
                 w = w - self.learning_rate * m_hat / (ops.sqrt(v_hat) + _ADAM_EPSILON)
+                w = ops.minimum(ops.maximum(w, w_low), w_high)
                 if self.abort_early:
                     total = ops.sum(values)
                     check = (i % check_every) == 0
@@ -188,6 +193,7 @@ class CarliniWagnerL2(Attack):
         *_, best_l2, best_adv = ops.while_loop(more_searches, search_step, start)
 
         # keep an example only if the model, run on exactly the returned image, is fooled by it
+        best_adv = ops.clip(best_adv, low, high)
         found = per_image(ops.isfinite(best_l2))
         candidate = ops.where(found, best_adv, x)
         confirmed = ops.logical_and(ops.isfinite(best_l2), fooled(forward(candidate), 0.0))

@@ -96,19 +96,20 @@ class DeepFool(Attack):
             logits = ops.reshape(forward(z), (k, -1, num_classes))
             f_other = ops.take_along_axis(logits, ops.expand_dims(others, -1), axis=2)[..., 0]
             f_true = ops.take_along_axis(logits, ops.expand_dims(true_rows, -1), axis=2)[..., 0]
-            predicted = ops.cast(ops.argmax(logits[0], axis=-1), "int32")
-            return ops.reshape(f_other - f_true, (-1,)), predicted
+            return ops.reshape(f_other - f_true, (-1,)), f_true
 
-        def point(r_total: Any) -> Any:
-            return ops.clip(x + scale * r_total, low, high)
-
-        def step(i: Any, r_total: Any, active: Any) -> tuple[Any, Any, Any]:
-            z = point(r_total)
+        def minimal_step(z: Any) -> Any:
+            """The smallest step from z onto the nearest candidate's linearised boundary."""
             tiled = ops.reshape(ops.tile(ops.expand_dims(z, 0), (k, 1, 1, 1, 1)), (-1, *image_shape))
-            values, predicted, grad = value_and_grad(margins, tiled)
-            active = ops.logical_and(active, predicted == y)
+            values, _, grad = value_and_grad(margins, tiled)
             f = ops.abs(ops.reshape(values, (k, -1)))  # (k, n)
             w = ops.reshape(grad, (k, -1, features))  # (k, n, features)
+            # a pixel at a bound of the clip range cannot move further out: linearise within the box
+            flat = ops.expand_dims(ops.reshape(z, (-1, features)), 0)
+            blocked = ops.logical_or(
+                ops.logical_and(flat <= low, w < 0), ops.logical_and(flat >= high, w > 0)
+            )
+            w = ops.where(blocked, ops.zeros_like(w), w)
             if self.norm == "2":
                 dual = ops.sqrt(ops.sum(ops.square(w), axis=-1))
             else:
@@ -117,14 +118,26 @@ class DeepFool(Attack):
             distance = f / dual  # distance to each candidate's linearised boundary
             pick = ops.transpose(ops.one_hot(ops.argmin(distance, axis=0), k))  # (k, n)
             best_w = ops.sum(w * ops.expand_dims(pick, -1), axis=0)  # (n, features)
-            best_distance = ops.sum(distance * pick, axis=0)
-            best_dual = ops.sum(dual * pick, axis=0)
+            best_distance = ops.expand_dims(ops.sum(distance * pick, axis=0), -1)
             if self.norm == "2":
-                r_step = best_w * ops.expand_dims(best_distance / best_dual, -1)
+                r_step = best_w * (best_distance / ops.expand_dims(ops.sum(dual * pick, axis=0), -1))
             else:
-                r_step = ops.sign(best_w) * ops.expand_dims(best_distance, -1)
-            r_step = ops.reshape(r_step, ops.shape(x))
-            return i + 1, ops.where(per_image(active), r_total + r_step, r_total), active
+                r_step = ops.sign(best_w) * best_distance
+            return ops.reshape(r_step, ops.shape(x))
+
+        def candidate(r_total: Any) -> Any:
+            """The image returned for r_total: the accumulated steps scaled by 1 + overshoot."""
+            return ops.clip(x + scale * r_total, low, high)
+
+        def step(i: Any, r_total: Any, active: Any) -> tuple[Any, Any, Any]:
+            # stop once the overshot image fools the model (checked there, as in the authors' code)
+            predicted = ops.cast(ops.argmax(forward(candidate(r_total)), axis=-1), "int32")
+            active = ops.logical_and(active, predicted == y)
+            # linearise at the un-overshot iterate x + r_total (the paper's x_i); keeping it inside
+            # the clip range means no clipped-away excess hides in r_total
+            iterate = x + r_total
+            moved = ops.clip(iterate + minimal_step(iterate), low, high) - x
+            return i + 1, ops.where(per_image(active), moved, r_total), active
 
         def keep_going(i: Any, r_total: Any, active: Any) -> Any:
             return ops.logical_and(i < self.steps, ops.any(active))
@@ -132,6 +145,6 @@ class DeepFool(Attack):
         active = ops.ones((ops.shape(x)[0],), dtype="bool")
         start = (ops.convert_to_tensor(0), ops.zeros_like(x), active)
         _, r_total, _ = ops.while_loop(keep_going, step, start)
-        x_adv = point(r_total)
+        x_adv = candidate(r_total)
         success = ops.cast(ops.argmax(forward(x_adv), axis=-1), "int32") != y
         return (x_adv, success, *perturbation_norms(x, x_adv))
