@@ -1,190 +1,251 @@
-"""Adversarial datasets on disk: npz shards of clean/adversarial pairs plus a JSON manifest.
+"""Generating adversarial datasets: streamed, sharded, resumable, split across hosts and merged.
 
-Layout of a dataset directory:
+The source is streamed a shard at a time (never the whole dataset in memory). Every shard and the
+manifest are written atomically; the manifest is rewritten after each shard. Rerunning the same
+command after a crash skips the shards that landed intact and redoes the rest, giving the same bytes
+as an uninterrupted run; a run with other parameters into the same directory is refused.
 
-    manifest.json        format version, attack and parameters, classifier fingerprint, source,
-                         counts, success rate, and each shard's file name, count and sha256
-    shard-00000.npz      x_clean, x_adv (float32 NHWC), y, target, success, linf, l2, index
-
-Shards are npz (no pickle: `allow_pickle=False` on load) because they need nothing beyond numpy,
-load straight into `model.fit`, and each one is small enough to write atomically. The manifest is
-rewritten (atomically) after every shard and says `"complete": true` only at the end, so a dataset
-cut off mid-run is recognisable and the loader refuses it.
+`part=(i, n)` makes this run produce only the i-th of n contiguous parts of the source, so n hosts
+(a Kubernetes Job, a Slurm array) can each run one; `merge_datasets` joins the parts.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
+import hashlib
+import json
 import os
 import platform
+import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Protocol, Sequence
 
 import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from attacks.base import Attack, check_images, check_labels, check_model_input
-from attacks.storage import (
-    atomic_write,
-    atomic_write_json,
-    model_fingerprint,
-    read_json,
-    sha256_file,
+from attacks.base import Attack, check_labels, check_model_input
+from attacks.shards import (
+    FORMAT_VERSION, MANIFEST, AdversarialDataset, Verification, as_tf_dataset, iter_shards,
+    load_adversarial_dataset, read_manifest, shard_name, shard_problem, verify_dataset, write_shard,
 )
+from attacks.storage import atomic_directory, atomic_write_json, model_fingerprint
 from attacks.transfer import fools
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SHARD_KEYS = ("x_clean", "x_adv", "y", "target", "success", "linf", "l2", "index")
+__all__ = [
+    "AdversarialDataset", "ArraySource", "Source", "Verification", "as_tf_dataset", "generate_dataset",
+    "iter_shards", "load_adversarial_dataset", "merge_datasets", "read_manifest", "verify_dataset",
+]
 
 
-@dataclasses.dataclass(frozen=True)
-class AdversarialDataset:
-    """A loaded, verified adversarial dataset (all arrays in memory)."""
+class Source(Protocol):
+    """Where the clean images come from: a known count, and any contiguous range on demand."""
 
-    manifest: dict[str, Any]
-    x_clean: np.ndarray
-    x_adv: np.ndarray
-    y: np.ndarray
-    target: np.ndarray
-    success: np.ndarray
-    linf: np.ndarray
-    l2: np.ndarray
-    index: np.ndarray
+    def __len__(self) -> int: ...
 
-    @property
-    def attack(self) -> str:
-        return str(self.manifest["attack"]["attack"])
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Images (float32 NHWC), labels and source indices of positions [start, stop)."""
+        ...
 
 
-def _versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
-    }
+class ArraySource:
+    """A source over arrays (numpy or memory-mapped): positions are rows."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, index: np.ndarray | None = None) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+        self.x, self.y = x, y
+        self.index = np.arange(len(x)) if index is None else np.asarray(index)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.asarray(self.x[start:stop], np.float32), np.asarray(self.y[start:stop]), self.index[start:stop]
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _part_range(count: int, part: tuple[int, int]) -> tuple[int, int]:
+    i, n = part
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part}")
+    return i * count // n, (i + 1) * count // n
+
+
+def _config(attack: Attack, model: keras.Model, transfer_to: keras.Model | None, source: dict, count: int,
+            shard_size: int, part: tuple[int, int], targets: Any) -> dict[str, Any]:
+    return {
+        "attack": attack.params(),
+        "classifier_fingerprint": model_fingerprint(transfer_to or model),
+        "crafted_on": model_fingerprint(model),
+        "source": source,
+        "source_count": count,
+        "shard_size": shard_size,
+        "part": list(part),
+        "targets": targets if isinstance(targets, str) or targets is None else "given",
+    }
+
+
+def _config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _resume(out: Path, config_hash: str) -> dict[str, Any] | None:
+    """The manifest of an earlier run with the same config (None when there is none); its shards
+    that are missing or corrupt, and all after them, are dropped so they are redone."""
+    if not (out / MANIFEST).exists():
+        return None
+    manifest = read_manifest(out, complete=False)
+    for leftover in [*out.glob(".shard-*"), *out.glob(f".{MANIFEST}.*")]:  # temp files of a killed run
+        leftover.unlink()
+    if manifest.get("config_hash") != config_hash:
+        raise ValueError(
+            f"{out} holds a dataset made with other parameters (attack, model, source, shard size or part); "
+            "choose a new directory or delete it"
+        )
+    kept = []
+    for shard in manifest["shards"]:
+        if shard_problem(out, shard):
+            break
+        kept.append(shard)
+    manifest["shards"] = kept
+    return manifest
+
+
 def generate_dataset(
     model: keras.Model,
     attack: Attack,
-    x: np.ndarray,
-    y: np.ndarray,
+    source: Source,
     out_dir: str | os.PathLike,
     *,
+    source_info: dict[str, Any] | None = None,
     targets: np.ndarray | str | None = None,
-    index: np.ndarray | None = None,
     transfer_to: keras.Model | None = None,
-    source: dict[str, Any] | None = None,
+    part: tuple[int, int] = (0, 1),
     shard_size: int = 10_000,
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Attack `x` shard by shard and write the dataset to `out_dir`; return the final manifest.
+    """Attack the source shard by shard into `out_dir` (resuming an interrupted run); return the manifest.
 
-    `index` records where each input came from in its source (default 0..n-1); `source` is any
-    JSON-able description of the data (spec, split) kept in the manifest. With `transfer_to`, the
-    examples are crafted on `model` (a surrogate) and their success flags say whether they fool
-    `transfer_to` (the target), whose fingerprint the manifest then records as the classifier's.
+    `targets`: None (untargeted), "random", "least_likely", or an array over the whole source.
+    With `transfer_to`, examples are crafted on `model` (a surrogate) and `success` says whether they
+    fool `transfer_to` (the target), whose fingerprint the manifest records as the classifier's.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if len(x) == 0:
+    count = len(source)
+    if count == 0:
         raise ValueError("the source data is empty: nothing to attack")
-    # validate everything before the first byte is written
-    x = check_images(x, attack.clip)
-    num_classes = check_model_input(model, x)
-    y = check_labels(y, len(x), num_classes)
-    if targets is not None and not isinstance(targets, str):
-        targets = check_labels(targets, len(x), num_classes, "targets")
+    first_x, _, _ = source.read(0, 1)
+    num_classes = check_model_input(model, first_x)
     if transfer_to is not None:
-        check_model_input(transfer_to, x)
+        check_model_input(transfer_to, first_x)
+    if targets is not None and not isinstance(targets, str):
+        targets = check_labels(targets, count, num_classes, "targets")
+    lo, hi = _part_range(count, part)
+    if hi <= lo:
+        raise ValueError(f"part {part[0]} of {part[1]} of {count} source images is empty")
+    config = _config(attack, model, transfer_to, source_info or {}, count, shard_size, part, targets)
     out = Path(out_dir)
-    if (out / MANIFEST).exists():
-        raise FileExistsError(f"{out} already holds a dataset; choose a new directory or delete it")
-    index = np.arange(len(x)) if index is None else np.asarray(index)
-    manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "attack": attack.params(),
-        "classifier_fingerprint": model_fingerprint(transfer_to or model),
-        "crafted_on": model_fingerprint(model),
-        "source": source or {},
-        "targeted": targets is not None,
-        "count": 0,
-        "successes": 0,
-        "success_rate": 0.0,
-        "shards": [],
-        "complete": False,
-        "versions": _versions(),
-        "started": _now(),
+    manifest = _resume(out, _config_hash(config)) or {
+        "format_version": FORMAT_VERSION, **config, "config_hash": _config_hash(config),
+        "image_shape": list(first_x.shape[1:]), "shards": [], "versions": _versions(), "started": _now(),
     }
-    bar = tqdm(total=len(x), desc=attack.name, unit="img", disable=not progress)
-    for number, start in enumerate(range(0, len(x), shard_size)):
-        stop = start + shard_size
+    manifest.update(complete=False, range=[lo, hi])
+    _update_totals(manifest)
+    done = manifest["count"]
+    starts = range(lo + done, hi, shard_size)
+    bar = tqdm(total=hi - lo, initial=done, desc=attack.name, unit="img", disable=not progress, smoothing=0.1)
+    began = time.perf_counter()
+    for start in starts:
+        stop = min(start + shard_size, hi)
+        x, y, index = source.read(start, stop)
         result = attack(
-            model, x[start:stop], y[start:stop],
+            model, x, y, index=index, batch_size=batch_size, progress=bar,
             targets=targets if targets is None or isinstance(targets, str) else targets[start:stop],
-            index=index[start:stop], batch_size=batch_size, progress=bar,
         )
-        success = result.success
-        if transfer_to is not None:
-            success = fools(transfer_to, result.x_adv, y[start:stop], result.targets, batch_size)
+        success = result.success if transfer_to is None else fools(transfer_to, result.x_adv, y, result.targets, batch_size)
         arrays = {
-            "x_clean": x[start:stop].astype(np.float32),
-            "x_adv": result.x_adv,
-            "y": y[start:stop].astype(np.int64),
-            "target": (y[start:stop] if result.targets is None else result.targets).astype(np.int64),
-            "success": success,
-            "linf": result.linf,
-            "l2": result.l2,
-            "index": index[start:stop].astype(np.int64),
+            "x_clean": x, "x_adv": result.x_adv, "y": y.astype(np.int64),
+            "target": (y if result.targets is None else result.targets).astype(np.int64),
+            "success": success, "linf": result.linf, "l2": result.l2, "index": index.astype(np.int64),
         }
-        name = f"shard-{number:05d}.npz"
-        atomic_write(out / name, lambda temp, arrays=arrays: np.savez(temp, **arrays))
-        manifest["shards"].append({"file": name, "count": len(success), "sha256": sha256_file(out / name)})
-        manifest["count"] += len(success)
-        manifest["successes"] += int(success.sum())
-        manifest["success_rate"] = manifest["successes"] / manifest["count"]
+        name = shard_name(len(manifest["shards"]))
+        digest = write_shard(out / name, arrays)
+        manifest["shards"].append({"file": name, "count": len(x), "successes": int(success.sum()), "sha256": digest})
+        _update_totals(manifest)
         atomic_write_json(out / MANIFEST, manifest)
+        bar.set_postfix(success=f"{manifest['success_rate']:.3f}")
     bar.close()
-    manifest["complete"] = True
-    manifest["finished"] = _now()
+    manifest.update(complete=True, finished=_now())
     atomic_write_json(out / MANIFEST, manifest)
+    if progress and starts:
+        seconds = time.perf_counter() - began
+        done_now = manifest["count"] - done
+        print(f"{attack.name}: {done_now} images in {seconds:.1f} s ({done_now / seconds:.1f} img/s), "
+              f"success rate {manifest['success_rate']:.4f} -> {out}")
     return manifest
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a dataset directory, checked for format and completeness."""
-    manifest = read_json(Path(directory) / MANIFEST, "adversarial dataset manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"dataset {directory} has format version {version}; this safetynet reads {FORMAT_VERSION}"
-        )
-    if not manifest.get("complete"):
-        raise ValueError(f"dataset {directory} is incomplete (its generation did not finish)")
-    return manifest
+def _update_totals(manifest: dict[str, Any]) -> None:
+    manifest["count"] = sum(s["count"] for s in manifest["shards"])
+    manifest["successes"] = sum(s["successes"] for s in manifest["shards"])
+    manifest["success_rate"] = manifest["successes"] / manifest["count"] if manifest["count"] else 0.0
 
 
-def load_adversarial_dataset(directory: str | os.PathLike) -> AdversarialDataset:
-    """Load every shard after checking its sha256 against the manifest; refuse corrupt data."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    parts: dict[str, list[np.ndarray]] = {key: [] for key in SHARD_KEYS}
-    for shard in manifest["shards"]:
-        path = directory / shard["file"]
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset shard missing: {path}")
-        if sha256_file(path) != shard["sha256"]:
-            raise ValueError(f"dataset shard {path} is corrupt: its sha256 does not match the manifest")
-        with np.load(path, allow_pickle=False) as data:
-            for key in SHARD_KEYS:
-                parts[key].append(data[key])
-    arrays = {key: np.concatenate(values) for key, values in parts.items()}
-    return AdversarialDataset(manifest=manifest, **arrays)
+def _versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "numpy": np.__version__, "keras": keras.__version__,
+            "backend": keras.backend.backend()}
+
+
+def merge_datasets(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Join the complete parts of a `part=(i, n)` run (all n of them) into one dataset at `out_dir`."""
+    manifests = [read_manifest(p) for p in parts]
+    if not manifests:
+        raise ValueError("merge needs at least one dataset part")
+    first = manifests[0]
+    keys = ("attack", "classifier_fingerprint", "crafted_on", "source", "source_count", "shard_size", "targets")
+    for path, manifest in zip(parts, manifests, strict=True):
+        if any(manifest.get(k) != first.get(k) for k in keys):
+            raise ValueError(f"{path} was made with other parameters than {parts[0]}: parts of one run only")
+    total = first["part"][1]
+    found = sorted(m["part"][0] for m in manifests)
+    if found != list(range(total)) or any(m["part"][1] != total for m in manifests):
+        raise ValueError(f"merge needs each of the {total} parts exactly once, got parts {found}")
+    ordered = sorted(zip(manifests, parts, strict=True), key=lambda pair: pair[0]["part"][0])
+    config = {k: first[k] for k in keys} | {"part": [0, 1]}
+    merged = {"format_version": FORMAT_VERSION, **config, "config_hash": _config_hash(config),
+              "image_shape": first["image_shape"], "shards": [], "merged_from": [str(p) for p in parts],
+              "versions": _versions(), "started": min(m["started"] for m in manifests)}
+    with atomic_directory(out_dir) as temp:
+        for manifest, path in ordered:
+            for shard in manifest["shards"]:
+                if shard_problem(Path(path), shard):
+                    raise ValueError(f"{Path(path) / shard['file']} is missing or corrupt: run `safetynet dataset verify`")
+                name = shard_name(len(merged["shards"]))
+                shutil.copyfile(Path(path) / shard["file"], temp / name)
+                merged["shards"].append(shard | {"file": name})
+        _update_totals(merged)
+        merged.update(range=[0, first["source_count"]], complete=True, finished=_now())
+        atomic_write_json(temp / MANIFEST, merged)
+    return merged
+
+
+def describe(directory: str | os.PathLike) -> Iterator[str]:
+    """Human-readable summary lines of a dataset (for `safetynet dataset info`)."""
+    manifest = read_manifest(directory, complete=False)
+    attack = dict(manifest["attack"])
+    name = attack.pop("attack")
+    yield f"dataset:    {directory} ({'complete' if manifest.get('complete') else 'INCOMPLETE'})"
+    yield f"attack:     {name} {json.dumps(attack)}"
+    yield f"source:     {json.dumps(manifest['source'])}, part {manifest['part'][0]} of {manifest['part'][1]}"
+    yield f"examples:   {manifest['count']} in {len(manifest['shards'])} shards, image shape {manifest['image_shape']}"
+    yield f"success:    {manifest['success_rate']:.4f} ({manifest['successes']} of {manifest['count']})"
+    yield f"classifier: {manifest['classifier_fingerprint'][:16]}…" + (
+        "" if manifest["crafted_on"] == manifest["classifier_fingerprint"] else f" (crafted on {manifest['crafted_on'][:16]}…)"
+    )
+    yield f"written:    {manifest.get('started')} .. {manifest.get('finished', 'unfinished')}"

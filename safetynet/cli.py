@@ -20,6 +20,17 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _part(text: str) -> tuple[int, int]:
+    index, slash, count = text.partition("/")
+    try:
+        part = (int(index), int(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from None
+    if not slash or part[1] < 1 or not 0 <= part[0] < part[1]:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return part
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safetynet", description="Detect adversarial examples in front of Keras classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,7 +65,20 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--split", choices=("train", "test"), default="train")
     attack.add_argument("--n", type=int, help="number of images to attack (default all of the split)")
     attack.add_argument("--batch-size", type=int, default=256)
-    attack.add_argument("--out", required=True, help="output dataset directory")
+    attack.add_argument("--shard-size", type=int, default=10_000, help="examples per shard file (default 10000)")
+    attack.add_argument("--shard", type=_part, default=(0, 1), metavar="I/N",
+                        help="attack only the I-th of N contiguous parts (0-based), for N hosts; join with `dataset merge`")
+    attack.add_argument("--out", required=True, help="output dataset directory (rerun the same command to resume)")
+
+    dataset = commands.add_parser("dataset", help="inspect, verify and merge adversarial datasets")
+    dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
+    info = dataset_commands.add_parser("info", help="print a dataset's summary")
+    info.add_argument("directory")
+    verify = dataset_commands.add_parser("verify", help="check every shard against the manifest (exit 1 on problems)")
+    verify.add_argument("directory")
+    merge = dataset_commands.add_parser("merge", help="join the parts of a --shard I/N run into one dataset")
+    merge.add_argument("parts", nargs="+", help="the part directories")
+    merge.add_argument("--out", required=True)
 
     detect = commands.add_parser("train-detector", help="fit and calibrate a detector on adversarial datasets")
     detect.add_argument("--adversarial", nargs="+", required=True, help="dataset directories written by `attack`")
@@ -74,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int:
     from training import workflow
 
     if args.command == "quickstart":
@@ -88,9 +112,15 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "attack":
         workflow.attack_stage(
             args.model, args.data, args.attack, args.out, split=args.split, n=args.n, batch_size=args.batch_size,
-            targets=args.targets, surrogate=args.surrogate,
+            targets=args.targets, surrogate=args.surrogate, part=args.shard, shard_size=args.shard_size,
             params={"eps": args.eps, "steps": args.steps, "step_size": args.step_size, "norm": args.norm},
         )
+    elif args.command == "dataset" and args.dataset_command == "info":
+        workflow.dataset_info(args.directory)
+    elif args.command == "dataset" and args.dataset_command == "verify":
+        return 0 if workflow.dataset_verify(args.directory) else 1
+    elif args.command == "dataset" and args.dataset_command == "merge":
+        workflow.dataset_merge(args.parts, args.out)
     elif args.command == "train-detector":
         workflow.train_detector_stage(args.adversarial, args.out, target_fpr=args.target_fpr, epochs=args.epochs, seed=args.seed)
     elif args.command == "evaluate":
@@ -98,19 +128,19 @@ def _run(args: argparse.Namespace) -> None:
             args.model, args.detector, args.data, args.out,
             attacks=args.attacks, n=args.n, batch_size=args.batch_size,
         )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: errors in the user's input print one line and exit 2 (SAFETYNET_DEBUG=1 shows the traceback)."""
     args = _parser().parse_args(argv)
     try:
-        _run(args)
+        return _run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         if os.environ.get("SAFETYNET_DEBUG"):
             raise
         print(f"safetynet {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    return 0
 
 
 if __name__ == "__main__":

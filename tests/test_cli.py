@@ -106,3 +106,25 @@ def test_bad_input_prints_one_line_exits_2_and_writes_nothing(
     assert len(err.splitlines()) == 1 and err.startswith("safetynet ")
     assert pytest.importorskip("re").search(message, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_dataset_commands_info_verify_shard_and_merge(quickstart_dir, tmp_path, capsys):
+    model = str(quickstart_dir / "classifier.keras")
+    common = ["attack", "--model", model, "--attack", "fgsm", "--n", "90", "--shard-size", "20"]
+    for i in range(3):
+        assert main([*common, "--shard", f"{i}/3", "--out", str(tmp_path / f"part{i}")]) == 0
+    assert main(["dataset", "merge", *(str(tmp_path / f"part{i}") for i in range(3)), "--out", str(tmp_path / "all")]) == 0
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    assert main(["dataset", "info", str(tmp_path / "all")]) == 0
+    info = capsys.readouterr().out
+    assert "examples:   90 in 6 shards" in info and "fgsm" in info
+    assert main(["dataset", "verify", str(tmp_path / "one")]) == 0
+    shard = tmp_path / "one" / "shard-00002.npz"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    capsys.readouterr()
+    assert main(["dataset", "verify", str(tmp_path / "one")]) == 1
+    assert "shard-00002.npz: corrupt" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses a part outside 0..N-1
+        main([*common, "--shard", "3/3", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2 and not (tmp_path / "x").exists()

@@ -20,7 +20,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
 from attacks import FGSM, PGD
-from attacks.dataset import generate_dataset, load_adversarial_dataset
+from attacks.dataset import ArraySource, generate_dataset, load_adversarial_dataset
 from attacks.storage import model_fingerprint
 from detector import FAMILIES, Calibration, Detector, InputDetector, calibrate_threshold, load_detector
 from detector.base import FORMAT_VERSION, MANIFEST
@@ -238,8 +238,8 @@ def datasets(digits, digits_classifier, tmp_path_factory):
     loaded = []
     for attack in (FGSM(eps=EPS), PGD(eps=EPS)):
         generate_dataset(
-            digits_classifier, attack, digits.x_train, digits.y_train, root / attack.name,
-            source={"data": "digits", "split": "train"}, progress=False,
+            digits_classifier, attack, ArraySource(digits.x_train, digits.y_train), root / attack.name,
+            source_info={"data": "digits", "split": "train"}, progress=False,
         )
         loaded.append(load_adversarial_dataset(root / attack.name))
     return loaded
@@ -345,7 +345,7 @@ def test_fit_input_detector_rejects_datasets_of_different_classifiers(
     other = keras.models.clone_model(digits_classifier)
     other.set_weights([w * 1.01 for w in digits_classifier.get_weights()])
     assert model_fingerprint(other) != model_fingerprint(digits_classifier)
-    generate_dataset(other, FGSM(eps=EPS), digits.x_train[:16], digits.y_train[:16], tmp_path / "other", progress=False)
+    generate_dataset(other, FGSM(eps=EPS), ArraySource(digits.x_train[:16], digits.y_train[:16]), tmp_path / "other", progress=False)
     foreign = load_adversarial_dataset(tmp_path / "other")
     with pytest.raises(ValueError, match="different classifiers"):
         fit_input_detector([datasets[0], foreign], epochs=1, verbose=0)

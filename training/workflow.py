@@ -19,7 +19,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from attacks import Attack, make_attack, parse_attack_spec
-from attacks.dataset import generate_dataset, load_adversarial_dataset
+from attacks.dataset import (
+    ArraySource, describe, generate_dataset, load_adversarial_dataset, merge_datasets, verify_dataset,
+)
 from attacks.models import load_model, save_model
 from detector import Detector, load_detector
 from detector.evaluation import evaluate, format_table, write_report
@@ -96,6 +98,8 @@ def attack_stage(
     n: int | None = None,
     targets: str | None = None,
     surrogate: str | os.PathLike | None = None,
+    part: tuple[int, int] = (0, 1),
+    shard_size: int = 10_000,
     batch_size: int = 256,
     log: Log = print,
 ) -> dict[str, Any]:
@@ -104,6 +108,8 @@ def attack_stage(
     `attack` is an Attack or a spec like `pgd:steps=20`; `params` override the spec's parameters.
     `targets` ("random" or "least_likely") makes the attack targeted. With `surrogate`, examples
     are crafted on that model and their success is measured on the classifier (transfer attack).
+    `part=(i, n)` attacks only the i-th of n contiguous parts (one host of many; see `merge`).
+    Rerunning into the same `out` resumes an interrupted run.
     """
     model = load_model(model_path)
     crafting_model = model if surrogate is None else load_model(surrogate)
@@ -111,12 +117,34 @@ def attack_stage(
     attack = resolve_attack(attack, data, {k: v for k, v in (params or {}).items() if v is not None})
     x, y, index = select(data, split, n)
     manifest = generate_dataset(
-        crafting_model, attack, x, y, out, index=index, targets=targets, batch_size=batch_size,
-        transfer_to=None if surrogate is None else model,
-        source={"data": data.name, "split": split, "n": int(len(x))},
+        crafting_model, attack, ArraySource(x, y, index), out, targets=targets, batch_size=batch_size,
+        transfer_to=None if surrogate is None else model, part=part, shard_size=shard_size,
+        source_info={"data": data.name, "split": split, "n": int(len(x))},
     )
-    on = "" if surrogate is None else f" (crafted on {surrogate}, measured on {model_path})"
-    log(f"{attack.name}: {manifest['count']} examples, success rate {manifest['success_rate']:.4f}{on} -> {out}")
+    if surrogate is not None:
+        log(f"crafted on {surrogate}; success measured on {model_path}")
+    return manifest
+
+
+def dataset_info(directory: str | os.PathLike, *, log: Log = print) -> None:
+    for line in describe(directory):
+        log(line)
+
+
+def dataset_verify(directory: str | os.PathLike, *, log: Log = print) -> bool:
+    """Check every shard; report problems; True when the dataset is complete and intact."""
+    report = verify_dataset(directory)
+    for name, problem in report.problems.items():
+        log(f"{name}: {problem}")
+    if not report.complete:
+        log(f"{directory}: incomplete (rerun its attack command to resume)")
+    log(f"{directory}: {report.checked} shards checked, {'OK' if report.ok else 'PROBLEMS FOUND'}")
+    return report.ok
+
+
+def dataset_merge(parts: Sequence[str | os.PathLike], out: str | os.PathLike, *, log: Log = print) -> dict[str, Any]:
+    manifest = merge_datasets(parts, out)
+    log(f"merged {len(parts)} parts: {manifest['count']} examples in {len(manifest['shards'])} shards -> {out}")
     return manifest
 
 
