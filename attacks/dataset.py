@@ -33,7 +33,7 @@ from attacks.storage import atomic_directory, atomic_write_json, model_fingerpri
 from attacks.transfer import fools
 
 __all__ = [
-    "AdversarialDataset", "ArraySource", "Source", "Verification", "as_tf_dataset", "generate_dataset",
+    "AdversarialDataset", "ArraySource", "NpySource", "Source", "Verification", "as_tf_dataset", "generate_dataset",
     "iter_shards", "load_adversarial_dataset", "merge_datasets", "read_manifest", "verify_dataset",
 ]
 
@@ -62,6 +62,35 @@ class ArraySource:
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.asarray(self.x[start:stop], np.float32), np.asarray(self.y[start:stop]), self.index[start:stop]
+
+
+class NpySource:
+    """A source over `.npy` files on disk (images float32 NHWC or uint8, labels), read a range at a
+    time through a memory map that is closed after each read: datasets far larger than RAM."""
+
+    def __init__(self, images: str | os.PathLike, labels: str | os.PathLike) -> None:
+        self.images, self.labels = Path(images), Path(labels)
+        for path in (self.images, self.labels):
+            if not path.is_file():
+                raise FileNotFoundError(f"source file not found: {path}")
+        x, y = self._open()
+        if x.ndim != 4 or len(x) != len(y):
+            raise ValueError(f"{self.images} must hold NHWC images, one per label in {self.labels}: got {x.shape} and {y.shape}")
+        self.count = len(x)
+
+    def _open(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.load(self.images, mmap_mode="r", allow_pickle=False), np.load(self.labels, mmap_mode="r", allow_pickle=False)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, y = self._open()
+        images = np.array(x[start:stop])
+        images = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32, copy=False)
+        labels = np.array(y[start:stop])
+        del x, y  # unmap: pages read stay out of this process's resident memory
+        return images, labels, np.arange(start, stop)
 
 
 def _now() -> str:

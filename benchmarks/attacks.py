@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -31,21 +32,9 @@ import numpy as np  # noqa: E402
 from attacks import ATTACKS, FGSM, PGD, make_attack  # noqa: E402
 from attacks.backend import compile_with_model, value_and_grad  # noqa: E402
 from attacks.models import load_model  # noqa: E402
+from benchmark_models import cifar_cnn  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
-
-
-def cifar_cnn() -> keras.Model:
-    """The fixed benchmark model: four 3x3 convolutions on 32x32x3, two poolings, two dense layers."""
-    inputs = keras.Input((32, 32, 3))
-    x = inputs
-    for filters in (32, 64):
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
-        x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(256, activation="relu")(x)
-    return keras.Model(inputs, keras.layers.Dense(10)(x), name="cifar_cnn")
 
 
 def benchmark_data(n: int, train_epochs: int, model: keras.Model | None) -> tuple[keras.Model, np.ndarray, np.ndarray, str]:
