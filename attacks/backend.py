@@ -107,3 +107,34 @@ def value_and_grad(
 
     (_, (values, aux)), grad = jax.value_and_grad(total, has_aux=True)(x)
     return values, aux, grad
+
+
+def distribute(strategy: Any, run: Callable[..., tuple]) -> Callable[..., tuple]:
+    """Run a compiled batch function data-parallel under a `tf.distribute` strategy: every input
+    tensor is split along its first axis across the replicas, and the outputs are gathered back."""
+    if _backend() != "tensorflow":
+        raise ValueError("distribution strategies need the TensorFlow backend")
+    replicas = strategy.num_replicas_in_sync
+
+    def call(*tensors: Tensor) -> tuple:
+        if any(len(t) % replicas for t in tensors):
+            raise ValueError(f"the batch must divide evenly across {replicas} replicas")
+        chunks = [[t[r * len(t) // replicas : (r + 1) * len(t) // replicas] for r in range(replicas)] for t in tensors]
+        values = [
+            strategy.experimental_distribute_values_from_function(lambda context, c=c: c[context.replica_id_in_sync_group])
+            for c in chunks
+        ]
+        outputs = strategy.run(run, args=tuple(values))
+        return tuple(keras.ops.concatenate(strategy.experimental_local_results(o), axis=0) for o in outputs)
+
+    return call
+
+
+def local_strategy() -> Any:
+    """MirroredStrategy over all local GPUs when there is more than one (TensorFlow), else None."""
+    if _backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy([g.name for g in gpus]) if len(gpus) > 1 else None

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from attacks.backend import Forward, compile_with_model
+from attacks.backend import Forward, compile_with_model, distribute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ class Attack(abc.ABC):
         """One batch, in `keras.ops`: returns (x_adv, success, linf, l2) tensors."""
 
     def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
-        """Random starts for one batch of `shape`; by default none (zeros)."""
+        """Random starts for one batch of `shape` (batch axis first); by default none (zeros)."""
         return np.zeros(shape, np.float32)
 
     def input_rng(self, index: int, purpose: int = 0) -> np.random.Generator:
@@ -132,6 +132,7 @@ class Attack(abc.ABC):
         index: Any = None,
         batch_size: int = 256,
         progress: bool | tqdm = False,
+        strategy: Any = None,
     ) -> AttackResult:
         """Attack `x` (labels `y`); with `targets`, push each input towards its target class.
 
@@ -142,6 +143,8 @@ class Attack(abc.ABC):
         The caller's arrays are never modified. Each input's random start depends only on `seed` and
         its `index` (default 0..n-1; pass source indices so a dataset split into shards gets the
         same bytes as one run). `progress` shows a bar, or advances a caller's `tqdm` bar.
+        `strategy` (a `tf.distribute` strategy, e.g. MirroredStrategy over the local GPUs) splits
+        every batch across its replicas; results do not change.
         """
         x = check_images(x, self.clip)
         num_classes = check_model_input(model, x)
@@ -157,6 +160,9 @@ class Attack(abc.ABC):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         size = min(batch_size, len(x))
         run = self._compiled_batch(model, targeted)
+        if strategy is not None:
+            size = -(-size // strategy.num_replicas_in_sync) * strategy.num_replicas_in_sync
+            run = distribute(strategy, run)
         outputs: list[list[np.ndarray]] = [[], [], [], []]
         own_bar = not isinstance(progress, tqdm)
         bar = tqdm(total=len(x), desc=self.name, unit="img", disable=not progress) if own_bar else progress

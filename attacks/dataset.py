@@ -24,6 +24,7 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
+from attacks.backend import local_strategy
 from attacks.base import Attack, check_labels, check_model_input
 from attacks.shards import (
     FORMAT_VERSION, MANIFEST, AdversarialDataset, Verification, as_tf_dataset, iter_shards,
@@ -156,6 +157,7 @@ def generate_dataset(
     part: tuple[int, int] = (0, 1),
     shard_size: int = 10_000,
     batch_size: int = 256,
+    strategy: Any = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Attack the source shard by shard into `out_dir` (resuming an interrupted run); return the manifest.
@@ -163,6 +165,8 @@ def generate_dataset(
     `targets`: None (untargeted), "random", "least_likely", or an array over the whole source.
     With `transfer_to`, examples are crafted on `model` (a surrogate) and `success` says whether they
     fool `transfer_to` (the target), whose fingerprint the manifest records as the classifier's.
+    `strategy`: "auto" spreads each batch over all local GPUs (MirroredStrategy) when there are
+    several; or a `tf.distribute` strategy; or None for one device.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -175,6 +179,8 @@ def generate_dataset(
         check_model_input(transfer_to, first_x)
     if targets is not None and not isinstance(targets, str):
         targets = check_labels(targets, count, num_classes, "targets")
+    if strategy == "auto":
+        strategy = local_strategy()
     lo, hi = _part_range(count, part)
     if hi <= lo:
         raise ValueError(f"part {part[0]} of {part[1]} of {count} source images is empty")
@@ -194,7 +200,7 @@ def generate_dataset(
         stop = min(start + shard_size, hi)
         x, y, index = source.read(start, stop)
         result = attack(
-            model, x, y, index=index, batch_size=batch_size, progress=bar,
+            model, x, y, index=index, batch_size=batch_size, progress=bar, strategy=strategy,
             targets=targets if targets is None or isinstance(targets, str) else targets[start:stop],
         )
         success = result.success if transfer_to is None else fools(transfer_to, result.x_adv, y, result.targets, batch_size)

@@ -66,8 +66,8 @@ class GradientSignAttack(Attack):
         object.__setattr__(self, "step_size", check_finite_nonnegative("step_size", step_size))
 
     def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
-        """(restarts, *shape) random starts: uniform in the eps-ball, per input from (seed, index)."""
-        noise = np.zeros((self.restarts, *shape), np.float32)
+        """(batch, restarts, H, W, C) random starts: uniform in the eps-ball, per input from (seed, index)."""
+        noise = np.zeros((shape[0], self.restarts, *shape[1:]), np.float32)
         if not self.random_start:
             return noise
         size = int(np.prod(shape[1:]))
@@ -75,11 +75,11 @@ class GradientSignAttack(Attack):
             rng = self.input_rng(key)
             for restart in range(self.restarts):
                 if self.norm == "inf":
-                    noise[restart, row] = rng.uniform(-self.eps, self.eps, shape[1:])
+                    noise[row, restart] = rng.uniform(-self.eps, self.eps, shape[1:])
                 else:  # a uniform direction, radius eps * u^(1/d)
                     direction = rng.standard_normal(shape[1:])
                     radius = self.eps * rng.uniform() ** (1.0 / size)
-                    noise[restart, row] = direction * (radius / (np.linalg.norm(direction) + 1e-12))
+                    noise[row, restart] = direction * (radius / (np.linalg.norm(direction) + 1e-12))
         return noise
 
     def _project(self, x0: Any, x: Any) -> Any:
@@ -115,10 +115,10 @@ class GradientSignAttack(Attack):
             return ops.while_loop(keep_going, step, state)[1]
 
         if self.restarts == 1:
-            x_adv = run_from(noise[0])
+            x_adv = run_from(noise[:, 0])
         else:
             def restart(r: Any, best_x: Any, best_loss: Any, best_fooled: Any) -> tuple[Any, Any, Any, Any]:
-                candidate = run_from(ops.take(noise, r, axis=0))
+                candidate = run_from(ops.take(noise, r, axis=1))
                 loss, now_fooled = loss_and_fooled(candidate)
                 better = ops.logical_or(
                     ops.logical_and(now_fooled, ops.logical_not(best_fooled)),
