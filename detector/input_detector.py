@@ -16,11 +16,30 @@ from detector.base import Detector
 MODEL_FILE = "detector.keras"
 
 
-def build_input_cnn(input_shape: tuple[int, ...]) -> keras.Model:
-    """Three conv layers (pooling while the image is large enough), features averaged over the whole
-    image, then one logit (adversarial vs clean)."""
+# Fixed residual filters (Fridrich & Kodovsky's SRM family): they cancel smooth image content and
+# keep what a perturbation adds, so the network learns noise statistics rather than digits or cats.
+HIGHPASS_KERNELS = np.stack(
+    [
+        np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], np.float32) / 4,  # Laplacian
+        np.array([[0, 0, 0], [1, -2, 1], [0, 0, 0]], np.float32) / 2,  # second order, horizontal
+        np.array([[0, 1, 0], [0, -2, 0], [0, 1, 0]], np.float32) / 2,  # second order, vertical
+    ],
+    axis=-1,
+)
+
+
+def build_input_cnn(input_shape: tuple[int, ...], *, highpass: bool = True) -> keras.Model:
+    """Optional fixed high-pass front end, three conv layers (pooling while the image is large
+    enough), features averaged over the whole image, then one logit (adversarial vs clean)."""
     inputs = keras.Input(input_shape, name="image")
     x = inputs
+    if highpass:
+        channels = input_shape[-1]
+        kernel = np.repeat(HIGHPASS_KERNELS[:, :, None, :], channels, axis=2)
+        x = keras.layers.DepthwiseConv2D(
+            3, depth_multiplier=HIGHPASS_KERNELS.shape[-1], padding="same", use_bias=False, trainable=False,
+            depthwise_initializer=keras.initializers.Constant(kernel), name="highpass",
+        )(x)
     for filters in (32, 64, 64):
         x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
         if min(x.shape[1], x.shape[2]) >= 8:
@@ -47,6 +66,7 @@ class InputDetector(Detector):
         batch_size: int = 128,
         learning_rate: float = 1e-3,
         validation_fraction: float = 0.1,
+        highpass: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -58,6 +78,7 @@ class InputDetector(Detector):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.validation_fraction = validation_fraction
+        self.highpass = highpass
         self.seed = seed
         self.model: keras.Model | None = None
 
@@ -67,12 +88,22 @@ class InputDetector(Detector):
             "batch_size": self.batch_size,
             "learning_rate": self.learning_rate,
             "validation_fraction": self.validation_fraction,
+            "highpass": self.highpass,
             "seed": self.seed,
         }
 
-    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 2) -> "InputDetector":
+    def fit(
+        self,
+        x_clean: np.ndarray,
+        x_adversarial: np.ndarray,
+        *,
+        warm_start: bool = False,
+        learning_rate: float | None = None,
+        verbose: int | str = 2,
+    ) -> "InputDetector":
         """Train on clean (label 0) vs adversarial (label 1) images, balanced by class weights,
-        early-stopped on a stratified validation split."""
+        early-stopped on a stratified validation split. `warm_start` continues from the current
+        weights (fine-tuning on a new attack), at `learning_rate` when given."""
         if x_clean.shape[1:] != x_adversarial.shape[1:]:
             raise ValueError(
                 f"clean images {x_clean.shape[1:]} and adversarial images "
@@ -85,9 +116,10 @@ class InputDetector(Detector):
             x, labels, test_size=self.validation_fraction, stratify=labels, random_state=self.seed
         )
         weights = compute_class_weight("balanced", classes=np.array([0.0, 1.0]), y=y_fit)
-        self.model = build_input_cnn(x.shape[1:])
+        if not (warm_start and self.model is not None):
+            self.model = build_input_cnn(x.shape[1:], highpass=self.highpass)
         self.model.compile(
-            optimizer=keras.optimizers.Adam(self.learning_rate),
+            optimizer=keras.optimizers.Adam(learning_rate or self.learning_rate),
             loss=keras.losses.BinaryCrossentropy(from_logits=True),
             metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)],
         )

@@ -87,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--epochs", type=int, default=10)
     detect.add_argument("--seed", type=int, default=0)
 
+    retrain = commands.add_parser("retrain", help="fine-tune a detector on a new attack, replaying earlier data")
+    retrain.add_argument("--detector", required=True, help="the detector directory to start from (left unchanged)")
+    retrain.add_argument("--adversarial", nargs="+", required=True, help="dataset directories of the new attack(s)")
+    retrain.add_argument("--replay", nargs="*", help="earlier datasets to replay (default: those the detector was trained on)")
+    retrain.add_argument("--out", help="new detector directory (default: DETECTOR.vN)")
+    retrain.add_argument("--epochs", type=int, default=5)
+    retrain.add_argument("--seed", type=int, default=0)
+
     evaluate = commands.add_parser("evaluate", help="detection rates per attack on the test split -> report.json")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--detector", required=True)
@@ -123,6 +131,8 @@ def _run(args: argparse.Namespace) -> int:
         workflow.dataset_merge(args.parts, args.out)
     elif args.command == "train-detector":
         workflow.train_detector_stage(args.adversarial, args.out, target_fpr=args.target_fpr, epochs=args.epochs, seed=args.seed)
+    elif args.command == "retrain":
+        workflow.retrain_stage(args.detector, args.adversarial, replay=args.replay, out=args.out, epochs=args.epochs, seed=args.seed)
     elif args.command == "evaluate":
         workflow.evaluate_stage(
             args.model, args.detector, args.data, args.out,

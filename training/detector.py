@@ -1,13 +1,15 @@
-"""Fit a detector on stored adversarial datasets and calibrate its threshold on held-out clean images.
+"""Fit a detector on stored adversarial datasets, calibrate it on held-out clean images, and retrain
+it on a new attack without forgetting the old ones.
 
 The source images of the datasets are split by their source index: a random `calibration_fraction`
-of them is kept out of training entirely, and only their clean versions set the threshold. So the
-calibration images were never seen by the detector, and no adversarial image of the same source
-leaks into its training.
+of them is kept out of training entirely. Their clean versions set the threshold and their
+adversarial versions measure detection before and after retraining, so no image the detector was
+trained on, in any version, is used to judge it.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -24,54 +26,142 @@ def _common_fingerprint(datasets: Sequence[AdversarialDataset]) -> str:
     sources = {(d.manifest["source"].get("data"), d.manifest["source"].get("split")) for d in datasets}
     if len(sources) != 1:
         raise ValueError(f"the adversarial datasets come from different source data or splits: {sorted(map(str, sources))}")
+    shapes = {d.x_clean.shape[1:] for d in datasets}
+    if len(shapes) != 1:
+        raise ValueError(f"the adversarial datasets hold images of different shapes: {sorted(shapes)}")
     return fingerprints.pop()
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Clean images for fitting and for calibration, and each dataset's adversarial images on both sides."""
+
+    x_clean_fit: np.ndarray
+    x_clean_held_out: np.ndarray
+    adversarial_fit: list[np.ndarray]
+    adversarial_held_out: list[np.ndarray]
+
+
+def split_by_source(datasets: Sequence[AdversarialDataset], calibration_fraction: float, seed: int) -> Split:
+    """Hold out a random `calibration_fraction` of the source images (all their versions)."""
+    if not 0.0 < calibration_fraction < 1.0:
+        raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
+    clean_by_index: dict[int, np.ndarray] = {}
+    for data in datasets:
+        for position, source in enumerate(data.index):
+            clean_by_index.setdefault(int(source), data.x_clean[position])
+    sources = np.array(sorted(clean_by_index))
+    n_held_out = max(1, int(round(calibration_fraction * len(sources))))
+    if n_held_out >= len(sources):
+        raise ValueError(f"{len(sources)} source images are too few to hold out {calibration_fraction:.0%} for calibration")
+    held_out = np.random.default_rng(seed).choice(sources, size=n_held_out, replace=False)
+    is_held = np.isin(sources, held_out)
+    return Split(
+        x_clean_fit=np.stack([clean_by_index[s] for s in sources[~is_held]]),
+        x_clean_held_out=np.stack([clean_by_index[s] for s in sources[is_held]]),
+        adversarial_fit=[d.x_adv[~np.isin(d.index, held_out)] for d in datasets],
+        adversarial_held_out=[d.x_adv[np.isin(d.index, held_out) & d.success] for d in datasets],
+    )
+
+
+def _describe(datasets: Sequence[AdversarialDataset], paths: Sequence[str] | None) -> list[dict[str, Any]]:
+    return [
+        {"attack": d.manifest["attack"], "count": int(len(d.index)), "source": d.manifest.get("source", {}),
+         **({"path": str(paths[i])} if paths else {})}
+        for i, d in enumerate(datasets)
+    ]
 
 
 def fit_input_detector(
     datasets: Sequence[AdversarialDataset],
     *,
+    paths: Sequence[str] | None = None,
     target_fpr: float = 0.05,
     calibration_fraction: float = 0.2,
     epochs: int = 10,
     seed: int = 0,
     verbose: int | str = 2,
 ) -> InputDetector:
-    """Train the `input` detector on clean vs adversarial pairs and calibrate it on held-out clean images."""
+    """Train the `input` detector on clean vs adversarial pairs and calibrate it on held-out clean images.
+
+    `paths` (the datasets' directories) are recorded so that retraining can replay them later.
+    """
     if not datasets:
         raise ValueError("fitting a detector needs at least one adversarial dataset")
-    if not 0.0 < calibration_fraction < 1.0:
-        raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
     fingerprint = _common_fingerprint(datasets)
-    shapes = {d.x_clean.shape[1:] for d in datasets}
-    if len(shapes) != 1:
-        raise ValueError(f"the adversarial datasets hold images of different shapes: {sorted(shapes)}")
-
-    clean_by_index: dict[int, np.ndarray] = {}
-    for data in datasets:
-        for position, source in enumerate(data.index):
-            clean_by_index.setdefault(int(source), data.x_clean[position])
-    sources = np.array(sorted(clean_by_index))
-    rng = np.random.default_rng(seed)
-    n_calibration = max(1, int(round(calibration_fraction * len(sources))))
-    if n_calibration >= len(sources):
-        raise ValueError(f"{len(sources)} source images are too few to hold out {calibration_fraction:.0%} for calibration")
-    held_out = set(rng.choice(sources, size=n_calibration, replace=False).tolist())
-
-    x_clean = np.stack([clean_by_index[s] for s in sources if s not in held_out])
-    x_calibration = np.stack([clean_by_index[s] for s in sources if s in held_out])
-    x_adversarial = np.concatenate(
-        [d.x_adv[~np.isin(d.index, list(held_out))] for d in datasets]
-    )
-    detector = InputDetector(epochs=epochs, seed=seed).fit(x_clean, x_adversarial, verbose=verbose)
-    detector.calibrate(x_calibration, target_fpr)
+    split = split_by_source(datasets, calibration_fraction, seed)
+    x_adversarial = np.concatenate(split.adversarial_fit)
+    detector = InputDetector(epochs=epochs, seed=seed).fit(split.x_clean_fit, x_adversarial, verbose=verbose)
+    detector.calibrate(split.x_clean_held_out, target_fpr)
     detector.classifier_fingerprint = fingerprint
     detector.info = {
-        "trained_on": [
-            {"attack": d.manifest["attack"], "count": int(len(d.index)), "source": d.manifest.get("source", {})}
-            for d in datasets
-        ],
-        "n_fit_clean": int(len(x_clean)),
+        "trained_on": _describe(datasets, paths),
+        "calibration_fraction": calibration_fraction,
+        "n_fit_clean": int(len(split.x_clean_fit)),
         "n_fit_adversarial": int(len(x_adversarial)),
-        "n_calibration": int(len(x_calibration)),
+        "n_calibration": int(len(split.x_clean_held_out)),
+        "version": 1,
     }
     return detector
+
+
+def detection_rates(detector: InputDetector, split: Split, names: Sequence[str]) -> dict[str, float]:
+    """TPR at the calibrated threshold on each dataset's held-out successful adversarial images."""
+    return {
+        name: float(detector.predict(x).mean()) if len(x) else float("nan")
+        for name, x in zip(names, split.adversarial_held_out, strict=True)
+    }
+
+
+def retrain_input_detector(
+    detector: InputDetector,
+    new: Sequence[AdversarialDataset],
+    replay: Sequence[AdversarialDataset],
+    *,
+    paths: Sequence[str] | None = None,
+    epochs: int = 5,
+    learning_rate: float = 3e-4,
+    seed: int = 0,
+    verbose: int | str = 2,
+) -> tuple[InputDetector, dict[str, Any]]:
+    """Fine-tune on new attacks mixed with replayed earlier data, recalibrate at the same target
+    FPR, and report detection on every attack before and after. The given detector is unchanged.
+
+    Returns the new detector (its `info.version` one higher) and the before/after report.
+    """
+    if not new:
+        raise ValueError("retraining needs at least one new adversarial dataset")
+    if detector.calibration is None:
+        raise ValueError("the detector to retrain is not calibrated")
+    datasets = [*new, *replay]
+    fingerprint = _common_fingerprint(datasets)
+    if detector.classifier_fingerprint not in (None, fingerprint):
+        raise ValueError("the new datasets were made for a different classifier than the detector's")
+    split = split_by_source(datasets, detector.info.get("calibration_fraction", 0.2), seed)
+    names = [f"{'new' if i < len(new) else 'replay'}:{d.attack}:{i}" for i, d in enumerate(datasets)]
+    before = detection_rates(detector, split, names)
+
+    retrained = InputDetector(**(detector.hyperparameters() | {"epochs": epochs, "seed": seed}))
+    retrained.model = _clone(detector)
+    retrained.fit(split.x_clean_fit, np.concatenate(split.adversarial_fit), warm_start=True,
+                  learning_rate=learning_rate, verbose=verbose)
+    retrained.calibrate(split.x_clean_held_out, detector.calibration.target_fpr)
+    retrained.classifier_fingerprint = fingerprint
+    retrained.info = {
+        **detector.info,
+        "trained_on": detector.info.get("trained_on", []) + _describe(new, paths[: len(new)] if paths else None),
+        "version": int(detector.info.get("version", 1)) + 1,
+        "retrained_with_replay": _describe(replay, paths[len(new):] if paths else None),
+    }
+    after = detection_rates(retrained, split, names)
+    report = {"before": before, "after": after, "threshold_before": detector.threshold,
+              "threshold_after": retrained.threshold, "calibration_fpr_after": retrained.calibration.fpr}
+    return retrained, report
+
+
+def _clone(detector: InputDetector) -> Any:
+    import keras
+
+    model = keras.models.clone_model(detector.model)
+    model.set_weights(detector.model.get_weights())
+    return model

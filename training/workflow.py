@@ -23,11 +23,11 @@ from attacks.dataset import (
     ArraySource, describe, generate_dataset, load_adversarial_dataset, merge_datasets, verify_dataset,
 )
 from attacks.models import load_model, save_model
-from detector import Detector, load_detector
+from detector import Detector, InputDetector, load_detector
 from detector.evaluation import evaluate, format_table, write_report
 from training.classifier import accuracy, train_classifier
 from training.data import ImageDataset, load_dataset
-from training.detector import fit_input_detector
+from training.detector import fit_input_detector, retrain_input_detector
 
 Log = Callable[[str], None]
 Data = str | ImageDataset
@@ -159,7 +159,10 @@ def train_detector_stage(
 ) -> float:
     """Fit the input detector on adversarial datasets, calibrate it, save it; return its threshold."""
     datasets = [load_adversarial_dataset(path) for path in adversarial]
-    detector = fit_input_detector(datasets, target_fpr=target_fpr, epochs=epochs, seed=seed, verbose=_fit_verbosity())
+    detector = fit_input_detector(
+        datasets, paths=[str(Path(p).resolve()) for p in adversarial], target_fpr=target_fpr, epochs=epochs,
+        seed=seed, verbose=_fit_verbosity(),
+    )
     detector.save(out)
     calibration = detector.calibration
     log(
@@ -167,6 +170,44 @@ def train_detector_stage(
         f"{calibration.fpr:.4f} on {calibration.n_clean} held-out clean images"
     )
     return calibration.threshold
+
+
+def retrain_stage(
+    detector_dir: str | os.PathLike,
+    adversarial: Sequence[str | os.PathLike],
+    *,
+    replay: Sequence[str | os.PathLike] | None = None,
+    out: str | os.PathLike | None = None,
+    epochs: int = 5,
+    seed: int = 0,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Fine-tune a detector on new attacks with replay of earlier data; write a new version next
+    to the old one (never over it) and print detection on every attack before and after.
+
+    `replay` defaults to the datasets the detector was trained on (as recorded in its manifest).
+    """
+    detector = load_detector(detector_dir)
+    if not isinstance(detector, InputDetector):
+        raise ValueError(f"retraining supports the 'input' family; {detector_dir} is {detector.kind!r}")
+    version = int(detector.info.get("version", 1)) + 1
+    out = Path(out) if out else Path(f"{Path(detector_dir).as_posix().rstrip('/')}.v{version}")
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: retraining never overwrites a detector")
+    if replay is None:
+        replay = [entry["path"] for entry in detector.info.get("trained_on", []) if "path" in entry]
+    new_sets = [load_adversarial_dataset(p) for p in adversarial]
+    replay_sets = [load_adversarial_dataset(p) for p in replay]
+    retrained, report = retrain_input_detector(
+        detector, new_sets, replay_sets, paths=[str(Path(p).resolve()) for p in [*adversarial, *replay]],
+        epochs=epochs, seed=seed, verbose=_fit_verbosity(),
+    )
+    retrained.save(out)
+    log(f"{'held-out TPR':<32}{'before':>10}{'after':>10}")
+    for name in report["before"]:
+        log(f"{name:<32}{report['before'][name]:>10.4f}{report['after'][name]:>10.4f}")
+    log(f"threshold {report['threshold_before']:.4g} -> {report['threshold_after']:.4g}; version {version} saved to {out}")
+    return report | {"out": str(out)}
 
 
 def trained_attacks(detector_dir: str | os.PathLike) -> list[Attack]:
