@@ -1,6 +1,7 @@
 """Adversarial attacks on Keras classifiers, written once in keras.ops for every backend."""
 from attacks.base import Attack, AttackResult
+from attacks.carlini_wagner import CarliniWagnerL2
 from attacks.gradient_sign import BIM, FGSM, MIFGSM, PGD, GradientSignAttack
 from attacks.registry import ATTACKS, make_attack, parse_attack_spec
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "BIM", "FGSM", "GradientSignAttack", "MIFGSM", "PGD", "make_attack", "parse_attack_spec"]
+__all__ = ["ATTACKS", "Attack", "AttackResult", "BIM", "CarliniWagnerL2", "FGSM", "GradientSignAttack", "MIFGSM", "PGD", "make_attack", "parse_attack_spec"]

@@ -1,16 +1,30 @@
 """Carlini & Wagner's L2 attack (Carlini & Wagner 2017, "Towards Evaluating the Robustness of Neural
 Networks"): the smallest L2 perturbation found by optimisation, not by a fixed budget.
 
-Each input gets a change of variables x = lo + (tanh(w) + 1) / 2 * (hi - lo), which keeps every
-image inside the clip range without projection, and Adam minimises
+Adam minimises, over a tanh-space variable w per pixel,
 
-    ||x - x0||_2^2 + c * max(Z_true - max_{i != true} Z_i + kappa, 0)         (untargeted)
-    ||x - x0||_2^2 + c * max(max_{i != target} Z_i - Z_target + kappa, 0)     (targeted)
+    ||x(w) - x0||_2^2 + c * max(Z_true - max_{i != true} Z_i + kappa, 0)         (untargeted)
+    ||x(w) - x0||_2^2 + c * max(max_{i != target} Z_i - Z_target + kappa, 0)     (targeted)
 
-over w, where Z are the logits. A per-sample binary search adjusts c: c shrinks (halving the known
-bracket) after a search step that found an adversarial example for that sample, and grows (x10 until
-one is found, then bisection) after one that did not. Over all steps the attack keeps, per sample,
-the adversarial example with the smallest L2 distance; samples never fooled come back unchanged.
+where Z are the logits of x(w). A per-sample binary search adjusts c: after a search step that found
+an adversarial example for a sample, c moves down (bisecting the bracket it now tops); after one
+that did not, up (x10 until some c has worked, then bisection). Every search step restarts Adam from
+the input. Over all steps the attack keeps, per sample, the adversarial example with the smallest L2
+distance; samples never fooled come back exactly unchanged, with success False.
+
+The change of variables. The paper's x = lo + (hi - lo) * (tanh(w) + 1) / 2 cannot start at a pixel
+on a bound (arctanh(+-1) is infinite), so the reference code starts at arctanh(0.999999 * (2 x~ - 1))
+(x~ the pixel scaled to [0, 1]). There, in tanh's flat tail, Adam moves w by about learning_rate per
+iteration and needs hundreds of iterations before a black or white pixel changes at all: with a
+budget of ~100 iterations that confines the attack to grey pixels (MNIST, default parameters: 96%
+success and median L2 2.6 with 0.999999, against 100% and 1.4 here). This implementation starts at
+w0 = arctanh(s * (2 x~ - 1)) with s = 0.9 and maps
+
+    x(w) = x0 + (hi - lo) / (2 s) * (tanh(w) - tanh(w0)),
+
+which is exactly x0 at w0 (no round-trip error), reaches every value in [lo, hi] (and up to
+(1/s - 1)(hi - lo)/2 beyond; after each Adam step w is clipped to the interval that maps into
+[lo, hi]), and is the paper's map scaled by 1/s. With s -> 1 it is the original parametrisation.
 
 Everything, the binary search, Adam and the bookkeeping, runs in one compiled function as two
 nested `keras.ops.while_loop`s, vectorised over the batch.
@@ -25,66 +39,84 @@ import numpy as np
 from keras import ops
 
 from attacks.backend import Forward, value_and_grad
-from attacks.base import Attack, check_finite_nonnegative
+from attacks.base import Attack
 from attacks.norms import per_image, perturbation_norms
 
-# arctanh(+-1) is infinite, so inputs at the clip bounds are pulled in by this factor (as in the
-# reference implementation); the perturbation is measured from tanh(w0), so an untouched pixel
-# stays exactly equal to the input.
-_TANH_SHRINK = 0.999999
+# where on tanh an input pixel on a clip bound starts (see the module docstring)
+_TANH_SHRINK = 0.9
 _ADAM_BETA1 = 0.9
 _ADAM_BETA2 = 0.999
 _ADAM_EPSILON = 1e-8
-# a const bracket whose upper end has not been found yet
+# the reference's abort-early test: the loss must fall by more than this fraction per check
+_ABORT_TOLERANCE = 1e-4
+# c's upper bound while no c has produced an adversarial example yet
 _NO_UPPER_BOUND = 1e10
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def _integer(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
-def _check_positive(name: str, value: Any) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+def _number(name: str, value: Any, *, positive: bool) -> float:
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
     return value
+
+
+def next_const(hit: Any, const: Any, lower: Any, upper: Any) -> tuple[Any, Any, Any]:
+    """One binary-search update per sample: (const, lower, upper) after a search step at `const`
+    that found an adversarial example (`hit`) or not.
+
+    A c that worked bounds the search from above, one that did not from below; c moves to the middle
+    of the bracket, or grows tenfold while no c has worked yet (upper still _NO_UPPER_BOUND).
+    """
+    upper = ops.where(hit, ops.minimum(upper, const), upper)
+    lower = ops.where(hit, lower, ops.maximum(lower, const))
+    bracketed = upper < _NO_UPPER_BOUND / 10
+    return ops.where(bracketed, (lower + upper) / 2.0, const * 10.0), lower, upper
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CarliniWagnerL2(Attack):
-    """Carlini & Wagner L2 attack, with Adam in tanh space and a per-sample binary search over c.
+    """Carlini & Wagner L2 attack: Adam in tanh space with a per-sample binary search over c.
 
-    confidence: kappa, the logit margin the adversarial example must reach (0 = just fooled).
-    learning_rate: Adam's step size on w (tanh space).
+    confidence: kappa, the logit margin an adversarial example must have (0: just fooled). Larger
+        values give examples that are farther away but more strongly misclassified.
+    learning_rate: Adam's step size on w. The defaults (0.1, with 3 x 30 iterations) are tuned for
+        images in [0, 1] like MNIST; for many-pixel images with small perturbations (CIFAR,
+        ImageNet), a smaller rate with more steps finds smaller perturbations.
     binary_search_steps: how many values of c each sample tries (each restarts from the input).
     steps: the most Adam iterations per search step.
-    initial_const: the first c, the weight of the misclassification term against the squared L2.
+    initial_const: the first c (weight of the misclassification term against the squared L2).
     abort_early: end a search step once the batch's total loss has fallen by less than 0.01% over
-        the last steps // 10 iterations.
+        the last steps // 10 iterations (as in the reference implementation).
+
+    The attack has no eps: the perturbation is as large as needed (see the returned `l2`).
     """
 
     name = "cw"
     confidence: float = 0.0
-    learning_rate: float = 0.01
-    binary_search_steps: int = 5
-    steps: int = 100
-    initial_const: float = 1e-2
+    learning_rate: float = 0.1
+    binary_search_steps: int = 3
+    steps: int = 30
+    initial_const: float = 1.0
     abort_early: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "confidence", check_finite_nonnegative("confidence", self.confidence))
-        object.__setattr__(self, "learning_rate", _check_positive("learning_rate", self.learning_rate))
-        object.__setattr__(self, "initial_const", _check_positive("initial_const", self.initial_const))
+        object.__setattr__(self, "confidence", _number("confidence", self.confidence, positive=False))
+        object.__setattr__(self, "learning_rate", _number("learning_rate", self.learning_rate, positive=True))
+        object.__setattr__(self, "initial_const", _number("initial_const", self.initial_const, positive=True))
         object.__setattr__(
-            self, "binary_search_steps", _check_int("binary_search_steps", self.binary_search_steps, 1)
+            self, "binary_search_steps", _integer("binary_search_steps", self.binary_search_steps, 1)
         )
-        object.__setattr__(self, "steps", _check_int("steps", self.steps, 1))
+        object.__setattr__(self, "steps", _integer("steps", self.steps, 1))
         if not isinstance(self.abort_early, (bool, np.bool_)):
             raise ValueError(f"abort_early must be True or False, got {self.abort_early!r}")
         object.__setattr__(self, "abort_early", bool(self.abort_early))
@@ -96,11 +128,9 @@ class CarliniWagnerL2(Attack):
         n = ops.shape(x)[0]
         check_every = max(self.steps // 10, 1)
 
-        # x(w) = x + (high - low) / 2 / s * (tanh(w) - tanh(w0)), with w0 = arctanh(s * (2 x~ - 1)):
-        # exactly x at w0, and the image of w spans the clip range (a little more, cut off below).
-        shrink = _TANH_SHRINK
-        scale = half / shrink
-        t0 = ops.clip((x - low) / half - 1.0, -1.0, 1.0) * shrink
+        # x(w) = x + (high - low) / (2 s) * (tanh(w) - tanh(w0)), w0 = arctanh(s * (2 x~ - 1))
+        scale = half / _TANH_SHRINK
+        t0 = ops.clip((x - low) / half - 1.0, -1.0, 1.0) * _TANH_SHRINK
         w0 = ops.arctanh(t0)
         tanh0 = ops.tanh(w0)
         # the interval of w whose image lies in [low, high]; at a pixel on a bound, that end is w0
@@ -151,7 +181,7 @@ class CarliniWagnerL2(Attack):
                 if self.abort_early:
                     total = ops.sum(values)
                     check = (i % check_every) == 0
-                    aborted = ops.logical_and(check, total > prev * 0.9999)
+                    aborted = ops.logical_and(check, total > prev * (1.0 - _ABORT_TOLERANCE))
                     prev = ops.where(check, total, prev)
                 return i + 1, w, m, v, prev, aborted, hit, best_l2, best_adv
 
@@ -172,12 +202,7 @@ class CarliniWagnerL2(Attack):
             )
             *_, hit, best_l2, best_adv = ops.while_loop(keep_going, adam_step, start)
 
-            # success: the smallest failing c is an upper bound; failure: c is a lower bound
-            upper = ops.where(hit, ops.minimum(upper, const), upper)
-            lower = ops.where(hit, lower, ops.maximum(lower, const))
-            bracketed = upper < _NO_UPPER_BOUND / 10
-            const = ops.where(bracketed, (lower + upper) / 2.0, const * 10.0)
-            return outer + 1, const, lower, upper, best_l2, best_adv
+            return outer + 1, *next_const(hit, const, lower, upper), best_l2, best_adv
 
         def more_searches(outer, const, lower, upper, best_l2, best_adv):
             return outer < self.binary_search_steps

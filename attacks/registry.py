@@ -5,9 +5,10 @@ import dataclasses
 from typing import Any
 
 from attacks.base import Attack
+from attacks.carlini_wagner import CarliniWagnerL2
 from attacks.gradient_sign import BIM, FGSM, MIFGSM, PGD
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (FGSM, BIM, PGD, MIFGSM)}
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (FGSM, BIM, PGD, MIFGSM, CarliniWagnerL2)}
 
 
 def attack_class(name: str) -> type[Attack]:
