@@ -6,9 +6,13 @@ from typing import Any
 
 from attacks.base import Attack
 from attacks.carlini_wagner import CarliniWagnerL2
+from attacks.deepfool import DeepFool
 from attacks.gradient_sign import BIM, FGSM, MIFGSM, PGD
+from attacks.jsma import JSMA
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (FGSM, BIM, PGD, MIFGSM, CarliniWagnerL2)}
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (FGSM, BIM, PGD, MIFGSM, CarliniWagnerL2, DeepFool, JSMA)
+}
 
 
 def attack_class(name: str) -> type[Attack]:

@@ -25,6 +25,7 @@ class Detector(abc.ABC):
     """Scores inputs (higher = more suspicious) and flags those above a clean-calibrated threshold."""
 
     kind: ClassVar[str]
+    uses_classifier: ClassVar[bool] = False  # families that read the classifier get it again at load time
 
     def __init__(self) -> None:
         self.calibration: Calibration | None = None
@@ -45,8 +46,9 @@ class Detector(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> "Detector":
-        """Rebuild the detector from its model files."""
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any], **context: Any) -> "Detector":
+        """Rebuild the detector from its model files (families with `uses_classifier` receive
+        `classifier=` in `context`)."""
 
     @property
     def threshold(self) -> float:
@@ -95,8 +97,9 @@ class Detector(abc.ABC):
         return manifest
 
     @classmethod
-    def _from_manifest(cls, directory: Path, manifest: dict[str, Any]) -> "Detector":
-        detector = cls._load_files(directory, manifest.get("hyperparameters", {}))
+    def _from_manifest(cls, directory: Path, manifest: dict[str, Any], classifier: keras.Model | None = None) -> "Detector":
+        context = {"classifier": classifier} if cls.uses_classifier else {}
+        detector = cls._load_files(directory, manifest.get("hyperparameters", {}), **context)
         calibration = manifest.get("calibration")
         detector.calibration = None if calibration is None else Calibration.from_json(calibration)
         detector.classifier_fingerprint = manifest.get("classifier_fingerprint")

@@ -150,7 +150,7 @@ class InputDetector(Detector):
         self.model.save(directory / MODEL_FILE)
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> "InputDetector":
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any], **context: Any) -> "InputDetector":
         detector = cls(**hyperparameters)
         path = directory / MODEL_FILE
         if not path.is_file():

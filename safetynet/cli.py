@@ -9,6 +9,8 @@ from typing import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXIT_USAGE = 2
+FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "ensemble")  # detector.FAMILIES
+DEFAULT_MEMBERS = ("input", "safetynet", "squeeze")  # training.detector.DEFAULT_MEMBERS
 
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--classifier-epochs", type=int, default=10)
     quick.add_argument("--detector-epochs", type=int, default=10)
     quick.add_argument("--target-fpr", type=float, default=0.05, help="clean false-positive rate to calibrate to")
+    quick.add_argument("--family", default="input", choices=FAMILIES, help="detector family (default input)")
     quick.add_argument("--seed", type=int, default=0)
 
     train = commands.add_parser("train-classifier", help="train the reference CNN and save it as .keras")
@@ -83,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     detect = commands.add_parser("train-detector", help="fit and calibrate a detector on adversarial datasets")
     detect.add_argument("--adversarial", nargs="+", required=True, help="dataset directories written by `attack`")
     detect.add_argument("--out", required=True, help="output detector directory")
+    detect.add_argument("--family", default="input", choices=FAMILIES,
+                        help="detector family (default input; all others read the classifier: give --model)")
+    detect.add_argument("--model", help="the classifier the datasets were made for (needed by all families but input)")
+    detect.add_argument("--members", nargs="+", default=DEFAULT_MEMBERS, choices=[f for f in FAMILIES if f != "ensemble"],
+                        help="ensemble members (default: %(default)s)")
     detect.add_argument("--target-fpr", type=float, default=0.05)
     detect.add_argument("--epochs", type=int, default=10)
     detect.add_argument("--seed", type=int, default=0)
@@ -113,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         workflow.quickstart(
             args.data, args.out, eps=args.eps, n_attack=args.n_attack, n_eval=args.n_eval,
             classifier_epochs=args.classifier_epochs, detector_epochs=args.detector_epochs,
-            target_fpr=args.target_fpr, seed=args.seed,
+            target_fpr=args.target_fpr, family=args.family, seed=args.seed,
         )
     elif args.command == "train-classifier":
         workflow.train_classifier_stage(args.data, args.out, epochs=args.epochs, seed=args.seed)
@@ -130,7 +138,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "dataset" and args.dataset_command == "merge":
         workflow.dataset_merge(args.parts, args.out)
     elif args.command == "train-detector":
-        workflow.train_detector_stage(args.adversarial, args.out, target_fpr=args.target_fpr, epochs=args.epochs, seed=args.seed)
+        workflow.train_detector_stage(
+            args.adversarial, args.out, family=args.family, model_path=args.model, members=args.members,
+            target_fpr=args.target_fpr, epochs=args.epochs, seed=args.seed,
+        )
     elif args.command == "retrain":
         workflow.retrain_stage(args.detector, args.adversarial, replay=args.replay, out=args.out, epochs=args.epochs, seed=args.seed)
     elif args.command == "evaluate":

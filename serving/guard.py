@@ -56,7 +56,8 @@ class Guard:
 
     @classmethod
     def from_paths(cls, classifier: str | os.PathLike, detector: str | os.PathLike, **options) -> "Guard":
-        return cls(load_model(classifier), load_detector(detector), **options)
+        model = load_model(classifier)
+        return cls(model, load_detector(detector, classifier=model), **options)
 
     def predict(self, x: np.ndarray) -> GuardResult:
         """Guarded predictions for a batch of images (float NHWC in the clip range)."""

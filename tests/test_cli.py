@@ -151,3 +151,36 @@ def test_retrain_on_a_new_attack_keeps_the_old_ones_and_writes_a_new_version(qui
         if name.startswith("replay:"):
             assert old_after >= old_before - 0.01, name
     assert main(["retrain", "--detector", str(detector), "--adversarial", str(tmp_path / "pgd-l2"), "--out", str(new)]) == 2
+
+
+def test_the_cli_lists_the_real_families_and_members():
+    from safetynet import cli
+    from detector import FAMILIES
+    from training.detector import DEFAULT_MEMBERS
+
+    assert set(cli.FAMILIES) == set(FAMILIES) and tuple(cli.DEFAULT_MEMBERS) == tuple(DEFAULT_MEMBERS)
+
+
+@pytest.mark.parametrize("family", ["activations", "safetynet", "mahalanobis", "squeeze", "ensemble"])
+def test_every_family_trains_evaluates_and_guards_through_the_cli(family, quickstart_dir, tmp_path, capsys):
+    from serving import Guard
+
+    model = str(quickstart_dir / "classifier.keras")
+    datasets = [str(quickstart_dir / "datasets" / name) for name in ("fgsm", "pgd")]
+    out = tmp_path / family
+    assert main(["train-detector", "--family", family, "--model", model, "--adversarial", *datasets,
+                 "--epochs", "4", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == family and manifest["calibration"]["target_fpr"] == 0.05
+    assert main(["evaluate", "--model", model, "--detector", str(out), "--n", "200", "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["detector"]["kind"] == family
+    assert report["attacks"]["pgd"]["auroc"] > (0.6 if family == "squeeze" else 0.9)
+    guard = Guard.from_paths(model, out)
+    assert guard.predict(np.zeros((2, 8, 8, 1), np.float32)).rejected.shape == (2,)
+
+
+def test_families_that_read_the_classifier_need_it(quickstart_dir, tmp_path, capsys):
+    datasets = [str(quickstart_dir / "datasets" / "fgsm")]
+    assert main(["train-detector", "--family", "activations", "--adversarial", *datasets, "--out", str(tmp_path / "d")]) == 2
+    assert "give the classifier" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Tests for detector: threshold calibration, the Detector interface, InputDetector, the on-disk
-layout (save / load_detector) and training.detector.fit_input_detector.
+layout (save / load_detector) and training.detector.fit_detector.
 
-One InputDetector is trained per module (through fit_input_detector, on stored FGSM and PGD
+One InputDetector is trained per module (through fit_detector, on stored FGSM and PGD
 datasets of the digits training split) and shared by the tests below.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from attacks.storage import model_fingerprint
 from detector import FAMILIES, Calibration, Detector, InputDetector, calibrate_threshold, load_detector
 from detector.base import FORMAT_VERSION, MANIFEST
 from detector.input_detector import MODEL_FILE
-from training.detector import fit_input_detector
+from training.detector import fit_detector
 
 EPS = 0.3
 
@@ -228,7 +228,7 @@ def test_families_registry():
 
 
 # --------------------------------------------------------------------------------------------
-# fit_input_detector and the real InputDetector (trained once for the module)
+# fit_detector and the real InputDetector (trained once for the module)
 # --------------------------------------------------------------------------------------------
 
 
@@ -247,7 +247,7 @@ def datasets(digits, digits_classifier, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fitted(datasets):
-    """fit_input_detector on both datasets, spying on what reached fit and calibrate."""
+    """fit_detector on both datasets, spying on what reached fit and calibrate."""
     captured: dict[str, np.ndarray] = {}
     original_fit, original_calibrate = InputDetector.fit, InputDetector.calibrate
 
@@ -262,7 +262,7 @@ def fitted(datasets):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(InputDetector, "fit", spy_fit)
         patch.setattr(InputDetector, "calibrate", spy_calibrate)
-        detector = fit_input_detector(datasets, target_fpr=0.05, calibration_fraction=0.2, epochs=4, verbose=0)
+        detector = fit_detector(datasets, target_fpr=0.05, calibration_fraction=0.2, epochs=4, verbose=0)
     return detector, captured
 
 
@@ -295,7 +295,7 @@ def test_input_detector_separates_held_out_adversarials(detector, digits, test_a
         assert detector.predict(result.x_adv[result.success]).mean() > 0.8, name
 
 
-def test_fit_input_detector_holds_out_calibration_images(fitted, datasets, digits_classifier):
+def test_fit_detector_holds_out_calibration_images(fitted, datasets, digits_classifier):
     detector, captured = fitted
     sources = set(np.concatenate([d.index for d in datasets]).tolist())
     info = detector.info
@@ -329,17 +329,17 @@ def test_fit_input_detector_holds_out_calibration_images(fitted, datasets, digit
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5])
-def test_fit_input_detector_rejects_bad_calibration_fraction(datasets, fraction):
+def test_fit_detector_rejects_bad_calibration_fraction(datasets, fraction):
     with pytest.raises(ValueError, match="calibration_fraction"):
-        fit_input_detector(datasets, calibration_fraction=fraction, epochs=1, verbose=0)
+        fit_detector(datasets, calibration_fraction=fraction, epochs=1, verbose=0)
 
 
-def test_fit_input_detector_rejects_empty_list():
+def test_fit_detector_rejects_empty_list():
     with pytest.raises(ValueError, match="at least one"):
-        fit_input_detector([], epochs=1, verbose=0)
+        fit_detector([], epochs=1, verbose=0)
 
 
-def test_fit_input_detector_rejects_datasets_of_different_classifiers(
+def test_fit_detector_rejects_datasets_of_different_classifiers(
     datasets, digits, digits_classifier, tmp_path
 ):
     other = keras.models.clone_model(digits_classifier)
@@ -348,7 +348,7 @@ def test_fit_input_detector_rejects_datasets_of_different_classifiers(
     generate_dataset(other, FGSM(eps=EPS), ArraySource(digits.x_train[:16], digits.y_train[:16]), tmp_path / "other", progress=False)
     foreign = load_adversarial_dataset(tmp_path / "other")
     with pytest.raises(ValueError, match="different classifiers"):
-        fit_input_detector([datasets[0], foreign], epochs=1, verbose=0)
+        fit_detector([datasets[0], foreign], epochs=1, verbose=0)
 
 
 # --------------------------------------------------------------------------------------------

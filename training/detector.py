@@ -13,8 +13,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import keras
+
 from attacks.dataset import AdversarialDataset
-from detector import InputDetector
+from detector import FAMILIES, Detector, EnsembleDetector, InputDetector
 
 
 def _common_fingerprint(datasets: Sequence[AdversarialDataset]) -> str:
@@ -72,17 +74,45 @@ def _describe(datasets: Sequence[AdversarialDataset], paths: Sequence[str] | Non
     ]
 
 
-def fit_input_detector(
+DEFAULT_MEMBERS = ("input", "safetynet", "squeeze")
+
+
+def make_detector(family: str, classifier: keras.Model | None, *, epochs: int, seed: int) -> Detector:
+    """An unfitted detector of `family` (not `ensemble`) with the pipeline's training settings."""
+    if family not in FAMILIES or family == "ensemble":
+        raise ValueError(f"unknown detector family {family!r}: expected one of {sorted(FAMILIES)}")
+    cls = FAMILIES[family]
+    if cls.uses_classifier and classifier is None:
+        raise ValueError(f"the {family!r} detector reads the classifier: give the classifier model")
+    if family == "input":
+        return InputDetector(epochs=epochs, seed=seed)
+    if family == "activations":
+        return cls(classifier, epochs=epochs, seed=seed)
+    if family == "squeeze":
+        return cls(classifier)
+    return cls(classifier, seed=seed)
+
+
+def _fit(detector: Detector, x_clean: np.ndarray, x_adversarial: np.ndarray, verbose: int | str) -> Detector:
+    return detector.fit(x_clean, x_adversarial, verbose=verbose)
+
+
+def fit_detector(
     datasets: Sequence[AdversarialDataset],
     *,
+    family: str = "input",
+    classifier: keras.Model | None = None,
+    members: Sequence[str] = DEFAULT_MEMBERS,
     paths: Sequence[str] | None = None,
     target_fpr: float = 0.05,
     calibration_fraction: float = 0.2,
     epochs: int = 10,
     seed: int = 0,
     verbose: int | str = 2,
-) -> InputDetector:
-    """Train the `input` detector on clean vs adversarial pairs and calibrate it on held-out clean images.
+) -> Detector:
+    """Train a detector of `family` on clean vs adversarial pairs and calibrate it on held-out clean
+    images. An `ensemble` fits its `members` on 75% of the training sources and its stacker on the
+    other 25%, so the stacker learns how members behave on images they have not seen.
 
     `paths` (the datasets' directories) are recorded so that retraining can replay them later.
     """
@@ -91,7 +121,21 @@ def fit_input_detector(
     fingerprint = _common_fingerprint(datasets)
     split = split_by_source(datasets, calibration_fraction, seed)
     x_adversarial = np.concatenate(split.adversarial_fit)
-    detector = InputDetector(epochs=epochs, seed=seed).fit(split.x_clean_fit, x_adversarial, verbose=verbose)
+    if family == "ensemble":
+        rng = np.random.default_rng(seed)
+        clean_part = rng.random(len(split.x_clean_fit)) < 0.75
+        adversarial_part = rng.random(len(x_adversarial)) < 0.75
+        fitted = [
+            _fit(make_detector(m, classifier, epochs=epochs, seed=seed),
+                 split.x_clean_fit[clean_part], x_adversarial[adversarial_part], verbose)
+            for m in members
+        ]
+        for member in fitted:
+            member.classifier_fingerprint = fingerprint
+        detector = _fit(EnsembleDetector(fitted, seed=seed), split.x_clean_fit[~clean_part],
+                        x_adversarial[~adversarial_part], verbose)
+    else:
+        detector = _fit(make_detector(family, classifier, epochs=epochs, seed=seed), split.x_clean_fit, x_adversarial, verbose)
     detector.calibrate(split.x_clean_held_out, target_fpr)
     detector.classifier_fingerprint = fingerprint
     detector.info = {
@@ -105,7 +149,7 @@ def fit_input_detector(
     return detector
 
 
-def detection_rates(detector: InputDetector, split: Split, names: Sequence[str]) -> dict[str, float]:
+def detection_rates(detector: Detector, split: Split, names: Sequence[str]) -> dict[str, float]:
     """TPR at the calibrated threshold on each dataset's held-out successful adversarial images."""
     return {
         name: float(detector.predict(x).mean()) if len(x) else float("nan")

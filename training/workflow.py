@@ -23,11 +23,12 @@ from attacks.dataset import (
     ArraySource, describe, generate_dataset, load_adversarial_dataset, merge_datasets, verify_dataset,
 )
 from attacks.models import load_model, save_model
+from attacks.storage import model_fingerprint
 from detector import Detector, InputDetector, load_detector
 from detector.evaluation import evaluate, format_table, write_report
 from training.classifier import accuracy, train_classifier
 from training.data import ImageDataset, load_dataset
-from training.detector import fit_input_detector, retrain_input_detector
+from training.detector import DEFAULT_MEMBERS, fit_detector, retrain_input_detector
 
 Log = Callable[[str], None]
 Data = str | ImageDataset
@@ -152,15 +153,26 @@ def train_detector_stage(
     adversarial: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
+    family: str = "input",
+    model_path: str | os.PathLike | None = None,
+    members: Sequence[str] = DEFAULT_MEMBERS,
     target_fpr: float = 0.05,
     epochs: int = 10,
     seed: int = 0,
     log: Log = print,
 ) -> float:
-    """Fit the input detector on adversarial datasets, calibrate it, save it; return its threshold."""
+    """Fit a detector on adversarial datasets, calibrate it, save it; return its threshold.
+
+    Families that read the classifier (all but `input`) need `model_path`, the classifier the
+    datasets were made for (checked against their fingerprint).
+    """
     datasets = [load_adversarial_dataset(path) for path in adversarial]
-    detector = fit_input_detector(
-        datasets, paths=[str(Path(p).resolve()) for p in adversarial], target_fpr=target_fpr, epochs=epochs,
+    classifier = None if model_path is None else load_model(model_path)
+    if classifier is not None and model_fingerprint(classifier) != datasets[0].manifest["classifier_fingerprint"]:
+        raise ValueError(f"{model_path} is not the classifier the adversarial datasets were made for")
+    detector = fit_detector(
+        datasets, family=family, classifier=classifier, members=members,
+        paths=[str(Path(p).resolve()) for p in adversarial], target_fpr=target_fpr, epochs=epochs,
         seed=seed, verbose=_fit_verbosity(),
     )
     detector.save(out)
@@ -234,7 +246,7 @@ def evaluate_stage(
 ) -> dict[str, Any]:
     """Evaluate detection on the test split (attacks default to those the detector was trained on)."""
     model = load_model(model_path)
-    detector = load_detector(detector_dir)
+    detector = load_detector(detector_dir, classifier=model)
     data = _loaded(data)
     attacks = [resolve_attack(a, data) for a in attacks] if attacks else trained_attacks(detector_dir)
     if not attacks:
@@ -265,6 +277,7 @@ def quickstart(
     classifier_epochs: int = 10,
     detector_epochs: int = 10,
     target_fpr: float = 0.05,
+    family: str = "input",
     seed: int = 0,
     log: Log = print,
 ) -> QuickstartPaths:
@@ -286,7 +299,8 @@ def quickstart(
     for attack, path in zip(default_attacks(data.input_shape, eps), paths.datasets, strict=True):
         attack_stage(paths.classifier, data, attack, path, split="train", n=n_attack, log=log)
     log("[3/4] detector")
-    train_detector_stage(paths.datasets, paths.detector, target_fpr=target_fpr, epochs=detector_epochs, seed=seed, log=log)
+    train_detector_stage(paths.datasets, paths.detector, family=family, model_path=paths.classifier,
+                         target_fpr=target_fpr, epochs=detector_epochs, seed=seed, log=log)
     log("[4/4] evaluation")
     evaluate_stage(paths.classifier, paths.detector, data, out, n=n_eval, log=log)
     return paths

@@ -1,0 +1,174 @@
+"""The `activations` family: a small network on the classifier's intermediate activations (Metzen et
+al. 2017, "On detecting adversarial perturbations"). Adversarial perturbations that barely change the
+pixels move the hidden representations a lot, so a detector reading them needs far less capacity
+than one reading the images. Only the detector network is stored; the classifier is supplied again
+at load time."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import keras
+import numpy as np
+from sklearn.model_selection import train_test_split
+from sklearn.utils.class_weight import compute_class_weight
+
+from attacks.storage import model_fingerprint
+from detector.base import Detector
+from detector.features import (
+    check_images,
+    check_training_pair,
+    extract,
+    feature_extractor,
+    image_shape,
+    prepare_classifier,
+    require_classifier,
+    resolve_layers,
+)
+
+MODEL_FILE = "activations.keras"
+
+
+def build_activation_detector(shapes: Sequence[tuple[int, ...]], names: Sequence[str], width: int = 64) -> keras.Model:
+    """One branch per tapped layer, concatenated, then one logit (adversarial vs clean).
+
+    Each branch first standardises its activations per channel (a `Normalization` layer adapted on
+    the training features, stored in the model). Feature maps get a conv layer and global average
+    pooling (Metzen et al.'s detector sub-network, shrunk); vectors get a dense layer."""
+    inputs, branches = [], []
+    for index, (shape, name) in enumerate(zip(shapes, names)):
+        x = keras.Input(shape, name=f"features_{index}")
+        inputs.append(x)
+        h = keras.layers.Normalization(axis=-1, name=f"normalize_{index}")(x)
+        if len(shape) == 3:
+            h = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(h)
+            if min(shape[0], shape[1]) >= 8:
+                h = keras.layers.MaxPooling2D()(h)
+            h = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(h)
+            h = keras.layers.GlobalAveragePooling2D()(h)
+        else:
+            if len(shape) != 1:
+                h = keras.layers.Flatten()(h)
+            h = keras.layers.Dense(width, activation="relu")(h)
+        branches.append(h)
+    x = branches[0] if len(branches) == 1 else keras.layers.Concatenate()(branches)
+    x = keras.layers.Dense(width, activation="relu")(x)
+    outputs = keras.layers.Dense(1, name="adversarial_logit")(x)
+    return keras.Model(inputs, outputs, name="activation_detector")
+
+
+class ActivationDetector(Detector):
+    """Binary network on the activations of chosen classifier layers; `score` is its logit.
+
+    layers: layer names to read; None picks the last `auto_layers` conv / pooling / dense /
+    activation layers before the logits.
+    """
+
+    kind = "activations"
+    uses_classifier: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        classifier: keras.Model,
+        *,
+        layers: Sequence[str] | None = None,
+        auto_layers: int = 2,
+        width: int = 64,
+        epochs: int = 20,
+        batch_size: int = 128,
+        learning_rate: float = 1e-3,
+        validation_fraction: float = 0.1,
+        patience: int = 3,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("auto_layers", auto_layers), ("width", width), ("epochs", epochs),
+                            ("batch_size", batch_size), ("patience", patience)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 < validation_fraction < 0.5:
+            raise ValueError(f"validation_fraction must lie in (0, 0.5), got {validation_fraction}")
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        self.classifier = prepare_classifier(classifier)
+        self.layers = resolve_layers(self.classifier, layers, auto_layers)
+        self.auto_layers = auto_layers
+        self.width, self.epochs, self.batch_size = width, epochs, batch_size
+        self.learning_rate, self.validation_fraction = float(learning_rate), float(validation_fraction)
+        self.patience, self.seed = patience, seed
+        self.extractor = feature_extractor(self.classifier, self.layers)
+        self.model: keras.Model | None = None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.layers), "auto_layers": self.auto_layers, "width": self.width,
+            "epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+            "validation_fraction": self.validation_fraction, "patience": self.patience, "seed": self.seed,
+        }
+
+    def features(self, x: np.ndarray) -> list[np.ndarray]:
+        return extract(self.extractor, check_images(x, image_shape(self.classifier)))
+
+    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 2) -> "ActivationDetector":
+        """Train on the activations of clean (label 0) vs adversarial (label 1) images, balanced by
+        class weights, early-stopped on a stratified validation split."""
+        x_clean, x_adversarial = check_training_pair(x_clean, x_adversarial, image_shape(self.classifier))
+        keras.utils.set_random_seed(self.seed)
+        features = [np.concatenate(pair) for pair in zip(self.features(x_clean), self.features(x_adversarial))]
+        labels = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adversarial))].astype(np.float32)
+        fit_rows, val_rows = train_test_split(
+            np.arange(len(labels)), test_size=self.validation_fraction, stratify=labels, random_state=self.seed
+        )
+        weights = compute_class_weight("balanced", classes=np.array([0.0, 1.0]), y=labels[fit_rows])
+        model = build_activation_detector([f.shape[1:] for f in features], self.layers, self.width)
+        for index, f in enumerate(features):
+            model.get_layer(f"normalize_{index}").adapt(f[fit_rows])
+        model.compile(
+            optimizer=keras.optimizers.Adam(self.learning_rate),
+            loss=keras.losses.BinaryCrossentropy(from_logits=True),
+            metrics=[keras.metrics.BinaryAccuracy(threshold=0.0)],
+        )
+        model.fit(
+            [f[fit_rows] for f in features], labels[fit_rows],
+            epochs=self.epochs, batch_size=self.batch_size,
+            validation_data=([f[val_rows] for f in features], labels[val_rows]),
+            class_weight={0: float(weights[0]), 1: float(weights[1])},
+            callbacks=[keras.callbacks.EarlyStopping(patience=self.patience, restore_best_weights=True)],
+            verbose=verbose,
+        )
+        self.model = model
+        self.classifier_fingerprint = model_fingerprint(self.classifier)
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+        features = self.features(x)
+        logits = np.concatenate([self.model.predict_on_batch([f[i:i + 256] for f in features])
+                                 for i in range(0, len(features[0]), 256)])
+        return logits[:, 0].astype(np.float64)
+
+    def _save_files(self, directory: Path) -> None:
+        if self.model is None:
+            raise ValueError("cannot save an untrained detector")
+        self.model.save(directory / MODEL_FILE)
+
+    @classmethod
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
+                    classifier: keras.Model | None = None) -> "ActivationDetector":
+        classifier = require_classifier(directory, classifier, cls.kind)
+        detector = cls(classifier, **hyperparameters)
+        path = directory / MODEL_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"detector model file missing: {path}")
+        try:
+            model = keras.models.load_model(path, compile=False, safe_mode=True)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"detector model {path} is corrupt: {error}") from None
+        expected = [tuple(o.shape[1:]) for o in keras.tree.flatten(detector.extractor.outputs)]
+        found = [tuple(i.shape[1:]) for i in keras.tree.flatten(model.inputs)]
+        if expected != found:
+            raise ValueError(f"the saved detector reads activations of shapes {found}, but layers "
+                             f"{detector.layers} of this classifier give {expected}: wrong classifier?")
+        detector.model = model
+        return detector

@@ -1,0 +1,111 @@
+"""The `ensemble` family: a logistic regression stacked on the scores of other, already fitted,
+detectors (stacked generalisation, Wolpert 1992). Families fail on different attacks (Carlini and
+Wagner 2017, "Adversarial examples are not easily detected"), so weighing several is more robust than
+trusting one. Fit the stacker on images the members were NOT trained on: a member's scores on its own
+training images are over-confident, and the stacker would learn to trust it too much.
+
+Each member is saved whole (its own manifest and files) in a sub-directory `member_<i>`; the stacker
+(standardisation and regression weights) is an .npz.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import keras
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from detector.base import Detector
+from detector.features import load_arrays, save_arrays
+
+ARRAYS_FILE = "stacker.npz"
+_ARRAYS = ("score_mean", "score_scale", "coef", "intercept")
+
+
+def member_directory(index: int) -> str:
+    return f"member_{index}"
+
+
+class EnsembleDetector(Detector):
+    """Logistic regression on the members' (standardised) scores; `score` is its decision function."""
+
+    kind = "ensemble"
+    uses_classifier: ClassVar[bool] = True  # handed on to the members that need it
+
+    def __init__(self, members: Sequence[Detector], *, C: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        members = list(members)
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 member detectors, got {len(members)}")
+        for member in members:
+            if not isinstance(member, Detector):
+                raise ValueError(f"ensemble members must be Detector instances, got {type(member).__name__}")
+        if not C > 0:
+            raise ValueError(f"C must be > 0, got {C}")
+        fingerprints = {m.classifier_fingerprint for m in members} - {None}
+        if len(fingerprints) > 1:
+            raise ValueError("the ensemble's members were trained for different classifiers")
+        self.members, self.C, self.seed = members, float(C), seed
+        self.classifier_fingerprint = fingerprints.pop() if fingerprints else None
+        self.arrays: dict[str, np.ndarray] | None = None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"members": [m.kind for m in self.members], "C": self.C, "seed": self.seed}
+
+    def member_scores(self, x: np.ndarray) -> np.ndarray:
+        """(n, members): each member's score (a member's shape check raises for wrong images)."""
+        return np.stack([np.asarray(m.score(x), np.float64) for m in self.members], axis=1)
+
+    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> "EnsembleDetector":
+        """Fit the stacker on clean (0) vs adversarial (1) images, ideally ones no member was trained on."""
+        if len(x_clean) < 2 or len(x_adversarial) < 2:
+            raise ValueError(f"fitting needs at least 2 clean and 2 adversarial images, got {len(x_clean)} and {len(x_adversarial)}")
+        scores = np.concatenate([self.member_scores(x_clean), self.member_scores(x_adversarial)])
+        if not np.isfinite(scores).all():
+            raise ValueError("a member returned NaN or infinite scores on the training images")
+        mean, scale = scores.mean(axis=0), np.maximum(scores.std(axis=0), 1e-12)
+        labels = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adversarial))]
+        regression = LogisticRegression(C=self.C, class_weight="balanced", max_iter=1000, random_state=self.seed)
+        regression.fit((scores - mean) / scale, labels)
+        self.arrays = {"score_mean": mean, "score_scale": scale,
+                       "coef": regression.coef_.astype(np.float64), "intercept": regression.intercept_.astype(np.float64)}
+        if verbose:
+            weights = np.round(self.arrays["coef"][0], 3).tolist()
+            print("ensemble: weights " + ", ".join(f"{m.kind}={w}" for m, w in zip(self.members, weights)))
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        if self.arrays is None:
+            raise ValueError("the ensemble is not trained: call fit(...) or load a saved one")
+        z = (self.member_scores(x) - self.arrays["score_mean"]) / self.arrays["score_scale"]
+        return z @ self.arrays["coef"][0] + self.arrays["intercept"][0]
+
+    def _save_files(self, directory: Path) -> None:
+        if self.arrays is None:
+            raise ValueError("cannot save an untrained ensemble")
+        for index, member in enumerate(self.members):
+            member.save(directory / member_directory(index))
+        save_arrays(directory / ARRAYS_FILE, **self.arrays)
+
+    @classmethod
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
+                    classifier: keras.Model | None = None) -> "EnsembleDetector":
+        hyperparameters = dict(hyperparameters)
+        kinds = hyperparameters.pop("members", None)
+        if not isinstance(kinds, list) or len(kinds) < 2:
+            raise ValueError(f"ensemble manifest in {directory} lists no members")
+        members = []
+        for index, kind in enumerate(kinds):
+            from detector import load_detector  # the registry imports this module
+
+            member = load_detector(directory / member_directory(index), classifier)
+            if member.kind != kind:
+                raise ValueError(f"ensemble member {index} in {directory} is a {member.kind!r} detector, expected {kind!r}")
+            members.append(member)
+        detector = cls(members, **hyperparameters)
+        arrays = load_arrays(directory / ARRAYS_FILE, _ARRAYS)
+        if arrays["coef"].shape != (1, len(members)):
+            raise ValueError(f"the stacker in {directory} weighs {arrays['coef'].shape[-1]} members, the ensemble has {len(members)}")
+        detector.arrays = arrays
+        return detector

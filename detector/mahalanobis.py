@@ -1,0 +1,197 @@
+"""The `mahalanobis` family (Lee et al. 2018, "A simple unified framework for detecting
+out-of-distribution samples and adversarial attacks").
+
+On clean data, each tapped layer's features (feature maps averaged over space) are modelled as
+class-conditional Gaussians with one shared (tied) covariance. An input's per-layer score is its
+Mahalanobis distance to the closest class mean: adversarial images sit off the clean class clusters
+in hidden layers even when the logits say otherwise. A logistic regression, trained on clean vs
+adversarial images, weighs the layers (it sees log-distances, standardised). Optionally, as in the
+paper, each input is first nudged by `noise` in the direction that brings it closer to its nearest
+class (clean images move more than adversarial ones). Everything is stored as arrays in an .npz.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+from sklearn.covariance import EmpiricalCovariance, LedoitWolf
+from sklearn.linear_model import LogisticRegression
+
+from attacks.backend import value_and_grad
+from attacks.storage import model_fingerprint
+from detector.base import Detector
+from detector.features import (
+    check_images,
+    check_training_pair,
+    extract,
+    feature_extractor,
+    image_shape,
+    load_arrays,
+    predict,
+    prepare_classifier,
+    require_classifier,
+    resolve_layers,
+    save_arrays,
+)
+
+ARRAYS_FILE = "mahalanobis.npz"
+COVARIANCES = {"ledoit_wolf": LedoitWolf, "empirical": EmpiricalCovariance}
+
+
+def _pool(features: Any) -> Any:
+    """(n, ..., C) -> (n, C): feature maps averaged over their spatial axes (works on numpy and tensors)."""
+    if len(features.shape) == 2:
+        return features
+    axes = tuple(range(1, len(features.shape) - 1))
+    return features.mean(axis=axes) if isinstance(features, np.ndarray) else ops.mean(features, axis=axes)
+
+
+def min_distance(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Squared Mahalanobis distance of each row to the closest class mean, (n,)."""
+    f = np.asarray(features, np.float64)
+    fp = f @ precision
+    distances = (np.einsum("ij,ij->i", fp, f)[:, None] - 2.0 * fp @ means.T
+                 + np.einsum("ij,jk,ik->i", means, precision, means)[None, :])
+    return np.maximum(distances.min(axis=1), 0.0)
+
+
+class MahalanobisDetector(Detector):
+    """Logistic regression on per-layer class-conditional Mahalanobis distances.
+
+    layers: layers to read (None: the last `auto_layers` representation layers before the logits).
+    noise: input pre-processing magnitude (Lee et al.'s epsilon); 0 turns it off (one forward pass).
+    covariance: 'ledoit_wolf' (shrunk, stable with few images per dimension) or 'empirical'.
+    """
+
+    kind = "mahalanobis"
+    uses_classifier: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        classifier: keras.Model,
+        *,
+        layers: Sequence[str] | None = None,
+        auto_layers: int = 3,
+        noise: float = 0.0,
+        covariance: str = "ledoit_wolf",
+        C: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(auto_layers, bool) or not isinstance(auto_layers, int) or auto_layers < 1:
+            raise ValueError(f"auto_layers must be an integer >= 1, got {auto_layers!r}")
+        if not (np.isfinite(noise) and noise >= 0):
+            raise ValueError(f"noise must be a finite number >= 0, got {noise}")
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {sorted(COVARIANCES)}, got {covariance!r}")
+        if not C > 0:
+            raise ValueError(f"C must be > 0, got {C}")
+        self.classifier = prepare_classifier(classifier)
+        self.layers = resolve_layers(self.classifier, layers, auto_layers)
+        self.auto_layers, self.noise, self.covariance = auto_layers, float(noise), covariance
+        self.C, self.seed = float(C), seed
+        self.extractor = feature_extractor(self.classifier, self.layers)
+        self.arrays: dict[str, np.ndarray] | None = None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "auto_layers": self.auto_layers, "noise": self.noise,
+                "covariance": self.covariance, "C": self.C, "seed": self.seed}
+
+    def _array_names(self) -> list[str]:
+        per_layer = [f"{kind}_{i}" for i in range(len(self.layers)) for kind in ("means", "precision")]
+        return per_layer + ["score_mean", "score_scale", "coef", "intercept"]
+
+    def _pooled(self, x: np.ndarray) -> list[np.ndarray]:
+        return [np.asarray(_pool(f), np.float64) for f in extract(self.extractor, x)]
+
+    def _noisy_distances(self, x: np.ndarray, layer: int, batch_size: int = 256) -> np.ndarray:
+        """Lee et al.'s pre-processing: step `noise` along -sign(grad of the distance), then measure."""
+        means = ops.convert_to_tensor(self.arrays[f"means_{layer}"], "float32")
+        precision = ops.convert_to_tensor(self.arrays[f"precision_{layer}"], "float32")
+
+        def distance(z: Any) -> tuple[Any, Any]:
+            outputs = self.extractor(z, training=False)
+            f = _pool(outputs[layer] if isinstance(outputs, (list, tuple)) else outputs)
+            centred = f[:, None, :] - means[None, :, :]
+            d = ops.sum(ops.matmul(centred, precision) * centred, axis=-1)
+            return ops.min(d, axis=1), d
+
+        moved = []
+        for start in range(0, len(x), batch_size):
+            batch = ops.convert_to_tensor(x[start:start + batch_size])
+            _, _, grad = value_and_grad(distance, batch)
+            moved.append(np.asarray(batch) - self.noise * np.sign(ops.convert_to_numpy(grad)))
+        features = self._pooled(np.concatenate(moved).astype(np.float32))[layer]
+        return min_distance(features, self.arrays[f"means_{layer}"], self.arrays[f"precision_{layer}"])
+
+    def layer_scores(self, x: np.ndarray) -> np.ndarray:
+        """(n, layers): each layer's squared Mahalanobis distance to the closest clean class."""
+        if self.arrays is None:
+            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+        x = check_images(x, image_shape(self.classifier))
+        if self.noise > 0:
+            return np.stack([self._noisy_distances(x, i) for i in range(len(self.layers))], axis=1)
+        pooled = self._pooled(x)
+        return np.stack([min_distance(f, self.arrays[f"means_{i}"], self.arrays[f"precision_{i}"])
+                         for i, f in enumerate(pooled)], axis=1)
+
+    def _standardised(self, distances: np.ndarray) -> np.ndarray:
+        return (np.log(distances + 1e-12) - self.arrays["score_mean"]) / self.arrays["score_scale"]
+
+    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, y_clean: np.ndarray | None = None,
+            *, verbose: int | str = 1) -> "MahalanobisDetector":
+        """Class Gaussians on clean images (labelled by `y_clean`, or by the classifier when None),
+        then the logistic regression on clean vs adversarial per-layer distances."""
+        x_clean, x_adversarial = check_training_pair(x_clean, x_adversarial, image_shape(self.classifier))
+        logits_dim = int(self.classifier.output_shape[-1])
+        if y_clean is None:
+            y_clean = np.argmax(predict(self.classifier, x_clean)[0], axis=-1)
+        y_clean = np.asarray(y_clean)
+        if y_clean.shape != (len(x_clean),) or not np.issubdtype(y_clean.dtype, np.integer):
+            raise ValueError(f"y_clean must be {len(x_clean)} integer class indices, got {y_clean.dtype} {y_clean.shape}")
+        if y_clean.min() < 0 or y_clean.max() >= logits_dim:
+            raise ValueError(f"y_clean must lie in [0, {logits_dim - 1}]")
+        classes = np.unique(y_clean)
+        arrays: dict[str, np.ndarray] = {}
+        for index, features in enumerate(self._pooled(x_clean)):
+            means = np.stack([features[y_clean == c].mean(axis=0) for c in classes])
+            centred = features - means[np.searchsorted(classes, y_clean)]
+            estimator = COVARIANCES[self.covariance](assume_centered=True).fit(centred)
+            arrays[f"means_{index}"], arrays[f"precision_{index}"] = means, np.asarray(estimator.precision_, np.float64)
+        self.arrays = arrays
+        distances = np.concatenate([self.layer_scores(x_clean), self.layer_scores(x_adversarial)])
+        logs = np.log(distances + 1e-12)
+        arrays["score_mean"], arrays["score_scale"] = logs.mean(axis=0), np.maximum(logs.std(axis=0), 1e-12)
+        labels = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adversarial))]
+        regression = LogisticRegression(C=self.C, class_weight="balanced", max_iter=1000, random_state=self.seed)
+        regression.fit(self._standardised(distances), labels)
+        arrays["coef"], arrays["intercept"] = regression.coef_.astype(np.float64), regression.intercept_.astype(np.float64)
+        if verbose:
+            print(f"mahalanobis: layers {self.layers}, weights {np.round(arrays['coef'][0], 3).tolist()}")
+        self.classifier_fingerprint = model_fingerprint(self.classifier)
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        z = self._standardised(self.layer_scores(x))
+        return z @ self.arrays["coef"][0] + self.arrays["intercept"][0]
+
+    def _save_files(self, directory: Path) -> None:
+        if self.arrays is None:
+            raise ValueError("cannot save an untrained detector")
+        save_arrays(directory / ARRAYS_FILE, **self.arrays)
+
+    @classmethod
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
+                    classifier: keras.Model | None = None) -> "MahalanobisDetector":
+        classifier = require_classifier(directory, classifier, cls.kind)
+        detector = cls(classifier, **hyperparameters)
+        arrays = load_arrays(directory / ARRAYS_FILE, detector._array_names())
+        for index, output in enumerate(keras.tree.flatten(detector.extractor.outputs)):
+            if arrays[f"means_{index}"].shape[1] != output.shape[-1]:
+                raise ValueError(f"the saved class means of layer {detector.layers[index]} do not match "
+                                 f"its {output.shape[-1]} channels in this classifier: wrong classifier?")
+        detector.arrays = arrays
+        return detector
