@@ -15,7 +15,7 @@ import keras
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from attacks.base import Attack
+from attacks.base import Attack, AttackResult
 from attacks.storage import atomic_write_json, model_fingerprint
 from detector.base import Detector
 from detector.calibration import false_positive_interval
@@ -46,10 +46,12 @@ def evaluate(
     attacks: Sequence[Attack],
     *,
     data: str,
+    results: Sequence[AttackResult] | None = None,
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run each attack on (x, y) and measure the detector on its successful examples.
+    """Run each attack on (x, y) and measure the detector on its successful examples. `results`
+    (the attacks' results on x, in order) skips running them: one run serves several detectors.
 
     Returns the report (schema of README "report.json"): clean accuracy, the detector's threshold
     and clean FPR, and per attack eps, success rate, AUROC, TPR and guarded accuracy (an input
@@ -78,8 +80,10 @@ def evaluate(
         },
         "attacks": {},
     }
-    for attack in attacks:
-        result = attack(classifier, x, y, batch_size=batch_size, progress=progress)
+    if results is not None and len(results) != len(attacks):
+        raise ValueError(f"{len(results)} precomputed results for {len(attacks)} attacks")
+    for number, attack in enumerate(attacks):
+        result = results[number] if results is not None else attack(classifier, x, y, batch_size=batch_size, progress=progress)
         scores = detector.score(result.x_adv)
         flagged = ~(scores <= threshold)
         success = result.success
