@@ -72,6 +72,13 @@ def check_model_input(model: keras.Model, x: np.ndarray) -> int:
     return int(model.output_shape[-1])
 
 
+def check_integer(name: str, value: Any, minimum: int = 1) -> int:
+    """An integer parameter (bools refused) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_finite_nonnegative(name: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0:

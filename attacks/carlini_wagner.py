@@ -39,7 +39,7 @@ import numpy as np
 from keras import ops
 
 from attacks.backend import Forward, value_and_grad
-from attacks.base import Attack
+from attacks.base import Attack, check_integer
 from attacks.norms import per_image, perturbation_norms
 
 # where on tanh an input pixel on a clip bound starts (see the module docstring)
@@ -51,12 +51,6 @@ _ADAM_EPSILON = 1e-8
 _ABORT_TOLERANCE = 1e-4
 # c's upper bound while no c has produced an adversarial example yet
 _NO_UPPER_BOUND = 1e10
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _number(name: str, value: Any, *, positive: bool) -> float:
@@ -114,9 +108,9 @@ class CarliniWagnerL2(Attack):
         object.__setattr__(self, "learning_rate", _number("learning_rate", self.learning_rate, positive=True))
         object.__setattr__(self, "initial_const", _number("initial_const", self.initial_const, positive=True))
         object.__setattr__(
-            self, "binary_search_steps", _integer("binary_search_steps", self.binary_search_steps, 1)
+            self, "binary_search_steps", check_integer("binary_search_steps", self.binary_search_steps, 1)
         )
-        object.__setattr__(self, "steps", _integer("steps", self.steps, 1))
+        object.__setattr__(self, "steps", check_integer("steps", self.steps, 1))
         if not isinstance(self.abort_early, (bool, np.bool_)):
             raise ValueError(f"abort_early must be True or False, got {self.abort_early!r}")
         object.__setattr__(self, "abort_early", bool(self.abort_early))

@@ -29,14 +29,8 @@ import numpy as np
 from keras import ops
 
 from attacks.backend import Forward, value_and_grad
-from attacks.base import Attack, AttackResult
-from attacks.norms import NORMS, per_image, perturbation_norms
-
-
-def _positive_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+from attacks.base import Attack, AttackResult, check_integer
+from attacks.norms import check_norm, per_image, perturbation_norms
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,12 +55,10 @@ class DeepFool(Attack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        norm = str(self.norm).lower().removeprefix("l")
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}: expected one of 'inf', '2'")
+        norm = check_norm(self.norm)
         object.__setattr__(self, "norm", norm)
-        object.__setattr__(self, "steps", _positive_int("steps", self.steps, 1))
-        object.__setattr__(self, "candidates", _positive_int("candidates", self.candidates, 2))
+        object.__setattr__(self, "steps", check_integer("steps", self.steps, 1))
+        object.__setattr__(self, "candidates", check_integer("candidates", self.candidates, 2))
         overshoot = self.overshoot
         if isinstance(overshoot, bool) or not isinstance(overshoot, (int, float, np.integer, np.floating)):
             raise ValueError(f"overshoot must be a finite number >= 0, got {overshoot!r}")

@@ -14,14 +14,8 @@ import numpy as np
 from keras import ops
 
 from attacks.backend import Forward, value_and_grad
-from attacks.base import Attack, check_finite_nonnegative
-from attacks.norms import NORMS, per_image, perturbation_norms, project, steepest_direction
-
-
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
+from attacks.base import Attack, check_finite_nonnegative, check_integer
+from attacks.norms import check_norm, per_image, perturbation_norms, project, steepest_direction
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,16 +43,14 @@ class GradientSignAttack(Attack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        norm = str(self.norm).lower().removeprefix("l")
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {self.norm!r}: expected one of 'inf', '2'")
+        norm = check_norm(self.norm)
         object.__setattr__(self, "norm", norm)
         eps = check_finite_nonnegative("eps", self.eps)
         if norm == "inf" and eps > self.clip[1] - self.clip[0]:
             raise ValueError(f"eps must lie in [0, {self.clip[1] - self.clip[0]}] for L-inf, got {eps}")
         object.__setattr__(self, "eps", eps)
-        object.__setattr__(self, "steps", _check_count("steps", self.steps))
-        object.__setattr__(self, "restarts", _check_count("restarts", self.restarts))
+        object.__setattr__(self, "steps", check_integer("steps", self.steps))
+        object.__setattr__(self, "restarts", check_integer("restarts", self.restarts))
         if self.restarts > 1 and not self.random_start:
             raise ValueError("restarts > 1 needs random_start=True: without it every restart is identical")
         object.__setattr__(self, "momentum", check_finite_nonnegative("momentum", self.momentum))

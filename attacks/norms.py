@@ -8,6 +8,14 @@ from keras import ops
 NORMS = ("inf", "2")
 
 
+def check_norm(norm: Any) -> str:
+    """'inf' or '2' from any of inf, 2, "linf", "L2", ...; anything else is a ValueError."""
+    name = str(norm).lower().removeprefix("l")
+    if name not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}: expected one of 'inf', '2'")
+    return name
+
+
 def per_sample_norm(values: Any, norm: str) -> Any:
     """The L-inf or L2 norm of each sample of an NHWC batch, shape (n,)."""
     flat = ops.reshape(values, (ops.shape(values)[0], -1))
