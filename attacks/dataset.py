@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -69,7 +70,7 @@ class NpySource:
     """A source over `.npy` files on disk (images float32 NHWC or uint8, labels), read a range at a
     time through a memory map that is closed after each read: datasets far larger than RAM."""
 
-    def __init__(self, images: str | os.PathLike, labels: str | os.PathLike) -> None:
+    def __init__(self, images: str | os.PathLike, labels: str | os.PathLike, *, count: int | None = None) -> None:
         self.images, self.labels = Path(images), Path(labels)
         for path in (self.images, self.labels):
             if not path.is_file():
@@ -77,7 +78,9 @@ class NpySource:
         x, y = self._open()
         if x.ndim != 4 or len(x) != len(y):
             raise ValueError(f"{self.images} must hold NHWC images, one per label in {self.labels}: got {x.shape} and {y.shape}")
-        self.count = len(x)
+        if count is not None and not 0 < count <= len(x):
+            raise ValueError(f"count must lie in [1, {len(x)}], got {count}")
+        self.count = len(x) if count is None else count  # the first `count` rows
 
     def _open(self) -> tuple[np.ndarray, np.ndarray]:
         return np.load(self.images, mmap_mode="r", allow_pickle=False), np.load(self.labels, mmap_mode="r", allow_pickle=False)
@@ -196,25 +199,27 @@ def generate_dataset(
     starts = range(lo + done, hi, shard_size)
     bar = tqdm(total=hi - lo, initial=done, desc=attack.name, unit="img", disable=not progress, smoothing=0.1)
     began = time.perf_counter()
-    for start in starts:
-        stop = min(start + shard_size, hi)
-        x, y, index = source.read(start, stop)
-        result = attack(
-            model, x, y, index=index, batch_size=batch_size, progress=bar, strategy=strategy,
-            targets=targets if targets is None or isinstance(targets, str) else targets[start:stop],
-        )
-        success = result.success if transfer_to is None else fools(transfer_to, result.x_adv, y, result.targets, batch_size)
-        arrays = {
-            "x_clean": x, "x_adv": result.x_adv, "y": y.astype(np.int64),
-            "target": (y if result.targets is None else result.targets).astype(np.int64),
-            "success": success, "linf": result.linf, "l2": result.l2, "index": index.astype(np.int64),
-        }
-        name = shard_name(len(manifest["shards"]))
-        digest = write_shard(out / name, arrays)
-        manifest["shards"].append({"file": name, "count": len(x), "successes": int(success.sum()), "sha256": digest})
+
+    def land(name: str, count: int, successes: int, written: Future) -> None:
+        """Record a shard in the manifest once its file is on disk (in order, so resume stays exact)."""
+        manifest["shards"].append({"file": name, "count": count, "successes": successes, "sha256": written.result()})
         _update_totals(manifest)
         atomic_write_json(out / MANIFEST, manifest)
         bar.set_postfix(success=f"{manifest['success_rate']:.3f}")
+
+    # shard k is written by a background thread while shard k+1 is attacked (TensorFlow and JAX
+    # release the GIL while they compute), so file I/O and checksums cost almost no attack time
+    pending: tuple | None = None
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for start in starts:
+            stop = min(start + shard_size, hi)
+            arrays = _attack_shard(model, attack, source, start, stop, targets, transfer_to, batch_size, bar, strategy)
+            if pending:
+                land(*pending)
+            name = shard_name(len(manifest["shards"]))
+            pending = (name, len(arrays["y"]), int(arrays["success"].sum()), writer.submit(write_shard, out / name, arrays))
+        if pending:
+            land(*pending)
     bar.close()
     manifest.update(complete=True, finished=_now())
     atomic_write_json(out / MANIFEST, manifest)
@@ -224,6 +229,22 @@ def generate_dataset(
         print(f"{attack.name}: {done_now} images in {seconds:.1f} s ({done_now / seconds:.1f} img/s), "
               f"success rate {manifest['success_rate']:.4f} -> {out}")
     return manifest
+
+
+def _attack_shard(model: keras.Model, attack: Attack, source: Source, start: int, stop: int, targets: Any,
+                  transfer_to: keras.Model | None, batch_size: int, bar: tqdm, strategy: Any) -> dict[str, np.ndarray]:
+    """The arrays of one shard: source positions [start, stop) and their attack results."""
+    x, y, index = source.read(start, stop)
+    result = attack(
+        model, x, y, index=index, batch_size=batch_size, progress=bar, strategy=strategy,
+        targets=targets if targets is None or isinstance(targets, str) else targets[start:stop],
+    )
+    success = result.success if transfer_to is None else fools(transfer_to, result.x_adv, y, result.targets, batch_size)
+    return {
+        "x_clean": x, "x_adv": result.x_adv, "y": y.astype(np.int64),
+        "target": (y if result.targets is None else result.targets).astype(np.int64),
+        "success": success, "linf": result.linf, "l2": result.l2, "index": index.astype(np.int64),
+    }
 
 
 def _update_totals(manifest: dict[str, Any]) -> None:
