@@ -109,6 +109,20 @@ def value_and_grad(
     return values, aux, grad
 
 
+def repeat(body: Callable[..., tuple], state: tuple, steps: int) -> tuple:
+    """`state = body(*state)` exactly `steps` times, inside a compiled function.
+
+    TensorFlow: unrolled into the graph, which measured faster on CPU than `tf.while_loop` (no
+    per-iteration control flow; kernels are scheduled across steps). JAX: `lax.fori_loop`, which
+    XLA compiles natively without the compile-time cost of unrolling.
+    """
+    if _backend() == "tensorflow":
+        for _ in range(steps):
+            state = body(*state)
+        return state
+    return keras.ops.fori_loop(0, steps, lambda _, carried: body(*carried), state)
+
+
 def distribute(strategy: Any, run: Callable[..., tuple]) -> Callable[..., tuple]:
     """Run a compiled batch function data-parallel under a `tf.distribute` strategy: every input
     tensor is split along its first axis across the replicas, and the outputs are gathered back."""

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from attacks.backend import Forward, value_and_grad
+from attacks.backend import Forward, repeat, value_and_grad
 from attacks.base import Attack, check_finite_nonnegative, check_integer
 from attacks.norms import check_norm, per_image, perturbation_norms, project, steepest_direction
 
@@ -104,7 +104,9 @@ class GradientSignAttack(Attack):
                 ops.convert_to_tensor(0), self._project(x, x + start_noise),
                 ops.zeros_like(x), ops.ones((ops.shape(x)[0],), dtype="bool"),
             )
-            return ops.while_loop(keep_going, step, state)[1]
+            if self.early_stop:  # a data-dependent end: a real loop
+                return ops.while_loop(keep_going, step, state)[1]
+            return repeat(step, state, self.steps)[1]
 
         if self.restarts == 1:
             x_adv = run_from(noise[:, 0])
