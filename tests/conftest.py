@@ -57,3 +57,16 @@ def mnist_classifier(mnist) -> keras.Model:
     from training.classifier import train_classifier
 
     return train_classifier(mnist.x_train[:20_000], mnist.y_train[:20_000], 10, epochs=3, verbose=0)
+
+
+@pytest.fixture(scope="session")
+def linear_model_factory():
+    """`factory(seed)`: logits = W x + b on 6x6x1 images (36 features, 4 classes), known weights."""
+
+    def build(seed: int) -> keras.Model:
+        rng = np.random.default_rng(seed)
+        model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(), keras.layers.Dense(4)])
+        model.layers[-1].set_weights([rng.normal(size=(36, 4)).astype("float32"), rng.normal(size=4).astype("float32")])
+        return model
+
+    return build

@@ -16,12 +16,8 @@ from attacks.jsma import JSMA
 
 
 @pytest.fixture(scope="module")
-def linear_model() -> keras.Model:
-    """logits = W x + b on 6x6x1 images (36 features), with known weights."""
-    rng = np.random.default_rng(21)
-    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(), keras.layers.Dense(4)])
-    model.layers[-1].set_weights([rng.normal(size=(36, 4)).astype("float32"), rng.normal(size=4).astype("float32")])
-    return model
+def linear_model(linear_model_factory) -> keras.Model:
+    return linear_model_factory(21)
 
 
 def predicted(model: keras.Model, x: np.ndarray) -> np.ndarray:
