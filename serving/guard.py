@@ -1,31 +1,71 @@
-"""The guard: a detector in front of a classifier, rejecting inputs the detector flags."""
+"""The guard: a detector in front of a classifier, rejecting inputs the detector flags.
+
+A guard directory (what `safetynet serve --guard DIR` and `safetynet export` read) holds
+`guard.json` (name, policy, clip range, batch size), `classifier.keras` (absent for a guard that
+sits in front of a remote classifier it cannot load) and `detector/` (any detector family).
+"""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import threading
+from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 
 from attacks.base import check_images, check_model_input
-from attacks.storage import model_fingerprint
+from attacks.models import load_model, save_model
+from attacks.storage import (
+    atomic_directory,
+    atomic_write_json,
+    model_fingerprint,
+    read_json,
+)
 from detector import Detector, load_detector
-from attacks.models import load_model
+
+POLICIES = ("reject", "flag")
+GUARD_FILE = "guard.json"
+CLASSIFIER_FILE = "classifier.keras"
+DETECTOR_DIR = "detector"
+FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class GuardResult:
-    """Per input: class probabilities, predicted label, detector score, and whether it was rejected."""
+    """Per input: class probabilities and predicted label (None without a local classifier), the
+    detector's score, whether it is `flagged` (score above the threshold, or the detector failed),
+    and whether it is `rejected` (flagged under the "reject" policy; never under "flag")."""
 
-    probabilities: np.ndarray
-    labels: np.ndarray
+    probabilities: np.ndarray | None
+    labels: np.ndarray | None
     scores: np.ndarray
+    flagged: np.ndarray
     rejected: np.ndarray
+
+
+@dataclasses.dataclass
+class GuardStats:
+    """Running counts since the guard was built (thread-safe through the guard's lock)."""
+
+    inputs: int = 0
+    flagged: int = 0
+    rejected: int = 0
+    detector_errors: int = 0
 
 
 class Guard:
     """Classify inputs and reject those the detector flags at its calibrated threshold.
 
+    policy: "reject" (default) rejects flagged inputs; "flag" only reports them (a dry run before
+        turning rejection on). Either way an input whose score is NaN, or whose batch made the
+        detector raise, is flagged: the guard fails closed, and counts the error.
+    classifier: None for a detector that does not read the classifier, when the guard sits in front
+        of a remote classifier (`predict` then returns no probabilities).
     The detector must have been trained for this classifier (same weight fingerprint) unless
     `check_fingerprint=False`: a detector trained on another model's adversarial examples gives
     no guarantee for this one.
@@ -33,42 +73,128 @@ class Guard:
 
     def __init__(
         self,
-        classifier: keras.Model,
+        classifier: keras.Model | None,
         detector: Detector,
         *,
-        batch_size: int = 256,
+        policy: str = "reject",
+        name: str = "safetynet",
+        batch_size: int = 64,
         clip: tuple[float, float] = (0.0, 1.0),
         check_fingerprint: bool = True,
     ) -> None:
         if detector.calibration is None:
             raise ValueError("the detector is not calibrated: call calibrate(clean_x, target_fpr) first")
-        if check_fingerprint and detector.classifier_fingerprint not in (None, model_fingerprint(classifier)):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
+        if classifier is None and detector.uses_classifier:
+            raise ValueError(f"the {detector.kind!r} detector reads the classifier: a guard with it needs the classifier")
+        if check_fingerprint and classifier is not None and detector.classifier_fingerprint not in (None, model_fingerprint(classifier)):
             raise ValueError(
                 "the detector was trained for a different classifier (weight fingerprints differ); "
                 "retrain it for this model or pass check_fingerprint=False"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        low, high = (float(v) for v in clip)
+        if not low < high:
+            raise ValueError(f"clip must be a range (low, high) with low < high, got {clip}")
         self.classifier = classifier
         self.detector = detector
+        self.policy = policy
+        self.name = name
         self.batch_size = batch_size
-        self.clip = clip
+        self.clip = (low, high)
+        self.stats = GuardStats()
+        self._lock = threading.Lock()
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        """The (H, W, C) the guard accepts (from the classifier, else from the detector)."""
+        model = self.classifier if self.classifier is not None else getattr(self.detector, "model", None)
+        if model is None:
+            raise ValueError(f"the {self.detector.kind!r} detector does not say its input shape")
+        return tuple(model.input_shape[1:])
+
+    def check(self, x: Any) -> np.ndarray:
+        """`x` as float32 NHWC after checking rank, dtype, finiteness, range and shape."""
+        x = check_images(x, self.clip)
+        expected = self.input_shape
+        if any(e is not None and e != a for e, a in zip(expected, x.shape[1:], strict=True)):
+            raise ValueError(f"images of shape {x.shape[1:]} do not fit the guard's input shape {expected}")
+        if self.classifier is not None:
+            check_model_input(self.classifier, x)
+        return x
+
+    def _scores(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Detector scores batch by batch; a batch that raises scores NaN. Returns (scores, errors)."""
+        scores, errors = np.full(len(x), np.nan, np.float64), 0
+        for start in range(0, len(x), self.batch_size):
+            batch = x[start : start + self.batch_size]
+            try:
+                values = np.asarray(self.detector.score(batch), np.float64).reshape(-1)
+                if values.shape != (len(batch),):
+                    raise ValueError(f"the detector returned {values.shape[0]} scores for {len(batch)} inputs")
+            except Exception:  # fail closed: log, count and flag the whole batch
+                log.exception("detector failed on a batch of %d inputs; flagging them", len(batch))
+                errors += len(batch)
+                continue
+            errors += int(np.isnan(values).sum())
+            scores[start : start + len(batch)] = values
+        return scores, errors
+
+    def predict(self, x: Any) -> GuardResult:
+        """Guarded predictions for a batch of images (float NHWC in the clip range)."""
+        x = self.check(x)
+        probabilities = labels = None
+        if self.classifier is not None:
+            logits = self.classifier.predict(x, batch_size=self.batch_size, verbose=0)
+            probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
+            labels = np.argmax(probabilities, axis=-1)
+        scores, errors = self._scores(x)
+        flagged = ~(scores <= self.detector.threshold)
+        rejected = flagged if self.policy == "reject" else np.zeros(len(x), bool)
+        with self._lock:
+            self.stats.inputs += len(x)
+            self.stats.flagged += int(flagged.sum())
+            self.stats.rejected += int(rejected.sum())
+            self.stats.detector_errors += errors
+        return GuardResult(probabilities=probabilities, labels=labels, scores=scores, flagged=flagged, rejected=rejected)
+
+    def config(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "name": self.name, "policy": self.policy,
+                "clip": list(self.clip), "batch_size": self.batch_size, "has_classifier": self.classifier is not None}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the guard directory atomically: guard.json, classifier.keras, detector/."""
+        with atomic_directory(directory) as temp:
+            if self.classifier is not None:
+                save_model(self.classifier, temp / CLASSIFIER_FILE)
+            self.detector.save(temp / DETECTOR_DIR)
+            atomic_write_json(temp / GUARD_FILE, self.config())
+        return Path(directory)
 
     @classmethod
-    def from_paths(cls, classifier: str | os.PathLike, detector: str | os.PathLike, **options) -> "Guard":
-        model = load_model(classifier)
-        return cls(model, load_detector(detector, classifier=model), **options)
+    def load(cls, directory: str | os.PathLike, **overrides: Any) -> Guard:
+        """Load a guard directory (models in Keras safe mode); `overrides` replace saved settings."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"guard directory not found: {directory}")
+        config = read_json(directory / GUARD_FILE, "guard config")
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"guard {directory} has format version {config.get('format_version')!r}; "
+                             f"this safetynet reads {FORMAT_VERSION}")
+        classifier_path = directory / CLASSIFIER_FILE
+        classifier = load_model(classifier_path) if classifier_path.exists() else None
+        if config.get("has_classifier") and classifier is None:
+            raise FileNotFoundError(f"guard {directory} lacks its classifier file {CLASSIFIER_FILE}")
+        detector = load_detector(directory / DETECTOR_DIR, classifier=classifier)
+        settings = {key: config[key] for key in ("name", "policy", "batch_size") if key in config}
+        if "clip" in config:
+            settings["clip"] = tuple(config["clip"])
+        return cls(classifier, detector, **(settings | overrides))
 
-    def predict(self, x: np.ndarray) -> GuardResult:
-        """Guarded predictions for a batch of images (float NHWC in the clip range)."""
-        x = check_images(x, self.clip)
-        check_model_input(self.classifier, x)
-        logits = self.classifier.predict(x, batch_size=self.batch_size, verbose=0)
-        probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
-        scores = self.detector.score(x)
-        return GuardResult(
-            probabilities=probabilities,
-            labels=np.argmax(probabilities, axis=-1),
-            scores=scores,
-            rejected=~(scores <= self.detector.threshold),
-        )
+    @classmethod
+    def from_paths(cls, classifier: str | os.PathLike | None, detector: str | os.PathLike, **options: Any) -> Guard:
+        """A guard from a saved classifier (or None) and a detector directory."""
+        model = None if classifier is None else load_model(classifier)
+        return cls(model, load_detector(detector, classifier=model), **options)

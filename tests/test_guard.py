@@ -41,7 +41,7 @@ class NaNForDarkImages(Detector):
         pass
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> "Detector":  # pragma: no cover
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> Detector:  # pragma: no cover
         return cls(**hyperparameters)
 
 
@@ -158,8 +158,8 @@ def _with_nan(x: np.ndarray) -> np.ndarray:
         (lambda x: x * 2.0, r"must lie in \[0.0, 1.0\]"),
         (lambda x: x - 0.5, r"must lie in \[0.0, 1.0\]"),
         (_with_nan, "NaN"),
-        (lambda x: np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))), "do not fit the model's input"),
-        (lambda x: np.repeat(x, 3, axis=-1), "do not fit the model's input"),
+        (lambda x: np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))), "do not fit the guard's input"),
+        (lambda x: np.repeat(x, 3, axis=-1), "do not fit the guard's input"),
         (lambda x: x[:0], "empty"),
     ],
     ids=["rank3", "rank2", "int", "above1", "below0", "nan", "size", "channels", "empty"],
@@ -197,3 +197,64 @@ def test_from_paths_missing_files(tmp_path, detector):
     detector_dir = detector.save(tmp_path / "detector")
     with pytest.raises(FileNotFoundError):
         Guard.from_paths(tmp_path / "missing.keras", detector_dir)
+
+
+class RaisesOnBrightBatches(NaNForDarkImages):
+    """Raises (a detector crash) on any batch holding a bright image; else the mean pixel value."""
+
+    kind = "raise-test"
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        means = np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
+        if (means > self.cutoff).any():
+            raise RuntimeError("detector crashed")
+        return means
+
+
+def test_detector_errors_flag_their_batch_and_are_counted(digits, digits_classifier):
+    means = digits.x_test.reshape(len(digits.x_test), -1).mean(axis=1)
+    cutoff = float(np.quantile(means, 0.95))
+    crashing = RaisesOnBrightBatches(cutoff)
+    crashing.calibrate(digits.x_test[means <= cutoff], 0.1)
+    x = digits.x_test[np.argsort(means)]  # the brightest images last: only the final batches crash
+    guard = Guard(digits_classifier, crashing, batch_size=32)
+    result = guard.predict(x)
+    bright = np.sort(means) > cutoff
+    crashed = np.repeat([bright[i : i + 32].any() for i in range(0, len(x), 32)], 32)[: len(x)]
+    assert 0 < crashed.sum() < len(x)
+    assert np.isnan(result.scores[crashed]).all() and result.rejected[crashed].all()
+    assert np.isfinite(result.scores[~crashed]).all()
+    assert guard.stats.detector_errors == crashed.sum()
+    assert guard.stats.inputs == len(x)
+    assert guard.stats.rejected == int(result.rejected.sum())
+
+
+def test_flag_policy_reports_but_never_rejects(digits_classifier, detector, digits):
+    x_adv = PGD(eps=EPS)(digits_classifier, digits.x_test[:64], digits.y_test[:64]).x_adv
+    flagging = Guard(digits_classifier, detector, policy="flag").predict(x_adv)
+    rejecting = Guard(digits_classifier, detector).predict(x_adv)
+    assert not flagging.rejected.any()
+    assert flagging.flagged.mean() > 0.9
+    np.testing.assert_array_equal(flagging.flagged, rejecting.rejected)
+    with pytest.raises(ValueError, match="unknown policy"):
+        Guard(digits_classifier, detector, policy="block")
+
+
+def test_guard_directory_round_trip(tmp_path, digits_classifier, detector, clean_result, digits):
+    Guard(digits_classifier, detector, policy="flag", name="digits", batch_size=16).save(tmp_path / "guard")
+    loaded = Guard.load(tmp_path / "guard")
+    assert (loaded.policy, loaded.name, loaded.batch_size) == ("flag", "digits", 16)
+    result = loaded.predict(digits.x_test)
+    np.testing.assert_array_equal(result.scores, clean_result.scores)
+    np.testing.assert_array_equal(result.flagged, clean_result.rejected)
+    assert Guard.load(tmp_path / "guard", policy="reject").policy == "reject"
+    with pytest.raises(FileNotFoundError, match="guard directory not found"):
+        Guard.load(tmp_path / "nowhere")
+
+
+def test_guard_without_classifier_scores_only(digits, detector):
+    guard = Guard(None, detector)
+    result = guard.predict(digits.x_test[:20])
+    assert result.probabilities is None and result.labels is None
+    np.testing.assert_array_equal(result.scores, detector.score(digits.x_test[:20]))
+    assert guard.input_shape == digits.x_test.shape[1:]
