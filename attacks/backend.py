@@ -139,7 +139,10 @@ def distribute(strategy: Any, run: Callable[..., tuple]) -> Callable[..., tuple]
             for c in chunks
         ]
         outputs = strategy.run(run, args=tuple(values))
-        return tuple(keras.ops.concatenate(strategy.experimental_local_results(o), axis=0) for o in outputs)
+        return tuple(
+            None if o is None else keras.ops.concatenate(strategy.experimental_local_results(o), axis=0)
+            for o in outputs
+        )
 
     return call
 

@@ -14,19 +14,38 @@ from tqdm.auto import tqdm
 from attacks.backend import Forward, compile_with_model, distribute
 
 
-@dataclasses.dataclass(frozen=True)
 class AttackResult:
-    """Adversarial images with a per-sample success flag and perturbation norms (all numpy)."""
+    """Adversarial images with a per-sample success flag and perturbation norms (all numpy).
 
-    x_adv: np.ndarray
-    success: np.ndarray
-    linf: np.ndarray
-    l2: np.ndarray
-    targets: np.ndarray | None = None
+    `success` may be given as a function that computes it: it then runs on first access (one batched
+    forward pass over `x_adv`), so callers that only need the images, such as adversarial training,
+    do not pay for it, and an attack's images come at the speed of its gradient steps alone.
+    """
+
+    def __init__(
+        self,
+        x_adv: np.ndarray,
+        success: np.ndarray | Callable[[], np.ndarray],
+        linf: np.ndarray,
+        l2: np.ndarray,
+        targets: np.ndarray | None = None,
+    ) -> None:
+        self.x_adv, self.linf, self.l2, self.targets = x_adv, linf, l2, targets
+        self._success = success
+
+    @property
+    def success(self) -> np.ndarray:
+        if callable(self._success):
+            self._success = np.asarray(self._success(), dtype=bool)
+        return self._success
 
     @property
     def success_rate(self) -> float:
         return float(self.success.mean()) if len(self.success) else 0.0
+
+    def __repr__(self) -> str:
+        judged = "pending" if callable(self._success) else f"{self.success_rate:.1%}"
+        return f"AttackResult(n={len(self.x_adv)}, success={judged})"
 
 
 def check_images(x: Any, clip: tuple[float, float]) -> np.ndarray:
@@ -86,6 +105,37 @@ def check_finite_nonnegative(name: str, value: float) -> float:
     return value
 
 
+def fooled(logits: Any, goal: Any, targeted: bool) -> Any:
+    """Per sample: the model predicts the target (targeted) or anything but the label (untargeted)."""
+    predicted = keras.ops.cast(keras.ops.argmax(logits, axis=-1), goal.dtype)
+    return predicted == goal if targeted else predicted != goal
+
+
+def _batched(
+    run: Callable[..., tuple], arrays: list[np.ndarray], size: int, *,
+    noise: Callable[[slice, tuple[int, ...]], np.ndarray] | None = None, bar: tqdm | None = None,
+) -> list[np.ndarray | None]:
+    """`run(*batch_arrays[, noise])` over fixed-size batches (the last padded with copies of its first
+    row, so nothing recompiles); each output concatenated with the padding dropped (None stays None)."""
+    n = len(arrays[0])
+    outputs: list[list[np.ndarray]] | None = None
+    for start in range(0, n, size):
+        batch = [a[start : start + size] for a in arrays]
+        count = len(batch[0])
+        if count < size:
+            batch = [np.concatenate([b, np.repeat(b[:1], size - count, axis=0)]) for b in batch]
+        if noise is not None:
+            batch.append(noise(slice(start, start + size), batch[0].shape))
+        values = run(*batch)
+        outputs = outputs or [[] for _ in values]
+        for out, value in zip(outputs, values, strict=True):
+            if value is not None:
+                out.append(keras.ops.convert_to_numpy(value)[:count])
+        if bar is not None:
+            bar.update(count)
+    return [np.concatenate(parts) if parts else None for parts in outputs]
+
+
 _compiled: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -110,7 +160,8 @@ class Attack(abc.ABC):
 
     @abc.abstractmethod
     def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool) -> tuple:
-        """One batch, in `keras.ops`: returns (x_adv, success, linf, l2) tensors."""
+        """One batch, in `keras.ops`: returns (x_adv, success, linf, l2) tensors; success may be
+        None when the attack does not know it, and is then judged from `x_adv` on demand."""
 
     def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
         """Random starts for one batch of `shape` (batch axis first); by default none (zeros)."""
@@ -120,14 +171,19 @@ class Attack(abc.ABC):
         """The random generator of one input: depends only on `seed`, the input's index and purpose."""
         return np.random.default_rng([self.seed, int(index), purpose])
 
-    def _compiled_batch(self, model: keras.Model, targeted: bool) -> Callable[..., tuple]:
+    def _compiled(self, model: keras.Model, what: str, targeted: bool, strategy: Any) -> Callable[..., tuple]:
+        """The compiled `_batch` ("batch") or success test ("judge") for `model`, built once."""
         per_model = _compiled.setdefault(model, {})
-        key = (self, targeted)
+        key = (self, what, targeted)
         if key not in per_model:
-            per_model[key] = compile_with_model(
-                model, lambda forward, x, y, noise: self._batch(forward, x, y, noise, targeted)
-            )
-        return per_model[key]
+            if what == "batch":
+                def fn(forward: Forward, x: Any, y: Any, noise: Any) -> tuple:
+                    return self._batch(forward, x, y, noise, targeted)
+            else:
+                def fn(forward: Forward, x: Any, y: Any) -> tuple:
+                    return (fooled(forward(x), y, targeted),)
+            per_model[key] = compile_with_model(model, fn)
+        return per_model[key] if strategy is None else distribute(strategy, per_model[key])
 
     def __call__(
         self,
@@ -166,29 +222,20 @@ class Attack(abc.ABC):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         size = min(batch_size, len(x))
-        run = self._compiled_batch(model, targeted)
         if strategy is not None:
             size = -(-size // strategy.num_replicas_in_sync) * strategy.num_replicas_in_sync
-            run = distribute(strategy, run)
-        outputs: list[list[np.ndarray]] = [[], [], [], []]
         own_bar = not isinstance(progress, tqdm)
         bar = tqdm(total=len(x), desc=self.name, unit="img", disable=not progress) if own_bar else progress
-        for start in range(0, len(x), size):
-            xb, gb = x[start : start + size], goal[start : start + size]
-            count = len(xb)
-            if count < size:  # pad with copies of the first rows; their results are dropped
-                xb = np.concatenate([xb, np.repeat(xb[:1], size - count, axis=0)])
-                gb = np.concatenate([gb, np.repeat(gb[:1], size - count)])
-            noise = self._batch_noise(xb.shape, index[start : start + size])
-            for out, value in zip(outputs, run(xb, gb, noise), strict=True):
-                out.append(keras.ops.convert_to_numpy(value)[:count])
-            bar.update(count)
+        x_adv, success, linf, l2 = _batched(
+            self._compiled(model, "batch", targeted, strategy), [x, goal], size,
+            noise=lambda rows, shape: self._batch_noise(shape, index[rows]), bar=bar,
+        )
         if own_bar:
             bar.close()
-        x_adv, success, linf, l2 = (np.concatenate(parts) for parts in outputs)
-        return AttackResult(
-            x_adv=x_adv, success=success.astype(bool), linf=linf, l2=l2, targets=goal if targeted else None
-        )
+        if success is None:  # judged on first access: one forward pass over the results
+            judge = self._compiled(model, "judge", targeted, strategy)
+            success = lambda: _batched(judge, [x_adv, goal], size)[0]
+        return AttackResult(x_adv, success, linf, l2, targets=goal if targeted else None)
 
     def _choose_targets(
         self, mode: str, model: keras.Model, x: np.ndarray, y: np.ndarray, index: np.ndarray,

@@ -14,7 +14,7 @@ import numpy as np
 from keras import ops
 
 from attacks.backend import Forward, repeat, value_and_grad
-from attacks.base import Attack, check_finite_nonnegative, check_integer
+from attacks.base import Attack, check_finite_nonnegative, check_integer, fooled
 from attacks.norms import check_norm, per_image, perturbation_norms, project, steepest_direction
 
 
@@ -78,14 +78,10 @@ class GradientSignAttack(Attack):
         return project(x0, x, eps=self.eps, norm=self.norm, clip=self.clip)
 
     def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool) -> tuple:
-        def fooled(logits: Any) -> Any:
-            predicted = ops.cast(ops.argmax(logits, axis=-1), y.dtype)
-            return predicted == y if targeted else predicted != y
-
         def loss_and_fooled(z: Any) -> tuple[Any, Any]:
             logits = forward(z)
             loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            return (-loss if targeted else loss), fooled(logits)
+            return (-loss if targeted else loss), fooled(logits, y, targeted)
 
         def step(i: Any, x_adv: Any, velocity: Any, active: Any) -> tuple[Any, Any, Any, Any]:
             _, now_fooled, grad = value_and_grad(loss_and_fooled, x_adv)
@@ -108,28 +104,29 @@ class GradientSignAttack(Attack):
                 return ops.while_loop(keep_going, step, state)[1]
             return repeat(step, state, self.steps)[1]
 
-        if self.restarts == 1:
+        if self.restarts == 1:  # success is judged from x_adv only if the caller asks for it
             x_adv = run_from(noise[:, 0])
-        else:
-            def restart(r: Any, best_x: Any, best_loss: Any, best_fooled: Any) -> tuple[Any, Any, Any, Any]:
-                candidate = run_from(ops.take(noise, r, axis=1))
-                loss, now_fooled = loss_and_fooled(candidate)
-                better = ops.logical_or(
-                    ops.logical_and(now_fooled, ops.logical_not(best_fooled)),
-                    ops.logical_and(ops.logical_not(ops.logical_or(now_fooled, best_fooled)), loss > best_loss),
-                )
-                return (
-                    r + 1, ops.where(per_image(better), candidate, best_x),
-                    ops.where(better, loss, best_loss), ops.logical_or(best_fooled, now_fooled),
-                )
+            return (x_adv, None, *perturbation_norms(x, x_adv))
 
-            def more_restarts(r: Any, best_x: Any, best_loss: Any, best_fooled: Any) -> Any:
-                return ops.logical_and(r < self.restarts, ops.logical_not(ops.all(best_fooled)))
+        def restart(r: Any, best_x: Any, best_loss: Any, best_fooled: Any) -> tuple[Any, Any, Any, Any]:
+            candidate = run_from(ops.take(noise, r, axis=1))
+            loss, now_fooled = loss_and_fooled(candidate)
+            better = ops.logical_or(
+                ops.logical_and(now_fooled, ops.logical_not(best_fooled)),
+                ops.logical_and(ops.logical_not(ops.logical_or(now_fooled, best_fooled)), loss > best_loss),
+            )
+            return (
+                r + 1, ops.where(per_image(better), candidate, best_x),
+                ops.where(better, loss, best_loss), ops.logical_or(best_fooled, now_fooled),
+            )
 
-            no_loss = ops.full((ops.shape(x)[0],), -float("inf"))
-            state = (ops.convert_to_tensor(0), x, no_loss, ops.zeros((ops.shape(x)[0],), dtype="bool"))
-            x_adv = ops.while_loop(more_restarts, restart, state)[1]
-        return (x_adv, fooled(forward(x_adv)), *perturbation_norms(x, x_adv))
+        def more_restarts(r: Any, best_x: Any, best_loss: Any, best_fooled: Any) -> Any:
+            return ops.logical_and(r < self.restarts, ops.logical_not(ops.all(best_fooled)))
+
+        no_loss = ops.full((ops.shape(x)[0],), -float("inf"))
+        state = (ops.convert_to_tensor(0), x, no_loss, ops.zeros((ops.shape(x)[0],), dtype="bool"))
+        _, x_adv, _, success = ops.while_loop(more_restarts, restart, state)
+        return (x_adv, success, *perturbation_norms(x, x_adv))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -74,11 +74,18 @@ def test_caller_arrays_are_not_modified_and_eps_zero_returns_the_input(linear_mo
         np.testing.assert_array_equal(attack(linear_model, x, y).x_adv, x)
 
 
-def test_success_flag_matches_the_model_prediction(linear_model, interior_batch):
+@pytest.mark.parametrize("attack", [FGSM(eps=0.2), PGD(eps=0.2, steps=10), PGD(eps=0.2, steps=3, restarts=3)])
+@pytest.mark.parametrize("targeted", [False, True])
+def test_success_flag_matches_the_model_prediction(linear_model, interior_batch, attack, targeted):
+    """Whether judged on first access (one start) or inside the restart loop, success is exactly
+    "the model now predicts something else" (untargeted) or "...the target" (targeted)."""
     x, y = interior_batch
-    result = PGD(eps=0.2, steps=10)(linear_model, x, y)
+    targets = (y + 1) % 4 if targeted else None
+    result = attack(linear_model, x, y, targets=targets, batch_size=16)
+    assert ("pending" in repr(result)) == (attack.restarts == 1)
     predicted = np.argmax(linear_model.predict(result.x_adv, verbose=0), axis=1)
-    np.testing.assert_array_equal(result.success, predicted != y)
+    np.testing.assert_array_equal(result.success, predicted == targets if targeted else predicted != y)
+    assert "pending" not in repr(result)
 
 
 def test_batching_and_padding_give_the_same_result_as_one_batch(linear_model):
