@@ -39,7 +39,7 @@ start = time.perf_counter()
 if mode == "bare":
     for lo in range(0, n, shard):
         x, y, index = source.read(lo, min(lo + shard, n))
-        attack(model, x, y, index=index, batch_size=batch)
+        attack(model, x, y, index=index, batch_size=batch).success  # datasets store the flags too
 else:
     out = os.path.join(work, f"ds-{n}")
     shutil.rmtree(out, ignore_errors=True)
