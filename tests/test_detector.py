@@ -27,6 +27,8 @@ from detector.base import FORMAT_VERSION, MANIFEST
 from detector.input_detector import MODEL_FILE
 from training.detector import fit_detector
 
+from doubles import NaNForDarkImages, SyntheticDetector
+
 EPS = 0.3
 
 
@@ -41,38 +43,12 @@ def _content_noise(image: np.ndarray) -> float:
     return float(np.random.default_rng(seed).standard_normal())
 
 
-class _SyntheticDetector(Detector):
-    kind = "synthetic-test"
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {}
-
-    def _save_files(self, directory: Path) -> None:  # pragma: no cover - not saved in these tests
-        pass
-
-    @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> "Detector":  # pragma: no cover
-        return cls()
-
-
-class MeanPixelDetector(_SyntheticDetector):
+class MeanPixelDetector(SyntheticDetector):
     """Mean pixel value plus content-seeded noise: continuous, deterministic, exchangeable."""
 
     def score(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
         return np.array([float(image.mean()) + 0.05 * _content_noise(image) for image in x])
-
-
-class NaNForDarkImages(_SyntheticDetector):
-    """Mean pixel value, but NaN (a detector failure) for images darker than `cutoff`."""
-
-    def __init__(self, cutoff: float) -> None:
-        super().__init__()
-        self.cutoff = cutoff
-
-    def score(self, x: np.ndarray) -> np.ndarray:
-        means = np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
-        return np.where(means < self.cutoff, np.nan, means)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,46 +3,21 @@ fingerprint checks, input validation and loading a guard from saved files."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from doubles import NaNForDarkImages
 from scipy.stats import binomtest
 
 from attacks import FGSM, PGD
 from attacks.models import save_model
 from attacks.storage import model_fingerprint
-from detector import Detector, InputDetector
+from detector import InputDetector
 from serving.guard import Guard, GuardResult
 
 EPS = 0.3
 TARGET_FPR = 0.05
 N_FIT = 1100  # training images used to fit the detector; the rest calibrate it
-
-
-class NaNForDarkImages(Detector):
-    """Mean pixel value, but NaN (a detector failure) for images darker than `cutoff`."""
-
-    kind = "nan-test"
-
-    def __init__(self, cutoff: float) -> None:
-        super().__init__()
-        self.cutoff = cutoff
-
-    def score(self, x: np.ndarray) -> np.ndarray:
-        means = np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
-        return np.where(means < self.cutoff, np.nan, means)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"cutoff": self.cutoff}
-
-    def _save_files(self, directory: Path) -> None:  # pragma: no cover
-        pass
-
-    @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> Detector:  # pragma: no cover
-        return cls(**hyperparameters)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,38 @@
+"""Test doubles shared by the detector and guard tests: detectors whose scores are fixed functions
+of the image, so every result can be checked exactly."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector import Detector
+
+
+class SyntheticDetector(Detector):
+    """A detector with no model files and no hyper-parameters (never saved in the tests)."""
+
+    kind = "synthetic-test"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+    def _save_files(self, directory: Path) -> None:  # pragma: no cover - not saved in these tests
+        pass
+
+    @classmethod
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any], **context: Any) -> Detector:  # pragma: no cover
+        return cls(**hyperparameters)
+
+
+class NaNForDarkImages(SyntheticDetector):
+    """Mean pixel value, but NaN (a detector failure) for images darker than `cutoff`."""
+
+    def __init__(self, cutoff: float) -> None:
+        super().__init__()
+        self.cutoff = cutoff
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        means = np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
+        return np.where(means < self.cutoff, np.nan, means)
