@@ -5,6 +5,11 @@ The source images of the datasets are split by their source index: a random `cal
 of them is kept out of training entirely. Their clean versions set the threshold and their
 adversarial versions measure detection before and after retraining, so no image the detector was
 trained on, in any version, is used to judge it.
+
+Adversarial-only datasets (`"adversarial_only": true` in the manifest: quarantine exports, see
+`serving.quarantine`) have no clean versions. They join the adversarial side only, next to at least
+one ordinary dataset that supplies the clean images; a random fraction of their records (by record
+index) is held out the same way, to measure detection on them.
 """
 from __future__ import annotations
 
@@ -19,16 +24,26 @@ from attacks.dataset import AdversarialDataset
 from detector import FAMILIES, Detector, EnsembleDetector, InputDetector
 
 
+def adversarial_only(data: AdversarialDataset) -> bool:
+    """Whether a dataset has no clean counterparts (its x_clean is meaningless)."""
+    return bool(data.manifest.get("adversarial_only", False))
+
+
 def _common_fingerprint(datasets: Sequence[AdversarialDataset]) -> str:
-    """The one classifier all datasets were made for; their source indices must also refer to the
-    same images (same data and split), or pairing clean and adversarial images by index is wrong."""
+    """The one classifier all datasets were made for; the source indices of those with clean images
+    must also refer to the same images (same data and split), or pairing clean and adversarial
+    images by index is wrong. Adversarial-only datasets need at least one such dataset beside them."""
     fingerprints = {d.manifest["classifier_fingerprint"] for d in datasets}
     if len(fingerprints) != 1:
         raise ValueError("the adversarial datasets were made for different classifiers; use one classifier's data")
-    sources = {(d.manifest["source"].get("data"), d.manifest["source"].get("split")) for d in datasets}
+    paired = [d for d in datasets if not adversarial_only(d)]
+    if not paired:
+        raise ValueError("adversarial-only datasets (quarantine exports) have no clean images: "
+                         "add a dataset of the original source (e.g. the detector's replay data)")
+    sources = {(d.manifest["source"].get("data"), d.manifest["source"].get("split")) for d in paired}
     if len(sources) != 1:
         raise ValueError(f"the adversarial datasets come from different source data or splits: {sorted(map(str, sources))}")
-    shapes = {d.x_clean.shape[1:] for d in datasets}
+    shapes = {d.x_adv.shape[1:] for d in datasets}
     if len(shapes) != 1:
         raise ValueError(f"the adversarial datasets hold images of different shapes: {sorted(shapes)}")
     return fingerprints.pop()
@@ -44,32 +59,47 @@ class Split:
     adversarial_held_out: list[np.ndarray]
 
 
+def _hold_out(ids: np.ndarray, fraction: float, rng: np.random.Generator, what: str) -> np.ndarray:
+    """A random `fraction` (at least one, never all) of `ids`."""
+    n_held_out = max(1, round(fraction * len(ids)))
+    if n_held_out >= len(ids):
+        raise ValueError(f"{len(ids)} {what} are too few to hold out {fraction:.0%}")
+    return rng.choice(ids, size=n_held_out, replace=False)
+
+
 def split_by_source(datasets: Sequence[AdversarialDataset], calibration_fraction: float, seed: int) -> Split:
-    """Hold out a random `calibration_fraction` of the source images (all their versions)."""
+    """Hold out a random `calibration_fraction` of the source images (all their versions), and the
+    same fraction of each adversarial-only dataset's records (by record index)."""
     if not 0.0 < calibration_fraction < 1.0:
         raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
     clean_by_index: dict[int, np.ndarray] = {}
     for data in datasets:
-        for position, source in enumerate(data.index):
-            clean_by_index.setdefault(int(source), data.x_clean[position])
+        if not adversarial_only(data):
+            for position, source in enumerate(data.index):
+                clean_by_index.setdefault(int(source), data.x_clean[position])
     sources = np.array(sorted(clean_by_index))
-    n_held_out = max(1, int(round(calibration_fraction * len(sources))))
-    if n_held_out >= len(sources):
-        raise ValueError(f"{len(sources)} source images are too few to hold out {calibration_fraction:.0%} for calibration")
-    held_out = np.random.default_rng(seed).choice(sources, size=n_held_out, replace=False)
+    rng = np.random.default_rng(seed)
+    held_out = _hold_out(sources, calibration_fraction, rng, "source images")
     is_held = np.isin(sources, held_out)
+    held = []
+    for data in datasets:
+        if adversarial_only(data):
+            what = f"records of {data.manifest['source'].get('data')}"
+            held.append(np.isin(data.index, _hold_out(np.unique(data.index), calibration_fraction, rng, what)))
+        else:
+            held.append(np.isin(data.index, held_out))
     return Split(
         x_clean_fit=np.stack([clean_by_index[s] for s in sources[~is_held]]),
         x_clean_held_out=np.stack([clean_by_index[s] for s in sources[is_held]]),
-        adversarial_fit=[d.x_adv[~np.isin(d.index, held_out)] for d in datasets],
-        adversarial_held_out=[d.x_adv[np.isin(d.index, held_out) & d.success] for d in datasets],
+        adversarial_fit=[d.x_adv[~h] for d, h in zip(datasets, held, strict=True)],
+        adversarial_held_out=[d.x_adv[h & d.success] for d, h in zip(datasets, held, strict=True)],
     )
 
 
 def _describe(datasets: Sequence[AdversarialDataset], paths: Sequence[str] | None) -> list[dict[str, Any]]:
     return [
         {"attack": d.manifest["attack"], "count": int(len(d.index)), "source": d.manifest.get("source", {}),
-         **({"path": str(paths[i])} if paths else {})}
+         **({"adversarial_only": True} if adversarial_only(d) else {}), **({"path": str(paths[i])} if paths else {})}
         for i, d in enumerate(datasets)
     ]
 
