@@ -57,6 +57,19 @@ def build_activation_detector(shapes: Sequence[tuple[int, ...]], names: Sequence
     return keras.Model(inputs, outputs, name="activation_detector")
 
 
+def trunk_model(classifier: keras.Model, names: Sequence[str]) -> keras.Model:
+    """Classifier input -> [logits, activations of the named layers]: outputs of one graph, so each
+    classifier layer runs once however many of them are read."""
+    if isinstance(classifier, keras.Sequential):
+        every = [layer.name for layer in classifier.layers]
+        chain = feature_extractor(classifier, every)  # the layers re-applied on a fresh input
+        by_name = dict(zip(every, keras.tree.flatten(chain.outputs)))
+        outputs = [by_name[every[-1]], *(by_name[n] for n in names)]
+        return keras.Model(chain.inputs, outputs, name=f"{classifier.name}_trunk")
+    outputs = [classifier.outputs[0], *(classifier.get_layer(n).output for n in names)]
+    return keras.Model(classifier.inputs, outputs, name=f"{classifier.name}_trunk")
+
+
 class ActivationDetector(Detector):
     """Binary network on the activations of chosen classifier layers; `score` is its logit.
 
@@ -147,6 +160,27 @@ class ActivationDetector(Detector):
         logits = np.concatenate([self.model.predict_on_batch([f[i:i + 256] for f in features])
                                  for i in range(0, len(features[0]), 256)])
         return logits[:, 0].astype(np.float64)
+
+    def scoring_model(self, classifier: keras.Model | None) -> keras.Model:
+        """ONE pass through the classifier: its logits and the tapped activations the detector head
+        reads come out of the same graph, so guarding costs only the head on top of classifying.
+
+        A `classifier` with other weights than the one this detector reads (a guard built with
+        `check_fingerprint=False`) runs beside that one instead, exactly as `score()` would."""
+        if self.model is None:
+            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+        inputs = keras.Input(image_shape(self.classifier), name="images")
+        outputs = {}
+        if classifier is None:
+            features = self.extractor(inputs)
+        else:
+            classifier = prepare_classifier(classifier)
+            if model_fingerprint(classifier) == model_fingerprint(self.classifier):
+                outputs["logits"], *features = trunk_model(self.classifier, self.layers)(inputs)
+            else:
+                outputs["logits"], features = classifier(inputs), self.extractor(inputs)
+        outputs["score"] = self.model(features)[:, 0]
+        return keras.Model(inputs, outputs, name="activations_scoring")
 
     def _save_files(self, directory: Path) -> None:
         if self.model is None:

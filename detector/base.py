@@ -50,6 +50,15 @@ class Detector(abc.ABC):
         """Rebuild the detector from its model files (families with `uses_classifier` receive
         `classifier=` in `context`)."""
 
+    def scoring_model(self, classifier: keras.Model | None) -> keras.Model | None:
+        """One Keras model from images to {"logits": the classifier's logits, "score": `score()`}
+        ("logits" left out when `classifier` is None), so that a guard runs one compiled graph per
+        batch and can export it as a single SavedModel.
+
+        None (this default) for families whose score is not a pure Keras graph: those with NumPy,
+        scikit-learn or OpenCV steps, or input gradients, outside the model."""
+        return None
+
     @property
     def threshold(self) -> float:
         if self.calibration is None:

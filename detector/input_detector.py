@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
+from attacks.models import logits_model
 from detector.base import Detector
 
 MODEL_FILE = "detector.keras"
@@ -143,6 +144,22 @@ class InputDetector(Detector):
             raise ValueError(f"images of shape {np.shape(x)[1:]} do not fit the detector's input {expected}")
         logits = self.model.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
         return logits[:, 0].astype(np.float64)
+
+    def scoring_model(self, classifier: keras.Model | None) -> keras.Model:
+        """The classifier and the detector CNN side by side on the same input (they share nothing
+        but the image, so this saves the second call, not the second network)."""
+        if self.model is None:
+            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+        shape = tuple(self.model.input_shape[1:])
+        inputs = keras.Input(shape, name="images")
+        outputs = {"score": self.model(inputs)[:, 0]}
+        if classifier is not None:
+            classifier = logits_model(classifier)
+            expected = tuple(classifier.input_shape[1:])
+            if len(expected) != len(shape) or any(e is not None and e != s for e, s in zip(expected, shape)):
+                raise ValueError(f"the classifier takes images of shape {expected}, the detector {shape}")
+            outputs = {"logits": classifier(inputs)} | outputs
+        return keras.Model(inputs, outputs, name="input_scoring")
 
     def _save_files(self, directory: Path) -> None:
         if self.model is None:
