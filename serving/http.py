@@ -20,7 +20,8 @@ With `upstream` (a TF Serving model URL such as http://host:8501/v1/models/x) on
 are sent on, in one `:predict` call, and its predictions (one class-score vector each) fill in
 "probabilities"; rejected inputs never leave this process. An unreachable or failing upstream
 answers 502 (504 on a timeout). Every error is JSON {"error": message, "request_id": id}; every
-answer carries an `X-Request-ID` header (the id quarantine records carry too).
+answer carries an `X-Request-ID` header (the id quarantine records carry too). Bodies and image
+files are parsed and decoded by `serving.inputs`, whose `InputError`s are answered with 400.
 """
 from __future__ import annotations
 
@@ -33,13 +34,11 @@ import hmac
 import logging
 import math
 import os
-import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import cv2
 import numpy as np
 
 try:
@@ -56,16 +55,14 @@ except ImportError as error:  # pragma: no cover
 
 from attacks.storage import model_fingerprint
 from serving.guard import Guard, GuardResult, GuardStats
+from serving.inputs import InputError, decode_image, parse_instances, quiet_decoder
 from serving.metrics import ServiceMetrics
 from serving.quarantine import Quarantine
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 MERGE_IMAGES = 256  # most inputs of concurrent requests merged into one guard call
-MAX_IMAGE_PIXELS = 40_000_000  # per uploaded image, read from its header before decoding (no pixel bombs)
 TOKEN_ENV = "SAFETYNET_TOKEN"
 MODEL_VERSION = "1"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_NOT_NUMBERS = {"b": "booleans", "U": "strings", "O": "values that are not numbers (null, objects or huge integers)"}
 
 log = logging.getLogger(__name__)
 
@@ -81,112 +78,6 @@ class ApiError(Exception):
 
 class _BodyTooLarge(Exception):
     pass
-
-
-def parse_instances(body: bytes, max_batch: int) -> np.ndarray:
-    """The instances of a `:predict` body as one float64 array, checked for form, batch size, rank
-    and element types (numbers only, one shape for all)."""
-    try:
-        payload = orjson.loads(body)  # strict JSON: refuses NaN and Infinity, which Python's json accepts
-    except orjson.JSONDecodeError as error:
-        hint = " (JSON has no NaN or Infinity)" if b"NaN" in body or b"Infinity" in body else ""
-        raise ApiError(400, f"the body is not valid JSON{hint}: {error}") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, 'the body must be a JSON object such as {"instances": [...]}')
-    unknown = set(payload) - {"instances", "inputs", "signature_name"}
-    if unknown:
-        raise ApiError(400, f'unknown keys {sorted(unknown)}: send {{"instances": [...]}}')
-    if ("instances" in payload) == ("inputs" in payload):
-        raise ApiError(400, 'the body needs exactly one of "instances" (a list of images) and "inputs"')
-    batch, names = payload.get("instances", payload.get("inputs")), [*payload, payload.get("signature_name")]
-    if "inputs" in payload and isinstance(batch, dict):
-        if len(batch) != 1:
-            raise ApiError(400, f'"inputs" names {len(batch)} inputs; this model has one')
-        names += list(batch)
-        (batch,) = batch.values()
-    if not isinstance(batch, list):
-        raise ApiError(400, "instances must be a list of images (HxWxC nested lists of numbers)")
-    if not batch:
-        raise ApiError(400, "empty batch: send at least one instance")
-    if len(batch) > max_batch:
-        raise ApiError(400, f"batch of {len(batch)} instances is over the limit of {max_batch}")
-    x = None
-    if _numbers_only(body, names):
-        with contextlib.suppress(ValueError, TypeError):  # ragged, or {} among the numbers
-            x = np.asarray(batch, np.float64)
-    if x is None:
-        x = _inferred_array(batch, body)
-    if x.ndim != 4:
-        raise ApiError(400, f"each instance must be an HxWxC array (rank 3), got instances of shape {x.shape[1:]}")
-    return x
-
-
-def _numbers_only(body: bytes, names: list) -> bool:
-    """Whether the body is nothing but numbers, brackets and its (quoted) key `names`: a C-speed scan
-    that lets the instances convert with a fixed dtype, ten times faster than numpy inferring one
-    (a fixed dtype would also turn "0.5" into 0.5 and true into 1.0, hence the scan)."""
-    for name in names:
-        if isinstance(name, str):
-            body = body.replace(orjson.dumps(name), b"", 1)
-    return not body.translate(None, b"0123456789.eE+-,[]{}: \t\r\n")
-
-
-def _inferred_array(batch: list, body: bytes) -> np.ndarray:
-    """The instances as an array of the dtype numpy infers, refused unless numeric (slow: for
-    bodies that are not plain numbers, to say what is wrong)."""
-    try:
-        x = np.asarray(batch)
-    except ValueError:  # numpy refuses ragged nested lists
-        raise ApiError(400, "instances are ragged: each must be an HxWxC nested list, all of one shape") from None
-    if x.dtype.kind not in "iuf":
-        raise ApiError(400, f"instances must hold numbers only, found {_NOT_NUMBERS.get(x.dtype.kind, x.dtype)}")
-    # numpy turns booleans among numbers into 0 and 1: look for them when the body has the tokens
-    if (b"true" in body or b"false" in body) and np.frompyfunc(lambda v: v is True or v is False, 1, 1)(
-        np.asarray(batch, dtype=object)
-    ).any():
-        raise ApiError(400, "instances must hold numbers only, found booleans")
-    return x.astype(np.float64, copy=False)
-
-
-def _image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a PNG or JPEG header, after checking the file has its end (a PNG its IEND
-    chunk, a JPEG an end marker after its first scan): truncated uploads never reach the decoder,
-    which may fill in grey or log a warning per request."""
-    if data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
-        if data.find(b"IEND", 33) < 0:
-            raise ApiError(400, "the PNG image is truncated (no IEND chunk)")
-        return struct.unpack(">II", data[16:24])
-    if not data.startswith(b"\xff\xd8"):
-        raise ApiError(400, "the upload is not a PNG or JPEG image")
-    size, position = None, 2
-    while position + 4 <= len(data) and data[position] == 0xFF:
-        marker, (length,) = data[position + 1], struct.unpack(">H", data[position + 2 : position + 4])
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and position + 9 <= len(data):
-            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
-            size = (width, height)
-        if marker == 0xDA:  # start of scan: entropy-coded data follows
-            if size is not None and data.find(b"\xff\xd9", position) >= 0:
-                return size
-            break
-        position += 2 + length
-    raise ApiError(400, "the JPEG image is truncated or corrupt")
-
-
-def decode_image(data: bytes, shape: tuple[int, int, int], clip: tuple[float, float]) -> np.ndarray:
-    """A PNG or JPEG as an HxWxC float32 image in `clip`: RGB (or grey for one channel), resized with
-    INTER_AREA to the guard's input size."""
-    width, height = _image_size(data)
-    if not 0 < width * height <= MAX_IMAGE_PIXELS:
-        raise ApiError(400, f"the image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} are accepted")
-    rows, columns, channels = shape
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
-    if image is None:
-        raise ApiError(400, "the image could not be decoded (corrupt or truncated)")
-    if channels == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    image = cv2.resize(image, (columns, rows), interpolation=cv2.INTER_AREA).reshape(shape)
-    low, high = clip
-    return np.clip(low + image.astype(np.float32) / 255.0 * (high - low), low, high)
 
 
 def _checked(guard: Guard, x: np.ndarray) -> np.ndarray:
@@ -412,8 +303,14 @@ def create_app(
 
     @app.exception_handler(ApiError)
     @app.exception_handler(HTTPException)
+    @app.exception_handler(InputError)
     async def refuse(request: Request, error: Exception) -> JSONResponse:
-        status, message = (error.status, error.message) if isinstance(error, ApiError) else (error.status_code, error.detail)
+        if isinstance(error, ApiError):
+            status, message = error.status, error.message
+        elif isinstance(error, InputError):
+            status, message = 400, str(error)
+        else:
+            status, message = error.status_code, error.detail
         return JSONResponse({"error": message, "request_id": request.state.request_id}, status)
 
     def check_name(name: str) -> None:
@@ -545,7 +442,7 @@ def serve(
         app = create_app(guard, upstream=upstream, token=token, quarantine=store, max_batch=max_batch,
                          max_body_bytes=int(max_body_mb * 2**20))
         _warm_up(guard)
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # no warning line per corrupt upload
+        quiet_decoder()
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         if store is not None:
