@@ -349,7 +349,8 @@ def create_app(
         metrics.observe_result(result)
         if quarantine is not None:
             try:
-                quarantine.record(x, result.scores, result.rejected, request_id=request_id, model=guard.name,
+                # flagged, not rejected: under --policy flag the quarantine still collects the suspects
+                quarantine.record(x, result.scores, result.flagged, request_id=request_id, model=guard.name,
                                   classifier_fingerprint=fingerprint)
             except Exception:  # the quarantine is for review later: never fail the answer over it
                 log.exception("request %s: the quarantine refused the batch", request_id)
@@ -367,7 +368,9 @@ def create_app(
     @app.post("/v1/models/{name}:predict")
     async def predict(name: str, request: Request) -> Response:
         check_name(name)
-        if _media_type(request) not in ("", "application/json"):
+        # TF Serving reads the body as JSON whatever its declared type; so does this, for the two types
+        # clients send by default (curl -d: form-urlencoded), and refuses the rest
+        if _media_type(request) not in ("", "application/json", "application/x-www-form-urlencoded"):
             raise ApiError(415, f"content type {_media_type(request)!r} is not supported: send application/json")
         body = await request.body()
         return await respond(request, await anyio.to_thread.run_sync(_parse_predict, guard, body, max_batch))

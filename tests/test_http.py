@@ -156,12 +156,15 @@ def test_concurrent_requests_are_merged_into_one_guard_call_and_split_back(guard
                 np.testing.assert_allclose(p["probabilities"], probabilities, atol=1e-6)
 
 
-def test_flag_policy_answers_flagged_inputs(digits_classifier, detector, pgd):
+def test_flag_policy_answers_flagged_inputs_and_quarantines_them(digits_classifier, detector, pgd, tmp_path):
     flagging = Guard(digits_classifier, detector, name=NAME, policy="flag")
-    with running(create_app(flagging)) as url:
+    with Quarantine(tmp_path / "q") as store, running(create_app(flagging, quarantine=store)) as url:
         predictions = httpx.post(f"{url}{PREDICT}", json={"instances": pgd[:16].tolist()}).json()["predictions"]
+        store.flush(timeout=10)
+        stored = store.count()
     assert any(p["flagged"] for p in predictions) and not any(p["rejected"] for p in predictions)
     assert all(p["probabilities"] is not None and p["label"] is not None for p in predictions)
+    assert stored["rejected"] == sum(p["flagged"] for p in predictions)
 
 
 def test_tf_serving_columnar_inputs_and_bare_bodies_give_the_same_answer(client, digits):
@@ -171,8 +174,10 @@ def test_tf_serving_columnar_inputs_and_bare_bodies_give_the_same_answer(client,
         client.post(PREDICT, json={"inputs": x}),
         client.post(PREDICT, json={"inputs": {"image": x}, "signature_name": "serving_default"}),
         client.post(PREDICT, content=json.dumps({"instances": x}).encode()),  # no content type, as `requests` sends
+        client.post(PREDICT, content=json.dumps({"instances": x}).encode(),  # as `curl -d` sends
+                    headers={"content-type": "application/x-www-form-urlencoded"}),
     ]
-    assert [a.status_code for a in answers] == [200] * 4
+    assert [a.status_code for a in answers] == [200] * 5
     assert all(a.json() == answers[0].json() for a in answers)
 
 
