@@ -33,6 +33,15 @@ def _part(text: str) -> tuple[int, int]:
     return part
 
 
+def _fraction(text: str) -> float:
+    """A number or a fraction such as 8/255."""
+    numerator, slash, denominator = text.partition("/")
+    try:
+        return float(numerator) / float(denominator) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safetynet", description="Detect adversarial examples in front of Keras classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,11 +58,23 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--family", default="input", choices=FAMILIES, help="detector family (default input)")
     quick.add_argument("--seed", type=int, default=0)
 
-    train = commands.add_parser("train-classifier", help="train the reference CNN and save it as .keras")
+    train = commands.add_parser("train-classifier", help="train the reference CNN (optionally adversarially) and save it as .keras")
     _add_data(train)
     train.add_argument("--out", required=True, help="output .keras file")
     train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--adversarial", metavar="SPEC",
+                       help="adversarial training against this attack, made on the fly: pgd:eps=0.3,steps=40 (Madry), "
+                       "fgsm_rs:eps=0.3 (fast, Wong et al.), bim, fgsm, mifgsm")
+    train.add_argument("--adversarial-data", nargs="+", metavar="DIR",
+                       help="train on these stored adversarial datasets (from `attack`, with true labels) mixed with clean data")
+    train.add_argument("--mix", type=float, help="adversarial fraction of each batch (default 1 with --adversarial, 0.5 with --adversarial-data)")
+    train.add_argument("--eps-warmup", type=float, default=0.0, metavar="EPOCHS", help="ramp eps up linearly over this many epochs")
+    train.add_argument("--trades", type=float, metavar="BETA", help="TRADES loss with this beta (with --adversarial)")
+    train.add_argument("--robust-n", type=int,
+                       help="test images for the robust accuracy report (PGD-40 x 5, CW-L2 on 100); default 1000 "
+                       "when training adversarially, else none")
 
     attack = commands.add_parser("attack", help="write an adversarial dataset for a saved classifier")
     attack.add_argument("--model", required=True, help=".keras or .h5 classifier")
@@ -110,7 +131,73 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--attacks", nargs="*", help="attack specs (default: those the detector was trained on)")
     evaluate.add_argument("--n", type=int, help="test images to use (default all)")
     evaluate.add_argument("--batch-size", type=int, default=256)
-    evaluate.add_argument("--out", required=True, help="output folder for report.json")
+    evaluate.add_argument("--targets", choices=("random", "least_likely"), help="run the attacks targeted")
+    evaluate.add_argument("--eps-sweep", nargs="+", type=_fraction, metavar="EPS",
+                          help="run every attack that has an eps at each of these values, e.g. 0.1 0.2 0.3 or 4/255 8/255")
+    evaluate.add_argument("--no-adaptive", action="store_true", help="skip the adaptive attacks (which know the detector)")
+    evaluate.add_argument("--adaptive-steps", type=int, default=40, help="adaptive PGD steps per lambda (default 40)")
+    evaluate.add_argument("--lambdas", nargs="+", type=float, default=[0.1, 1.0, 10.0],
+                          help="weights of the detector term swept by the adaptive attack (default 0.1 1 10)")
+    evaluate.add_argument("--adaptive-n", type=int, default=1000,
+                          help="run the adaptive attacks on the first N test images (default 1000)")
+    evaluate.add_argument("--adaptive-loss", choices=("margin", "ce"), default="margin",
+                          help="classifier term of the adaptive attack: C&W logit margin (default) or cross-entropy")
+    evaluate.add_argument("--cross-attack", action="store_true",
+                          help="also train an input detector per attack for the cross-attack matrix (slow)")
+    evaluate.add_argument("--cross-attack-n", type=int, default=2000, help="training images per cross-attack detector")
+    evaluate.add_argument("--cross-attack-epochs", type=int, default=3)
+    evaluate.add_argument("--html", action="store_true", help="also write report.html (tables and figures in one file)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", required=True, help="output folder for report.json, report.md and plots/")
+
+    quarantine = commands.add_parser("quarantine", help="inspect a guard's quarantine store and export it for retraining")
+    quarantine_commands = quarantine.add_subparsers(dest="quarantine_command", required=True)
+    quarantine_info = quarantine_commands.add_parser("info", help="print a quarantine store's summary")
+    quarantine_info.add_argument("--store", required=True, help="quarantine directory (serve --quarantine)")
+    quarantine_export = quarantine_commands.add_parser(
+        "export", help="write quarantined inputs as an adversarial-only dataset (for retrain --adversarial)")
+    quarantine_export.add_argument("--store", required=True, help="quarantine directory (serve --quarantine)")
+    quarantine_export.add_argument("--out", required=True, help="new dataset directory")
+    quarantine_export.add_argument("--include", choices=("rejected", "all"), default="rejected",
+                                   help="rejected inputs only (default), or sampled accepted ones too")
+    quarantine_export.add_argument("--since", metavar="ISO", help="only records from this UTC time on, e.g. 2024-05-01T00:00:00Z")
+    quarantine_export.add_argument("--model", help="only records of this guard name")
+
+    serve = commands.add_parser("serve", help="serve a guard over HTTP (TF-Serving-style REST, metrics, quarantine)")
+    serve.add_argument("--guard", required=True, metavar="DIR", help="guard directory (Guard.save)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8501)
+    serve.add_argument("--upstream", metavar="URL", help="forward accepted inputs to this TF Serving model URL, e.g. http://host:8501/v1/models/x")
+    serve.add_argument("--token", help="require Authorization: Bearer TOKEN (default: $SAFETYNET_TOKEN; none if unset)")
+    serve.add_argument("--quarantine", metavar="DIR", help="store rejected inputs in this quarantine directory")
+    serve.add_argument("--sample-accepted", type=float, default=0.0, metavar="F", help="fraction of accepted inputs to quarantine too")
+    serve.add_argument("--max-batch", type=int, default=64, metavar="N", help="most instances per request (default 64)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0, metavar="M", help="largest request body in MiB (default 32)")
+    serve.add_argument("--policy", choices=("reject", "flag"), help="override the guard's saved policy")
+
+    guard = commands.add_parser("guard", help="write a guard directory (classifier + detector + policy) for serve, export and demo")
+    guard.add_argument("--model", help=".keras or .h5 classifier (leave out for a detector that does not read it, "
+                       "in front of a remote classifier: serve --upstream)")
+    guard.add_argument("--detector", required=True, help="detector directory (train-detector or retrain)")
+    guard.add_argument("--out", required=True, help="new guard directory (replaced whole if it exists)")
+    guard.add_argument("--name", default="safetynet", help="model name in the REST paths (default %(default)s)")
+    guard.add_argument("--policy", choices=("reject", "flag"), default="reject", help="reject flagged inputs, or only flag them")
+
+    export = commands.add_parser("export", help="write a guard as one TensorFlow SavedModel (input and activations detectors)")
+    export.add_argument("--guard", required=True, help="guard directory (Guard.save)")
+    export.add_argument("--out", required=True, help="output SavedModel directory (replaced whole if it exists)")
+
+    demo = commands.add_parser("demo", help="interactive epsilon demo in the browser (needs the demo extra)")
+    demo_source = demo.add_mutually_exclusive_group()
+    demo_source.add_argument("--guard", help="guard directory (Guard.save): its classifier and detector")
+    demo_source.add_argument("--model", help=".keras or .h5 classifier taking [0, 1] images "
+                             "(default: ImageNet MobileNet 0.75 from the Keras cache, $KERAS_HOME/models)")
+    demo_source.add_argument("--save-model", metavar="PATH",
+                             help="write the default classifier as a .keras file (for `attack --model`) and exit")
+    demo.add_argument("--detector", help="detector directory to put in front of --model or the default classifier")
+    demo.add_argument("--examples", default="../shared/data/photos", help="folder of example images (default %(default)s)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     return parser
 
 
@@ -124,7 +211,11 @@ def _run(args: argparse.Namespace) -> int:
             target_fpr=args.target_fpr, family=args.family, seed=args.seed,
         )
     elif args.command == "train-classifier":
-        workflow.train_classifier_stage(args.data, args.out, epochs=args.epochs, seed=args.seed)
+        workflow.train_classifier_stage(
+            args.data, args.out, epochs=args.epochs, seed=args.seed, adversarial=args.adversarial,
+            adversarial_data=args.adversarial_data or (), mix=args.mix, eps_warmup=args.eps_warmup,
+            trades_beta=args.trades, batch_size=args.batch_size, robust_n=args.robust_n,
+        )
     elif args.command == "attack":
         workflow.attack_stage(
             args.model, args.data, args.attack, args.out, split=args.split, n=args.n, batch_size=args.batch_size,
@@ -145,10 +236,50 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "retrain":
         workflow.retrain_stage(args.detector, args.adversarial, replay=args.replay, out=args.out, epochs=args.epochs, seed=args.seed)
     elif args.command == "evaluate":
+        from detector.adaptive_evaluation import AdaptiveSettings
+
         workflow.evaluate_stage(
             args.model, args.detector, args.data, args.out,
-            attacks=args.attacks, n=args.n, batch_size=args.batch_size,
+            attacks=args.attacks, n=args.n, batch_size=args.batch_size, targets=args.targets, eps_sweep=args.eps_sweep,
+            adaptive=None if args.no_adaptive else AdaptiveSettings(
+                steps=args.adaptive_steps, lambdas=tuple(args.lambdas), loss=args.adaptive_loss, max_inputs=args.adaptive_n),
+            cross_attack=args.cross_attack, cross_attack_n=args.cross_attack_n,
+            cross_attack_epochs=args.cross_attack_epochs, html=args.html, seed=args.seed, command=sys.argv,
         )
+    elif args.command == "quarantine":
+        from serving import quarantine
+
+        if args.quarantine_command == "info":
+            print("\n".join(quarantine.describe_quarantine(args.store)))
+        else:
+            quarantine.export_quarantine(args.store, args.out, include=args.include, since=args.since, model=args.model)
+            workflow.dataset_info(args.out)
+    elif args.command == "serve":
+        from serving.http import serve
+
+        serve(
+            args.guard, host=args.host, port=args.port, upstream=args.upstream, token=args.token,
+            quarantine_dir=args.quarantine, sample_accepted=args.sample_accepted, max_batch=args.max_batch,
+            max_body_mb=args.max_body_mb, policy=args.policy,
+        )
+    elif args.command == "guard":
+        from serving.guard import Guard
+
+        out = Guard.from_paths(args.model, args.detector, name=args.name, policy=args.policy).save(args.out)
+        print(f"guard {args.name!r} ({args.policy}) written to {out}")
+    elif args.command == "export":
+        from serving.export import export_guard_directory
+
+        print(f"exported {export_guard_directory(args.guard, args.out)} (signature serving_default)")
+    elif args.command == "demo" and args.save_model:
+        from serving.demo_engine import save_default_model
+
+        print(f"saved {save_default_model(args.save_model)} (ImageNet MobileNet taking [0, 1] RGB images)")
+    elif args.command == "demo":
+        from serving.demo import run_demo
+
+        run_demo(guard=args.guard, model=args.model, detector=args.detector, examples=args.examples,
+                 host=args.host, port=args.port)
     return 0
 
 

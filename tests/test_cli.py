@@ -176,8 +176,14 @@ def test_every_family_trains_evaluates_and_guards_through_the_cli(family, quicks
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["detector"]["kind"] == family
     assert report["attacks"]["pgd"]["auroc"] > (0.6 if family == "squeeze" else 0.9)
-    guard = Guard.from_paths(model, out)
+    assert main(["guard", "--model", model, "--detector", str(out), "--out", str(tmp_path / "guard"),
+                 "--name", "digits", "--policy", "flag"]) == 0
+    guard = Guard.load(tmp_path / "guard")
+    assert (guard.name, guard.policy, guard.detector.kind) == ("digits", "flag", family)
     assert guard.predict(np.zeros((2, 8, 8, 1), np.float32)).rejected.shape == (2,)
+    # without --model: refused (one line, exit 2) for the families that read the classifier
+    expected = 2 if guard.detector.uses_classifier else 0
+    assert main(["guard", "--detector", str(out), "--out", str(tmp_path / "remote")]) == expected
 
 
 def test_families_that_read_the_classifier_need_it(quickstart_dir, tmp_path, capsys):
