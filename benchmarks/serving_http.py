@@ -8,6 +8,7 @@ client's CPU does not eat into the server's.
 
     python benchmarks/serving_http.py                                  # digits guard (8x8x1), built here
     python benchmarks/serving_http.py --data ../shared/data/cifar10    # CIFAR-size guard (32x32x3)
+    python benchmarks/serving_http.py --data ../shared/data/cifar10 --body npy   # binary .npy bodies
     python benchmarks/serving_http.py --guard runs/guard --data digits # an existing guard directory
 
 throughput: batches of `--batch` from `--clients` clients for `--seconds-throughput` s; the ratio is
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import os
 import socket
@@ -117,11 +119,11 @@ class RawSession:
     """One keep-alive socket sending a prepared HTTP/1.1 request: a client that costs next to no CPU,
     so that on a small machine the throughput measured is the server's, not httpx's."""
 
-    def __init__(self, port: int, path: str, body: bytes) -> None:
+    def __init__(self, port: int, path: str, body: bytes, content_type: str = "application/json") -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = self.sock.makefile("rb")
-        self.request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        self.request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
                         f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
     def __call__(self) -> int:
@@ -221,6 +223,8 @@ def main() -> None:
     parser.add_argument("--seconds-load", type=float, default=60)
     parser.add_argument("--warmup", type=float, default=10, help="seconds of the load mix before the first RSS reading")
     parser.add_argument("--port", type=int, default=18501)
+    parser.add_argument("--body", choices=("json", "npy"), default="json",
+                        help="throughput requests as JSON instances (default) or one application/x-npy array")
     args = parser.parse_args()
 
     data = load_dataset(args.data)
@@ -252,16 +256,21 @@ def main() -> None:
     report["max_body_mb"] = max_body_mb
     process = start_server(guard_dir, args.port, max_body_mb, work / "server.log")
     try:
-        body = predict(batch)["content"]
+        if args.body == "npy":
+            buffer = io.BytesIO()
+            np.save(buffer, batch.astype(np.float32))
+            body, content_type = buffer.getvalue(), "application/x-npy"
+        else:
+            body, content_type = predict(batch)["content"], "application/json"
         path = "/v1/models/bench:predict"
-        drive([RawSession(args.port, path, body) for _ in range(args.clients)], 2)  # warm-up
+        drive([RawSession(args.port, path, body, content_type) for _ in range(args.clients)], 2)  # warm-up
         cpu = cpu_seconds(process.pid)
-        latencies, codes, errors = drive([RawSession(args.port, path, body) for _ in range(args.clients)],
+        latencies, codes, errors = drive([RawSession(args.port, path, body, content_type) for _ in range(args.clients)],
                                          args.seconds_throughput)
         server_cpu = (cpu_seconds(process.pid) - cpu) / max(1, sum(codes.values()))
         http = len(latencies) * args.batch / args.seconds_throughput
         report["throughput"] = {
-            "clients": args.clients, "seconds": args.seconds_throughput,
+            "clients": args.clients, "seconds": args.seconds_throughput, "body": args.body,
             "in_process_images_per_s": round(in_process, 1), "in_process": percentiles(calls),
             "http_images_per_s": round(http, 1), "http": percentiles(latencies),
             "ratio": round(http / in_process, 3), "codes": dict(codes), "transport_errors": errors,

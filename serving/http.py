@@ -1,7 +1,8 @@
 """The HTTP service: a TF-Serving-compatible REST API in front of a Guard (`safetynet serve`).
 
     POST /v1/models/<name>:predict    {"instances": [HxWxC nested lists]}, or TF Serving's columnar
-                                      {"inputs": [...]} / {"inputs": {"<input name>": [...]}}
+                                      {"inputs": [...]} / {"inputs": {"<input name>": [...]}}; or, as
+                                      application/x-npy, one .npy NHWC float array (no JSON to parse)
     POST /v1/models/<name>:classify   image files (multipart/form-data, any field names) or one raw
                                       image/jpeg or image/png body, decoded and resized to the guard's input
     GET  /v1/models/<name>            TF Serving model status
@@ -55,13 +56,14 @@ except ImportError as error:  # pragma: no cover
 
 from attacks.storage import model_fingerprint
 from serving.guard import Guard, GuardResult, GuardStats
-from serving.inputs import InputError, decode_image, parse_instances, quiet_decoder
+from serving.inputs import InputError, decode_image, parse_instances, parse_npy, quiet_decoder
 from serving.metrics import ServiceMetrics
 from serving.quarantine import Quarantine
 
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 MERGE_IMAGES = 256  # most inputs of concurrent requests merged into one guard call
 TOKEN_ENV = "SAFETYNET_TOKEN"
+NPY = "application/x-npy"  # a binary :predict body: one .npy array (no JSON numbers to parse)
 MODEL_VERSION = "1"
 
 log = logging.getLogger(__name__)
@@ -88,9 +90,10 @@ def _checked(guard: Guard, x: np.ndarray) -> np.ndarray:
         raise ApiError(400, str(error)) from None
 
 
-def _parse_predict(guard: Guard, body: bytes, max_batch: int) -> np.ndarray:
-    """A `:predict` body as checked images (run in a worker thread: parsing is the costly part)."""
-    return _checked(guard, parse_instances(body, max_batch))
+def _parse_predict(guard: Guard, body: bytes, max_batch: int, npy: bool) -> np.ndarray:
+    """A `:predict` body (JSON, or one .npy array) as checked images (run in a worker thread:
+    parsing is the costly part)."""
+    return _checked(guard, (parse_npy if npy else parse_instances)(body, max_batch))
 
 
 class _Batcher:
@@ -370,10 +373,12 @@ def create_app(
         check_name(name)
         # TF Serving reads the body as JSON whatever its declared type; so does this, for the two types
         # clients send by default (curl -d: form-urlencoded), and refuses the rest
-        if _media_type(request) not in ("", "application/json", "application/x-www-form-urlencoded"):
-            raise ApiError(415, f"content type {_media_type(request)!r} is not supported: send application/json")
+        media_type = _media_type(request)
+        if media_type not in ("", "application/json", "application/x-www-form-urlencoded", NPY):
+            raise ApiError(415, f"content type {media_type!r} is not supported: send application/json or {NPY}")
         body = await request.body()
-        return await respond(request, await anyio.to_thread.run_sync(_parse_predict, guard, body, max_batch))
+        x = await anyio.to_thread.run_sync(_parse_predict, guard, body, max_batch, media_type == NPY)
+        return await respond(request, x)
 
     @app.post("/v1/models/{name}:classify")
     async def classify(name: str, request: Request) -> Response:

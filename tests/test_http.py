@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import io
 import json
 import os
 import socket
@@ -177,7 +178,10 @@ def test_tf_serving_columnar_inputs_and_bare_bodies_give_the_same_answer(client,
         client.post(PREDICT, content=json.dumps({"instances": x}).encode(),  # as `curl -d` sends
                     headers={"content-type": "application/x-www-form-urlencoded"}),
     ]
-    assert [a.status_code for a in answers] == [200] * 5
+    npy = io.BytesIO()
+    np.save(npy, np.asarray(x, np.float32))
+    answers.append(client.post(PREDICT, content=npy.getvalue(), headers={"content-type": "application/x-npy"}))
+    assert [a.status_code for a in answers] == [200] * 6
     assert all(a.json() == answers[0].json() for a in answers)
 
 
@@ -189,6 +193,15 @@ def test_clean_inputs_are_mostly_accepted_and_pgd_mostly_rejected(client, digits
 
     assert rejection_rate(digits.x_test) < 0.15
     assert rejection_rate(pgd) > 0.9
+
+
+NPY = {"content-type": "application/x-npy"}
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)  # the object array pickles: the server must refuse it
+    return buffer.getvalue()
 
 
 def _instance(shape=(8, 8, 1), value=0.5) -> list:
@@ -238,6 +251,12 @@ BAD_PREDICTS = [
     pytest.param(json.dumps({"instances": [_instance()]}).encode(), {"content-type": "text/plain"}, 415,
                  "application/json", id="wrong-content-type"),
     pytest.param(b"x" * (MAX_BODY + 1), JSON, 413, "over the limit", id="body-over-limit"),
+    pytest.param(b"\x93NUMPY garbage", NPY, 400, "not a .npy array", id="npy-garbage"),
+    pytest.param(_npy(np.zeros((2, 8, 8, 1), np.int64)), NPY, 400, "floating point", id="npy-int"),
+    pytest.param(_npy(np.zeros((8, 8, 1), np.float32)), NPY, 400, "rank 4", id="npy-rank3"),
+    pytest.param(_npy(np.array([{"a": 1}], dtype=object)), NPY, 400, "not a .npy array", id="npy-pickle"),
+    pytest.param(_npy(np.full((1, 8, 8, 1), np.nan, np.float32)), NPY, 400, "NaN", id="npy-nan"),
+    pytest.param(_npy(np.zeros((0, 8, 8, 1), np.float32)), NPY, 400, "empty", id="npy-empty"),
 ]
 
 
