@@ -1,11 +1,20 @@
-"""Reference classifiers: build and train a small CNN (logits out) for any loaded dataset.
+"""Reference classifiers: build and train a small CNN (logits out) for any loaded dataset, in the
+standard way, adversarially (`training.adversarial`), or mixed with stored adversarial datasets.
 
 Loading and saving existing models lives in `attacks.models`, beside the logits contract.
 """
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Sequence
+
 import keras
 import numpy as np
+
+from attacks import GradientSignAttack
+from attacks.base import check_images, check_labels, check_model_input
+from training.adversarial import AdversarialTraining, mixed_batches
 
 
 def build_reference_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
@@ -25,6 +34,26 @@ def build_reference_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras
     return keras.Model(inputs, outputs, name="reference_cnn")
 
 
+def compile_classifier(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
+    """Adam on sparse cross-entropy from logits, reporting accuracy: every classifier trains so."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def _checked_model(model: keras.Model | None, x: np.ndarray, y: np.ndarray, num_classes: int, clip: tuple[float, float]) -> keras.Model:
+    """The model to train (the reference CNN when None) after checking images, labels and its input."""
+    x = check_images(x, clip)
+    model = build_reference_cnn(x.shape[1:], num_classes) if model is None else model
+    if not model.trainable_weights:
+        raise ValueError(f"model {model.name!r} has no trainable weights: nothing to train")
+    check_labels(y, len(x), check_model_input(model, x))
+    return model
+
+
 def train_classifier(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -39,12 +68,7 @@ def train_classifier(
 ) -> keras.Model:
     """Train the reference CNN with `model.fit`, keeping the weights of the best validation epoch."""
     keras.utils.set_random_seed(seed)
-    model = build_reference_cnn(x_train.shape[1:], num_classes)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    model = compile_classifier(build_reference_cnn(x_train.shape[1:], num_classes), learning_rate)
     model.fit(
         x_train,
         y_train,
@@ -54,6 +78,62 @@ def train_classifier(
         callbacks=[keras.callbacks.EarlyStopping(patience=2, restore_best_weights=True)],
         verbose=verbose,
     )
+    return model
+
+
+def train_adversarial(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    num_classes: int,
+    attack: GradientSignAttack,
+    *,
+    model: keras.Model | None = None,
+    epochs: int = 10,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    mix: float = 1.0,
+    warmup_epochs: float = 0.0,
+    trades_beta: float | None = None,
+    seed: int = 0,
+    verbose: int | str = 2,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> keras.Model:
+    """Adversarial training (`training.adversarial.AdversarialTraining`) of `model` (default: a new
+    reference CNN) with `model.fit`; eps ramps up over the first `warmup_epochs`. No validation
+    split or early stopping: clean validation loss says nothing about robustness."""
+    if not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
+        raise ValueError(f"warmup_epochs must be a finite number >= 0, got {warmup_epochs}")
+    keras.utils.set_random_seed(seed)
+    model = _checked_model(model, x_train, y_train, num_classes, attack.clip)
+    warmup_steps = round(warmup_epochs * math.ceil(len(x_train) / batch_size))
+    trainer = AdversarialTraining(model, attack, mix=mix, warmup_steps=warmup_steps, trades_beta=trades_beta, seed=seed)
+    compile_classifier(trainer, learning_rate)
+    trainer.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose, callbacks=list(callbacks))
+    return model
+
+
+def train_on_adversarial_data(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    num_classes: int,
+    directories: Sequence[str | os.PathLike],
+    *,
+    model: keras.Model | None = None,
+    mix: float = 0.5,
+    epochs: int = 10,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    verbose: int | str = 2,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> keras.Model:
+    """Train on clean images mixed with stored adversarial datasets (true labels), streamed through
+    tf.data: `mix` of each batch is adversarial; an epoch is as many batches as the clean data fills."""
+    keras.utils.set_random_seed(seed)
+    model = compile_classifier(_checked_model(model, x_train, y_train, num_classes, (0.0, 1.0)), learning_rate)
+    batches = mixed_batches(x_train, y_train, directories, mix=mix, batch_size=batch_size, seed=seed)
+    steps = math.ceil(len(x_train) / batch_size)
+    model.fit(batches, epochs=epochs, steps_per_epoch=steps, shuffle=False, verbose=verbose, callbacks=list(callbacks))
     return model
 
 

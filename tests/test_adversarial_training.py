@@ -1,0 +1,207 @@
+"""Adversarial training on digits: robustness gained over standard training, mix and eps warm-up,
+TRADES, training on stored adversarial datasets, the robustness report, saving as a plain model the
+guard accepts, the CLI, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from attacks import PGD
+from attacks.dataset import load_adversarial_dataset
+from attacks.models import load_model, save_model
+from detector.squeeze import SqueezeDetector
+from safetynet.cli import main
+from serving import Guard
+from training.adversarial import (
+    AdversarialTraining,
+    mixed_batches,
+    robustness_report,
+    training_attack,
+)
+from training.classifier import (
+    compile_classifier,
+    train_adversarial,
+    train_on_adversarial_data,
+)
+from training.workflow import attack_stage
+
+EPS = 0.1
+
+
+def robust_accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
+    correct = np.argmax(model.predict(x, verbose=0), axis=-1) == y
+    return float((correct & ~PGD(eps=EPS, steps=10, restarts=2)(model, x, y).success).mean())
+
+
+def linear_model() -> keras.Model:
+    """No dropout, so two copies train identically."""
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+
+
+@pytest.fixture(scope="module")
+def robust_model(digits) -> keras.Model:
+    """The reference CNN trained 6 epochs with FGSM-RS at eps 0.1 (a few seconds)."""
+    attack = training_attack(f"fgsm_rs:eps={EPS}", 0.3)
+    return train_adversarial(digits.x_train, digits.y_train, digits.num_classes, attack, epochs=6, batch_size=64, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def stored_pgd(digits, digits_classifier, tmp_path_factory) -> Path:
+    """A PGD dataset of 256 training images, as written by `safetynet attack`."""
+    root = tmp_path_factory.mktemp("stored")
+    save_model(digits_classifier, root / "classifier.keras")
+    attack_stage(root / "classifier.keras", digits, f"pgd:eps={EPS},steps=5", root / "pgd", n=256, shard_size=100, log=lambda _: None)
+    return root / "pgd"
+
+
+def test_adversarial_training_raises_robust_accuracy_by_a_clear_margin(digits, digits_classifier, robust_model):
+    standard = robust_accuracy(digits_classifier, digits.x_test, digits.y_test)
+    robust = robust_accuracy(robust_model, digits.x_test, digits.y_test)
+    clean = float(np.mean(np.argmax(robust_model.predict(digits.x_test, verbose=0), -1) == digits.y_test))
+    assert robust > standard + 0.15, (standard, robust)
+    assert clean > 0.9
+
+
+def test_fgsm_rs_is_one_step_of_one_and_a_quarter_eps_from_a_random_start():
+    attack = training_attack("fgsm_rs:eps=0.2", 0.3)
+    assert (attack.steps, attack.random_start, attack.step_size) == (1, True, pytest.approx(0.25))
+    assert training_attack("fgsm-rs", 0.3).eps == 0.3
+    assert training_attack("fgsm_rs:step_size=0.1", 0.3).step_size == 0.1
+
+
+def test_mix_zero_is_standard_training_step(digits):
+    x, y = digits.x_train[:32], digits.y_train[:32]
+    plain, adversarial = linear_model(), linear_model()
+    compile_classifier(plain).train_on_batch(x, y)
+    trainer = compile_classifier(AdversarialTraining(adversarial, PGD(eps=EPS, steps=3), mix=0.0))
+    trainer.train_on_batch(x, y)
+    for a, b in zip(plain.get_weights(), adversarial.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_mix_replaces_that_fraction_of_each_batch(digits):
+    x, y = digits.x_train[:10], digits.y_train[:10]
+    trainer = AdversarialTraining(linear_model(), PGD(eps=EPS, steps=3), mix=0.5)
+    x_train, y_train, _ = (keras.ops.convert_to_numpy(v) if v is not None else v for v in trainer.adversarial_batch(x, y))
+    changed = np.abs(x_train - x).reshape(10, -1).max(axis=1)
+    assert (changed[:5] > 0).all() and (changed[5:] == 0).all() and changed.max() <= EPS + 1e-6
+    np.testing.assert_array_equal(y_train, y)
+
+
+def test_eps_ramps_up_linearly_over_the_warmup_steps(digits):
+    x, y = digits.x_train[:16], digits.y_train[:16]
+    trainer = compile_classifier(AdversarialTraining(linear_model(), PGD(eps=EPS, steps=5), warmup_steps=10))
+    for iterations, fraction in ((0, 0.1), (4, 0.5), (30, 1.0)):
+        trainer.optimizer.iterations.assign(iterations)
+        x_adv = keras.ops.convert_to_numpy(trainer.adversarial_batch(x, y)[0])
+        size = np.abs(x_adv - x).max()
+        assert fraction * EPS * 0.9 < size <= fraction * EPS + 1e-6, (iterations, size)
+
+
+def test_trades_trains_on_clean_and_adversarial_rows(digits):
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    trainer = compile_classifier(AdversarialTraining(linear_model(), PGD(eps=EPS, steps=3), trades_beta=6.0))
+    x_train, y_train, _ = trainer.adversarial_batch(x[:8], y[:8])
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(x_train)[:8], x[:8])
+    assert keras.ops.convert_to_numpy(y_train).tolist() == [*y[:8], *y[:8]]
+    history = trainer.fit(x, y, epochs=2, batch_size=32, verbose=0).history
+    assert np.isfinite(history["loss"]).all() and history["loss"][1] < history["loss"][0]
+
+
+def test_saved_robust_model_is_a_plain_keras_model_the_guard_accepts(digits, robust_model, tmp_path):
+    path = save_model(robust_model, tmp_path / "robust.keras")
+    loaded = load_model(path)
+    assert isinstance(loaded, keras.Model) and not isinstance(loaded, AdversarialTraining)
+    np.testing.assert_allclose(loaded.predict(digits.x_test[:8], verbose=0), robust_model.predict(digits.x_test[:8], verbose=0), atol=1e-5)
+    guard = Guard(loaded, SqueezeDetector(loaded).calibrate(digits.x_train[:200], 0.05))
+    result = guard.predict(digits.x_test[:8])
+    assert result.labels.shape == (8,) and result.rejected.shape == (8,)
+
+
+def test_robustness_report_has_pgd_and_cw(digits, robust_model):
+    report = robustness_report(robust_model, digits.x_test[:60], digits.y_test[:60], eps=EPS, steps=10, restarts=2, cw_n=10)
+    assert report["n"] == 60 and report["pgd"]["attack"]["restarts"] == 2 and report["cw"]["n"] == 10
+    assert 0 <= report["pgd"]["robust_accuracy"] <= report["clean_accuracy"] <= 1
+    assert report["cw"]["robust_accuracy"] <= 1 and json.dumps(report)
+
+
+def test_training_on_a_stored_adversarial_dataset(digits, stored_pgd):
+    stored = load_adversarial_dataset(stored_pgd)
+    batch_x, batch_y = next(iter(mixed_batches(digits.x_train, digits.y_train, [stored_pgd], mix=0.25, batch_size=8)))
+    batch_x, batch_y = batch_x.numpy(), batch_y.numpy()
+    assert batch_x.shape == (8, 8, 8, 1)
+    for image, label in zip(batch_x[6:], batch_y[6:], strict=True):  # the last quarter: stored examples, true labels
+        match = np.flatnonzero(np.abs(stored.x_adv - image).reshape(len(stored.x_adv), -1).max(axis=1) < 1e-6)
+        assert len(match) and stored.y[match[0]] == label
+    model = train_on_adversarial_data(digits.x_train, digits.y_train, digits.num_classes, [stored_pgd, stored_pgd], epochs=3, batch_size=32, verbose=0)
+    before = np.mean(~stored.success)  # the attacked classifier's accuracy on them
+    assert np.mean(np.argmax(model.predict(stored.x_adv, verbose=0), -1) == stored.y) > before + 0.15
+
+
+def test_cli_trains_adversarially_and_on_stored_data(stored_pgd, tmp_path, capsys):
+    out = tmp_path / "at.keras"
+    assert main(["train-classifier", "--adversarial", f"fgsm_rs:eps={EPS}", "--eps-warmup", "0.5", "--epochs", "1", "--batch-size", "256", "--robust-n", "20", "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "at.robustness.json").read_text())
+    assert report["n"] == 20 and report["eps"] == pytest.approx(EPS) and {"pgd", "cw"} <= set(report)
+    assert "robust accuracy" in capsys.readouterr().out
+    out = tmp_path / "mixed.keras"
+    assert main(["train-classifier", "--adversarial-data", str(stored_pgd), "--mix", "0.5", "--epochs", "1", "--batch-size", "256", "--robust-n", "0", "--out", str(out)]) == 0
+    assert load_model(out).output_shape == (None, 10) and not (tmp_path / "mixed.robustness.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--adversarial", "pgd:eps=1.5"], "eps must lie in [0, 1.0]"),
+    (["--adversarial", "pgd:eps"], "cannot parse attack spec"),
+    (["--adversarial", "cw"], "gradient-sign attack"),
+    (["--adversarial", "pgd", "--mix", "1.5"], "mix must lie in [0, 1]"),
+    (["--adversarial", "pgd", "--adversarial-data", "somewhere"], "not both"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    assert main(["train-classifier", "--out", str(tmp_path / "m.keras"), "--epochs", "1", *argv]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "m.keras").exists()
+
+
+def test_bad_python_input_is_a_value_error(stored_pgd):
+    frozen = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten()])
+    with pytest.raises(ValueError, match="no trainable weights"):
+        AdversarialTraining(frozen, PGD(eps=EPS))
+    with pytest.raises(ValueError, match="TRADES"):
+        AdversarialTraining(linear_model(), PGD(eps=EPS), mix=0.5, trades_beta=1.0)
+    with pytest.raises(ValueError, match="no adversarial datasets"):
+        train_on_adversarial_data(np.zeros((4, 8, 8, 1), "float32"), np.zeros(4, int), 10, [], verbose=0)
+    with pytest.raises(ValueError, match="holds images of shape"):
+        train_on_adversarial_data(np.zeros((4, 6, 6, 1), "float32"), np.zeros(4, int), 10, [stored_pgd], verbose=0)
+
+
+JAX_SCRIPT = """
+import numpy as np, keras
+from attacks import PGD
+from training.adversarial import AdversarialTraining
+from training.classifier import compile_classifier
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(), keras.layers.Dense(3)])
+trainer = compile_classifier(AdversarialTraining(model, PGD(eps=0.1, steps=2), warmup_steps=4, mix=0.5))
+x = np.random.default_rng(0).uniform(0, 1, (64, 8, 8, 1)).astype("float32")
+seed = keras.ops.convert_to_numpy(trainer.noise_seed.state).copy()
+history = trainer.fit(x, np.arange(64) % 3, epochs=1, batch_size=16, verbose=0).history
+assert np.isfinite(history["loss"]).all() and int(trainer.optimizer.iterations.numpy()) == 4
+assert (keras.ops.convert_to_numpy(trainer.noise_seed.state) != seed).any()
+print("jax trains")
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax", reason="the in-process tests already run on JAX")
+def test_train_step_runs_on_jax():
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(Path(__file__).resolve().parents[1]), TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", JAX_SCRIPT], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "jax trains" in result.stdout

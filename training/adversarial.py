@@ -1,0 +1,267 @@
+"""Adversarial training, training on stored adversarial datasets, and robust-accuracy reports.
+
+`AdversarialTraining` wraps a classifier in a `keras.Model` whose `train_step` replaces (part of)
+each batch by adversarial versions made on the current weights, then runs Keras's own step; so
+`fit`, callbacks and distribution strategies work unchanged and the classifier itself stays a plain
+model (save `trainer.classifier`, never the wrapper). The attack is one of the gradient-sign family
+(`attacks.gradient_sign`): its `_batch` runs inside the step, so the PGD loop exists once.
+
+- PGD-AT (Madry et al. 2018): `pgd:eps=0.3,steps=40`.
+- FGSM-RS, the fast variant (Wong et al. 2020): `fgsm_rs:eps=0.3`, one step of 1.25 eps from a
+  uniform random start.
+- TRADES (Zhang et al. 2019): cross-entropy on the clean batch + beta * KL(clean || adversarial),
+  with the attack maximising that KL (see `_trades_forward`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from attacks import PGD, Attack, CarliniWagnerL2, GradientSignAttack, parse_attack_spec
+from attacks.base import check_images, check_labels, check_model_input
+from attacks.shards import iter_shards, read_manifest
+from attacks.storage import atomic_write_json
+
+Tensor = Any
+
+
+def training_attack(spec: str | Attack, default_eps: float) -> GradientSignAttack:
+    """The attack to train against: a gradient-sign attack object or spec (`pgd:eps=0.3,steps=7`),
+    or `fgsm_rs[:eps=...]` (PGD with one step of 1.25 eps from a random start, Wong et al. 2020)."""
+    if isinstance(spec, str):
+        name, _, rest = spec.partition(":")
+        if name.strip().lower().replace("-", "_") == "fgsm_rs":
+            given = {item.partition("=")[0].strip().replace("-", "_") for item in rest.split(",") if item.strip()}
+            attack = parse_attack_spec(f"pgd:{rest}", defaults={"eps": default_eps, "steps": 1})
+            return attack if "step_size" in given else dataclasses.replace(attack, step_size=1.25 * attack.eps)
+        spec = parse_attack_spec(spec, defaults={"eps": default_eps})
+    if not isinstance(spec, GradientSignAttack):
+        raise ValueError(  # noqa: TRY004 (a bad --adversarial spec: the CLI's one-line error)
+            f"adversarial training takes a gradient-sign attack (fgsm, fgsm_rs, bim, pgd, mifgsm), got {spec.name!r}"
+        )
+    return spec
+
+
+class AdversarialTraining(keras.Model):
+    """Trains `classifier` on adversarial versions of its batches, made on the fly on its weights.
+
+    mix: fraction of each batch replaced by its adversarial version (the first rows of a shuffled
+        batch); 0 is standard training.
+    warmup_steps: eps ramps linearly from eps/K to eps over the first K optimizer steps. The attack
+        runs at full eps in coordinates u with x + s (u - x) the image (s = current eps / eps): its
+        random start, steps and projection scale exactly; only its clip to [0, 1] acts on u, which
+        keeps pixels within eps of a bound slightly short of the bound (exact once s = 1).
+    trades_beta: TRADES instead of PGD-AT: every row is attacked, the loss is cross-entropy on the
+        clean rows + beta * KL(clean || adversarial) (needs mix=1).
+    """
+
+    def __init__(
+        self, classifier: keras.Model, attack: GradientSignAttack, *, mix: float = 1.0,
+        warmup_steps: int = 0, trades_beta: float | None = None, seed: int = 0,
+    ) -> None:
+        super().__init__(name=f"{classifier.name}_adversarial_training")
+        if not classifier.trainable_weights:
+            raise ValueError(f"model {classifier.name!r} has no trainable weights: nothing to train")
+        if not isinstance(attack, GradientSignAttack):
+            raise ValueError(f"adversarial training takes a gradient-sign attack, got {type(attack).__name__}")  # noqa: TRY004
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"mix must lie in [0, 1] (the adversarial fraction of each batch), got {mix}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if trades_beta is not None:
+            if not (math.isfinite(trades_beta) and trades_beta >= 0):
+                raise ValueError(f"trades_beta must be a finite number >= 0, got {trades_beta}")
+            if mix != 1.0 or attack.restarts > 1 or attack.early_stop:
+                raise ValueError("TRADES attacks every row once: it needs mix=1, restarts=1 and no early_stop")
+        self.classifier = classifier
+        self.attack = attack
+        self.mix, self.warmup_steps, self.trades_beta = float(mix), warmup_steps, trades_beta
+        self.noise_seed = keras.random.SeedGenerator(seed)
+
+    def call(self, x: Tensor, training: bool = False) -> Tensor:
+        return self.classifier(x, training=training)
+
+    def train_step(self, *args: Any) -> Any:
+        """Keras's own step on the adversarial batch. TensorFlow calls it as (data); JAX as
+        (state, data), where the attack reads the state's values through a StatelessScope."""
+        if keras.backend.backend() != "jax":
+            (data,) = args
+            return super().train_step(self.adversarial_batch(*keras.utils.unpack_x_y_sample_weight(data)))
+        (trainable, non_trainable, optimizer_values, metrics_values), data = args
+        mapping = [
+            *zip(self.trainable_variables, trainable), *zip(self.non_trainable_variables, non_trainable),
+            *zip(self.optimizer.variables, optimizer_values),
+        ]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            data = self.adversarial_batch(*keras.utils.unpack_x_y_sample_weight(data))
+        non_trainable = [scope.get_current_value(v) for v in self.non_trainable_variables]  # the noise seed moved
+        return super().train_step((trainable, non_trainable, optimizer_values, metrics_values), data)
+
+    def adversarial_batch(self, x: Tensor, y: Tensor, sample_weight: Tensor | None = None) -> tuple:
+        """(x, y, sample_weight) to train on: the first `mix` of the rows made adversarial (TRADES:
+        the clean rows followed by their adversarial versions)."""
+        if self.mix == 0.0:
+            return x, y, sample_weight
+        x = ops.convert_to_tensor(x, "float32")
+        if self.trades_beta is not None:
+            twice = None if sample_weight is None else ops.concatenate([sample_weight, sample_weight])
+            return ops.concatenate([x, self._attack(x, y)]), ops.concatenate([y, y]), twice
+        n = ops.shape(x)[0]
+        k = round(self.mix * n) if isinstance(n, int) else ops.cast(ops.round(self.mix * ops.cast(n, "float32")), "int32")
+        return ops.concatenate([self._attack(x[:k], y[:k]), x[k:]]), y, sample_weight
+
+    def _attack(self, x: Tensor, y: Tensor) -> Tensor:
+        """The attack's own loop (`_batch`) on the current weights, from an in-graph random start."""
+        y = ops.reshape(y, (-1,))
+        logits, y = (self._trades_forward(x), ops.zeros_like(y)) if self.trades_beta is not None else (self._logits, y)
+        if not self.warmup_steps:
+            return self.attack._batch(logits, x, y, self._random_start(x), False)[0]
+        step = ops.cast(self.optimizer.iterations, "float32")
+        s = ops.minimum(1.0, (step + 1.0) / self.warmup_steps)
+        u = self.attack._batch(lambda z: logits(x + s * (z - x)), x, y, self._random_start(x), False)[0]
+        return x + s * (u - x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.classifier(x, training=False)
+
+    def _trades_forward(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """Logits (0, KL(p(x) || p(z))) for label 0: their cross-entropy is softplus(KL), increasing
+        in the KL, so the engine's sign (or normalised) steps are exactly steps on the KL."""
+        log_p = ops.stop_gradient(ops.log_softmax(self._logits(x)))
+
+        def forward(z: Tensor) -> Tensor:
+            kl = ops.sum(ops.exp(log_p) * (log_p - ops.log_softmax(self._logits(z))), axis=-1)
+            return ops.stack([ops.zeros_like(kl), kl], axis=-1)
+
+        return forward
+
+    def _random_start(self, x: Tensor) -> Tensor:
+        """In-graph equivalent of the attack's `_batch_noise`: (n, restarts, H, W, C), uniform in the
+        eps-ball (L-inf) or a uniform direction at radius eps * u^(1/d) (L2); zeros without random_start."""
+        attack = self.attack
+        shape = (ops.shape(x)[0], attack.restarts, *x.shape[1:])
+        if not attack.random_start:
+            return ops.zeros(shape)
+        if attack.norm == "inf":
+            return keras.random.uniform(shape, -attack.eps, attack.eps, seed=self.noise_seed)
+        direction = keras.random.normal(shape, seed=self.noise_seed)
+        length = ops.sqrt(ops.sum(ops.square(direction), axis=(2, 3, 4), keepdims=True))
+        radius = attack.eps * keras.random.uniform((*shape[:2], 1, 1, 1), seed=self.noise_seed) ** (1.0 / math.prod(x.shape[1:]))
+        return direction * radius / ops.maximum(length, 1e-12)
+
+    def compute_loss(self, x: Any = None, y: Any = None, y_pred: Any = None, sample_weight: Any = None, training: bool = True) -> Tensor:
+        """TRADES while training: the model's loss on the clean half + beta * KL(clean || adversarial)."""
+        if self.trades_beta is None or not training:
+            return super().compute_loss(x, y, y_pred, sample_weight, training)
+        clean, adversarial = ops.split(y_pred, 2)
+        weight = None if sample_weight is None else ops.split(sample_weight, 2)[0]
+        natural = super().compute_loss(x, ops.split(y, 2)[0], clean, weight, training)
+        kl = keras.losses.KLDivergence()(ops.softmax(clean), ops.softmax(adversarial))  # a Loss: scaled per replica too
+        return natural + self.trades_beta * kl
+
+
+def labelled_adversarial_examples(
+    directories: Sequence[str | os.PathLike], image_shape: Sequence[int], *, seed: int = 0, shuffle_buffer: int = 10_000
+) -> Any:
+    """A repeating `tf.data.Dataset` of (adversarial image, true label) from datasets written by
+    `safetynet attack`: each streamed shard by shard (sha256-verified), shuffled through a buffer of
+    `shuffle_buffer` examples, and drawn from uniformly."""
+    import tensorflow as tf
+
+    if not directories:
+        raise ValueError("no adversarial datasets given")
+    streams = []
+    for directory in directories:
+        manifest = read_manifest(directory)
+        shape = tuple(manifest["image_shape"])
+        if shape != tuple(image_shape):
+            raise ValueError(f"dataset {directory} holds images of shape {shape}, the classifier takes {tuple(image_shape)}")
+
+        def pairs(directory: str | os.PathLike = directory) -> Any:
+            for arrays in iter_shards(directory):
+                yield from zip(arrays["x_adv"], arrays["y"].astype(np.int64), strict=True)
+
+        signature = (tf.TensorSpec(shape, tf.float32), tf.TensorSpec((), tf.int64))
+        stream = tf.data.Dataset.from_generator(pairs, output_signature=signature)
+        streams.append(stream.shuffle(min(shuffle_buffer, manifest["count"]), seed=seed).repeat())
+    return tf.data.Dataset.sample_from_datasets(streams, seed=seed) if len(streams) > 1 else streams[0]
+
+
+def mixed_batches(
+    x: np.ndarray, y: np.ndarray, directories: Sequence[str | os.PathLike], *, mix: float = 0.5,
+    batch_size: int = 128, seed: int = 0, shuffle_buffer: int = 10_000,
+) -> Any:
+    """Endless batches whose last round(mix * batch_size) rows are stored adversarial examples and
+    the rest shuffled clean training images."""
+    import tensorflow as tf
+
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must lie in [0, 1] (the adversarial fraction of each batch), got {mix}")
+    k = round(mix * batch_size)
+    clean = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int64))).shuffle(len(x), seed=seed).repeat()
+    adversarial = labelled_adversarial_examples(directories, x.shape[1:], seed=seed, shuffle_buffer=shuffle_buffer)
+    if k == 0:
+        return clean.batch(batch_size).prefetch(2)
+    if k == batch_size:
+        return adversarial.batch(batch_size).prefetch(2)
+    joined = tf.data.Dataset.zip(clean.batch(batch_size - k), adversarial.batch(k))
+    return joined.map(lambda a, b: (tf.concat([a[0], b[0]], 0), tf.concat([a[1], b[1]], 0))).prefetch(2)
+
+
+def robustness_report(
+    model: keras.Model, x: np.ndarray, y: np.ndarray, *, eps: float, norm: str = "inf", steps: int = 40,
+    restarts: int = 5, cw_n: int = 100, batch_size: int = 256, seed: int = 0,
+) -> dict[str, Any]:
+    """Clean and robust accuracy on (x, y): PGD-`steps` with `restarts` random starts on all of x,
+    and CW-L2 on the first `cw_n` images. An input counts as robust when it is classified correctly
+    and the attack found no misclassified point within eps (in `norm`); CW-L2 also gives the
+    median L2 of the perturbations it needed (the minimal distortion)."""
+    x = check_images(x, (0.0, 1.0))
+    y = check_labels(y, len(x), check_model_input(model, x))
+    correct = np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1) == y
+    pgd = PGD(eps=eps, norm=norm, steps=steps, restarts=restarts, seed=seed)
+    broken = pgd(model, x, y, batch_size=batch_size).success
+    report: dict[str, Any] = {
+        "n": len(x), "eps": float(eps), "norm": pgd.norm, "clean_accuracy": float(correct.mean()),
+        "pgd": {"attack": pgd.params(), "robust_accuracy": float((correct & ~broken).mean())},
+    }
+    if cw_n > 0:
+        cw = CarliniWagnerL2(seed=seed)
+        result = cw(model, x[:cw_n], y[:cw_n], batch_size=batch_size)
+        size = result.linf if pgd.norm == "inf" else result.l2
+        found = result.success & correct[:cw_n]
+        report["cw"] = {
+            "attack": cw.params(), "n": len(result.x_adv),
+            "robust_accuracy": float((correct[:cw_n] & ~(result.success & (size <= eps + 1e-6))).mean()),
+            "median_l2": float(np.median(result.l2[found])) if found.any() else None,
+        }
+    return report
+
+
+def format_robustness(report: dict[str, Any]) -> str:
+    """One line per attack: clean and robust accuracy."""
+    lines = [f"clean accuracy {report['clean_accuracy']:.4f} on {report['n']} test images (eps {report['eps']:.4g}, L{report['norm']})"]
+    pgd = report["pgd"]
+    lines.append(f"PGD-{pgd['attack']['steps']} x {pgd['attack']['restarts']} restarts: robust accuracy {pgd['robust_accuracy']:.4f}")
+    if "cw" in report:
+        cw = report["cw"]
+        median = "n/a" if cw["median_l2"] is None else f"{cw['median_l2']:.3f}"
+        lines.append(f"CW-L2 on {cw['n']}: robust accuracy {cw['robust_accuracy']:.4f}, median L2 of its examples {median}")
+    return "\n".join(lines)
+
+
+def robustness_path(model_path: str | os.PathLike) -> Path:
+    """Where a model's robustness report lives: `classifier.keras` -> `classifier.robustness.json`."""
+    return Path(model_path).with_suffix(".robustness.json")
+
+
+def write_robustness(report: dict[str, Any], model_path: str | os.PathLike) -> Path:
+    return atomic_write_json(robustness_path(model_path), report)
