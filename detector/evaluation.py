@@ -1,28 +1,41 @@
 """Detection rates a reviewer can check: per attack, on the test split, one threshold for all.
 
-Only successful adversarial examples count as positives (an input the classifier still gets right
-needs no detecting); every clean test image counts as a negative. AUROC comes from scikit-learn;
-TPR and clean FPR are read at the detector's calibrated threshold, never a per-attack one.
+Successful adversarial examples are the positives of the headline numbers (an input the classifier
+still gets right needs no detecting); every clean test image is a negative; the same numbers on all
+adversarial examples sit beside them (`*_all`). AUROC comes from scikit-learn; TPR and clean FPR
+are read at the detector's calibrated threshold, never a per-attack one, and TPR at 1% / 5% FPR off
+the test ROC curve. Guarded accuracy counts an input as handled when it is rejected or classified
+correctly: for targeted attacks "correctly" means the true label, not "missed the target".
+By default an adaptive attack that knows the detector runs too (`detector.adaptive_evaluation`).
 """
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 import os
+import platform
+import time
+from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from attacks.base import Attack, AttackResult
 from attacks.storage import atomic_write_json, model_fingerprint
+from detector.adaptive_evaluation import (
+    DEFAULT_ADAPTIVE,
+    AdaptiveSettings,
+    evaluate_adaptive,
+)
 from detector.base import Detector
 from detector.calibration import false_positive_interval
+from detector.metrics import attack_row, fgsm_taylor, flagged, jsonable
 
-
-def _finite_or_none(value: float) -> float | None:
-    return None if not math.isfinite(value) else float(value)
+TAYLOR_POINTS = 21
+PACKAGES = ("safetynet", "numpy", "keras", "tensorflow", "jax", "scikit-learn", "scipy", "opencv-python-headless", "matplotlib")
 
 
 def _predict_labels(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -38,6 +51,57 @@ def attack_key(attack: Attack, taken: Sequence[str]) -> str:
     raise AssertionError("unreachable: more candidates than taken keys")
 
 
+def check_match(classifier: keras.Model, detector: Detector) -> None:
+    """Refuse a detector trained for another classifier (weight fingerprints differ)."""
+    expected = detector.classifier_fingerprint
+    actual = model_fingerprint(classifier)
+    if expected is not None and expected != actual:
+        raise ValueError(f"the detector was trained for a different classifier (fingerprint {expected[:12]}...,"
+                         f" the model's is {actual[:12]}...): evaluate it with the classifier it was made for")
+
+
+def detector_fingerprint(detector: Detector) -> str:
+    """sha256 over a detector's kind, hyper-parameters, calibration and every weight and array it
+    holds (ensemble members included): equal for the same detector saved and loaded again."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, Detector):
+            calibration = None if value.calibration is None else value.calibration.to_json()
+            digest.update(json.dumps([value.kind, value.hyperparameters(), calibration], sort_keys=True, default=str).encode())
+            for name in sorted(vars(value)):
+                feed(getattr(value, name))
+        elif isinstance(value, keras.Model):
+            digest.update(model_fingerprint(value).encode())
+        elif isinstance(value, np.ndarray):
+            digest.update(str((value.dtype, value.shape)).encode() + np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                feed(item)
+
+    feed(detector)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run_attacks(classifier: keras.Model, x: np.ndarray, y: np.ndarray, attacks: Sequence[Attack], *,
+                targets: str | None = None, batch_size: int = 256, progress: bool = True) -> list[AttackResult]:
+    """Each attack's result on (x, y), in order (`targets`: "random" or "least_likely" for targeted)."""
+    return [attack(classifier, x, y, targets=targets, batch_size=batch_size, progress=progress) for attack in attacks]
+
+
 def evaluate(
     classifier: keras.Model,
     detector: Detector,
@@ -47,28 +111,33 @@ def evaluate(
     *,
     data: str,
     results: Sequence[AttackResult] | None = None,
+    targets: str | None = None,
+    adaptive: AdaptiveSettings | None = DEFAULT_ADAPTIVE,
+    taylor_inputs: int = 4,
+    seed: int = 0,
+    command: Sequence[str] | None = None,
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run each attack on (x, y) and measure the detector on its successful examples. `results`
-    (the attacks' results on x, in order) skips running them: one run serves several detectors.
+    """Run each attack on (x, y) and measure the detector on it; then the adaptive attacks (None
+    turns them off), the Taylor picture on the first `taylor_inputs` inputs, and what it takes to
+    reproduce the report. `results` (the attacks' results on x, in order) skips running them.
 
-    Returns the report (schema of README "report.json"): clean accuracy, the detector's threshold
-    and clean FPR, and per attack eps, success rate, AUROC, TPR and guarded accuracy (an input
-    counts as handled when it is rejected or classified correctly).
+    Returns the report (schema of README "report.json"), strict JSON values only.
     """
     threshold = detector.threshold
-    clean_scores = detector.score(x)
-    clean_flagged = ~(clean_scores <= threshold)
+    check_match(classifier, detector)
+    if results is not None and len(results) != len(attacks):
+        raise ValueError(f"{len(results)} precomputed results for {len(attacks)} attacks")
+    keras.utils.set_random_seed(seed)
+    clean_scores = np.asarray(detector.score(x), np.float64)
+    clean_flagged = flagged(clean_scores, threshold)
     clean_correct = _predict_labels(classifier, x, batch_size) == y
     false_positives = int(clean_flagged.sum())
     report: dict[str, Any] = {
         "data": data,
-        "n": int(len(x)),
-        "classifier": {
-            "clean_accuracy": float(clean_correct.mean()),
-            "fingerprint": model_fingerprint(classifier),
-        },
+        "n": len(x),
+        "classifier": {"clean_accuracy": float(clean_correct.mean()), "fingerprint": model_fingerprint(classifier)},
         "detector": {
             "kind": detector.kind,
             "threshold": float(threshold),
@@ -77,53 +146,69 @@ def evaluate(
             "clean_fpr_interval": list(false_positive_interval(false_positives, len(x))),
             "calibration_fpr": detector.calibration.fpr,
             "guarded_clean_accuracy": float(np.mean(clean_correct | clean_flagged)),
+            "fingerprint": detector_fingerprint(detector),
         },
         "attacks": {},
     }
-    if results is not None and len(results) != len(attacks):
-        raise ValueError(f"{len(results)} precomputed results for {len(attacks)} attacks")
-    for number, attack in enumerate(attacks):
-        result = results[number] if results is not None else attack(classifier, x, y, batch_size=batch_size, progress=progress)
-        scores = detector.score(result.x_adv)
-        flagged = ~(scores <= threshold)
-        success = result.success
-        positives = scores[success]
-        auroc = (
-            roc_auc_score(np.r_[np.zeros(len(clean_scores)), np.ones(len(positives))], np.r_[clean_scores, positives])
-            if len(positives)
-            else float("nan")
-        )
-        report["attacks"][attack_key(attack, list(report["attacks"]))] = {
-            "eps": _finite_or_none(float(getattr(attack, "eps", float("nan")))),
-            "success_rate": result.success_rate,
-            "auroc": _finite_or_none(auroc),
-            "tpr": _finite_or_none(float(flagged[success].mean()) if success.any() else float("nan")),
-            "n_successful": int(success.sum()),
-            "mean_linf": float(result.linf.mean()),
-            "mean_l2": float(result.l2.mean()),
-            "guarded_accuracy": float(np.mean(flagged | ~success)),
-            "params": attack.params(),
-        }
-    return report
+    if results is None:
+        results = run_attacks(classifier, x, y, attacks, targets=targets, batch_size=batch_size, progress=progress)
+    keyed: dict[str, tuple[Attack, AttackResult]] = {}
+    handled: dict[str, np.ndarray] = {}
+    curves: dict[str, Any] = {}
+    for attack, result in zip(attacks, results, strict=True):
+        key = attack_key(attack, list(report["attacks"]))
+        keyed[key] = (attack, result)
+        misclassified = result.success if result.targets is None else _predict_labels(classifier, result.x_adv, batch_size) != y
+        scores = np.asarray(detector.score(result.x_adv), np.float64)
+        row, curves[key] = attack_row(clean_scores, threshold, scores, result, misclassified)
+        handled[key] = flagged(scores, threshold) | ~misclassified
+        report["attacks"][key] = {"eps": getattr(attack, "eps", None), **row, "params": attack.params()}
+    if adaptive is not None:
+        section, adaptive_curves = evaluate_adaptive(
+            classifier, detector, x, y, keyed, handled, clean_scores, adaptive, seed=seed,
+            batch_size=batch_size, progress=progress)
+        if section is not None:
+            report["adaptive"] = section
+            report["detector"]["gradient_masking_check"] = any(r["gradient_masking_check"] for r in section["attacks"].values())
+            curves |= adaptive_curves
+    report["curves"] = curves
+    if taylor_inputs > 0:
+        linf = [a.eps for a in attacks if getattr(a, "norm", "inf") == "inf" and isinstance(getattr(a, "eps", None), float)]
+        report["taylor"] = fgsm_taylor(classifier, x[:taylor_inputs], y[:taylor_inputs],
+                                       np.linspace(0.0, max(linf, default=0.1), TAYLOR_POINTS))
+    report["reproducibility"] = {
+        "seed": seed, "command": None if command is None else list(command), "backend": keras.backend.backend(),
+        "versions": _versions(), "classifier_fingerprint": report["classifier"]["fingerprint"],
+        "detector_fingerprint": report["detector"]["fingerprint"], "targets": targets,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return jsonable(report)
+
+
+def _cell(value: float | None, width: int = 9) -> str:
+    return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.4f}"
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The report as a plain-text table for the terminal."""
+    """The report as a plain-text table for the terminal (adaptive rows after the others)."""
     det = report["detector"]
     lines = [
         f"data: {report['data']}  (n={report['n']})",
         f"classifier clean accuracy: {report['classifier']['clean_accuracy']:.4f}",
-        f"detector: {det['kind']}  threshold {det['threshold']:.4g}  target FPR {det['target_fpr']:.3f}"
-        f"  clean FPR {det['clean_fpr']:.4f} [{det['clean_fpr_interval'][0]:.4f}, {det['clean_fpr_interval'][1]:.4f}]",
+        (f"detector: {det['kind']}  threshold {det['threshold']:.4g}  target FPR {det['target_fpr']:.3f}"
+         f"  clean FPR {det['clean_fpr']:.4f} [{det['clean_fpr_interval'][0]:.4f}, {det['clean_fpr_interval'][1]:.4f}]"),
         "",
-        f"{'attack':<16}{'eps':>8}{'success':>10}{'AUROC':>9}{'TPR':>9}{'guarded acc':>13}",
+        f"{'attack':<24}{'eps':>8}{'success':>10}{'AUROC':>9}{'TPR':>9}{'guarded acc':>13}",
     ]
-    for name, row in report["attacks"].items():
-        auroc = "n/a" if row["auroc"] is None else f"{row['auroc']:.4f}"
-        tpr = "n/a" if row["tpr"] is None else f"{row['tpr']:.4f}"
-        lines.append(
-            f"{name:<16}{row['eps']:>8.4g}{row['success_rate']:>10.4f}{auroc:>9}{tpr:>9}{row['guarded_accuracy']:>13.4f}"
-        )
+    adaptive = report.get("adaptive") or {"attacks": {}}
+    for name, row in [*report["attacks"].items(), *adaptive["attacks"].items()]:
+        eps = "n/a" if row["eps"] is None else f"{row['eps']:.4g}"
+        flag = "  <- gradient masking check" if row.get("gradient_masking_check") else ""
+        lines.append(f"{name:<24}{eps:>8}{row['success_rate']:>10.4f}{_cell(row['auroc'])}{_cell(row['tpr'])}"
+                     f"{row['guarded_accuracy']:>13.4f}{flag}")
+    if report.get("adaptive"):
+        lines.append(f"adaptive attacks: detector stand-in {adaptive['stand_in']['method']} "
+                     f"(decision agreement {adaptive['stand_in']['decision_agreement']:.4f})")
     return "\n".join(lines)
 
 

@@ -16,11 +16,13 @@ from sklearn.metrics import roc_auc_score
 from attacks import FGSM, PGD
 from attacks.base import Attack, AttackResult
 from attacks.storage import model_fingerprint
-from detector import Detector, InputDetector
+from detector import Detector, InputDetector, metrics
+from detector.calibration import Calibration
 from detector.evaluation import evaluate, format_table, write_report
 
 EPS = 0.3
 N_FIT = 1100
+FAST: dict[str, Any] = {"adaptive": None, "taylor_inputs": 0}  # tests of the adaptive part: test_adaptive.py
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,7 +46,7 @@ class CornerDetector(Detector):
         pass
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> "Detector":  # pragma: no cover
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> Detector:  # pragma: no cover
         return cls()
 
 
@@ -121,7 +123,7 @@ def recorded_report(digits, digits_classifier, corner):
     RECORDED.clear()
     attacks = [RecordingFGSM(eps=0.1), RecordingPGD(eps=0.1, steps=5)]
     report = evaluate(
-        digits_classifier, corner, digits.x_test, digits.y_test, attacks, data="digits:test", progress=False
+        digits_classifier, corner, digits.x_test, digits.y_test, attacks, data="digits:test", progress=False, **FAST
     )
     return report, list(RECORDED)
 
@@ -204,7 +206,7 @@ def test_only_successful_adversarials_are_positives(digits, digits_classifier, c
 
 def test_same_name_different_eps_get_distinct_keys(digits, digits_classifier, corner):
     attacks = [FGSM(eps=0.05), FGSM(eps=0.3)]
-    report = evaluate(digits_classifier, corner, digits.x_test, digits.y_test, attacks, data="d", progress=False)
+    report = evaluate(digits_classifier, corner, digits.x_test, digits.y_test, attacks, data="d", progress=False, **FAST)
     assert len(report["attacks"]) == 2
     rows = list(report["attacks"].values())
     assert [row["eps"] for row in rows] == [0.05, 0.3]
@@ -216,7 +218,7 @@ def test_same_name_different_eps_get_distinct_keys(digits, digits_classifier, co
 def test_every_attack_gets_its_own_row(digits, digits_classifier, corner):
     x, y = digits.x_test[:40], digits.y_test[:40]
     attacks = [PGD(eps=0.1, steps=2), PGD(eps=0.1, steps=3), PGD(eps=0.1, steps=4)]
-    report = evaluate(digits_classifier, corner, x, y, attacks, data="d", progress=False)
+    report = evaluate(digits_classifier, corner, x, y, attacks, data="d", progress=False, **FAST)
     assert len(report["attacks"]) == 3
     assert sorted(row["params"]["steps"] for row in report["attacks"].values()) == [2, 3, 4]
 
@@ -292,7 +294,7 @@ def input_detector(digits, digits_classifier) -> InputDetector:
 def test_real_detector_detects_fgsm_and_pgd(digits, digits_classifier, input_detector):
     attacks = [FGSM(eps=EPS), PGD(eps=EPS)]
     report = evaluate(
-        digits_classifier, input_detector, digits.x_test, digits.y_test, attacks, data="digits", progress=False
+        digits_classifier, input_detector, digits.x_test, digits.y_test, attacks, data="digits", progress=False, **FAST
     )
     assert report["detector"]["kind"] == "input"
     assert report["classifier"]["clean_accuracy"] > 0.85
@@ -304,3 +306,71 @@ def test_real_detector_detects_fgsm_and_pgd(digits, digits_classifier, input_det
         assert row["auroc"] > 0.95, (name, row["auroc"])
         assert row["tpr"] > 0.8, (name, row["tpr"])
         assert math.isfinite(row["guarded_accuracy"]) and row["guarded_accuracy"] > 0.8
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics against hand-computed cases
+# --------------------------------------------------------------------------------------------
+
+NEGATIVES = np.arange(100, dtype=np.float64)  # 0, 1, ..., 99
+POSITIVES = np.array([99.5, 98.5, 97.5, 50.0, 10.0])
+
+
+def test_auroc_by_hand():
+    # of the 100 negatives, the positives beat 100, 99, 98, 50 and 10, and tie (half a win) with 50 and 10
+    assert metrics.auroc(NEGATIVES, POSITIVES) == pytest.approx((100 + 99 + 98 + 50.5 + 10.5) / 500)
+    assert metrics.auroc(np.ones(4), np.array([1.0, 2.0])) == pytest.approx(0.75)  # a tie counts half
+    assert metrics.auroc(NEGATIVES, np.empty(0)) is None
+
+
+def test_tpr_at_fpr_by_hand():
+    # 1% FPR: the lowest threshold flagging at most 1 of 100 negatives is 98 (only 99 above it)
+    assert metrics.tpr_at_fpr(NEGATIVES, POSITIVES, 0.01) == pytest.approx(2 / 5)
+    # 5% FPR: threshold 94 (95..99 above it); 99.5, 98.5, 97.5 are above it
+    assert metrics.tpr_at_fpr(NEGATIVES, POSITIVES, 0.05) == pytest.approx(3 / 5)
+    assert metrics.tpr_at_fpr(NEGATIVES, np.array([np.nan]), 0.01) == 1.0  # NaN fails closed
+    row = metrics.detection(NEGATIVES, POSITIVES, threshold=97.0, suffix="_all")
+    assert row == {"auroc_all": pytest.approx(0.716), "tpr_all": pytest.approx(0.6),
+                   "tpr_at_1pct_fpr_all": pytest.approx(0.4), "tpr_at_5pct_fpr_all": pytest.approx(0.6)}
+
+
+def test_guarded_accuracy_and_json_by_hand():
+    rejected = np.array([True, False, False, True])
+    misclassified = np.array([True, True, False, False])
+    assert metrics.guarded_accuracy(rejected, misclassified) == 0.75  # only the 2nd input gets through
+    assert metrics.jsonable({"a": (1, np.float32(0.5)), "b": np.nan, "c": np.array([True]), 3: np.int64(2)}) == \
+        {"a": [1, 0.5], "b": None, "c": [True], "3": 2}
+
+
+def test_targeted_guarded_accuracy_counts_misclassification_not_the_target(digits, digits_classifier):
+    never = CornerDetector()
+    never.calibration = Calibration(threshold=1e9, target_fpr=0.05, fpr=0.0, fpr_interval=(0.0, 0.1), n_clean=100)
+    x, y = digits.x_test[:150], digits.y_test[:150]
+    attack = PGD(eps=0.15, steps=5)
+    report = evaluate(digits_classifier, never, x, y, [attack], data="d", targets="random", progress=False, **FAST)
+    result = attack(digits_classifier, x, y, targets="random")
+    predicted = np.argmax(digits_classifier.predict(result.x_adv, verbose=0), axis=-1)
+    assert np.any((predicted != y) & ~result.success)  # misled, but not to the target: the case that matters
+    row = report["attacks"]["pgd"]
+    assert row["targeted"] is True and row["tpr"] == 0.0
+    assert row["success_rate"] == pytest.approx(result.success.mean())
+    assert row["guarded_accuracy"] == pytest.approx(np.mean(predicted == y))
+    assert row["misclassification_rate"] == pytest.approx(np.mean(predicted != y))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ForbiddenAttack(Attack):
+    name = "forbidden"
+
+    def _batch(self, forward, x, y, noise, targeted):  # pragma: no cover
+        raise AssertionError("not used")
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("an attack ran before the inputs were checked")
+
+
+def test_a_detector_for_another_classifier_is_refused_before_any_work(digits, digits_classifier, corner):
+    other = CornerDetector()
+    other.calibration, other.classifier_fingerprint = corner.calibration, "0" * 64
+    with pytest.raises(ValueError, match="different classifier"):
+        evaluate(digits_classifier, other, digits.x_test, digits.y_test, [ForbiddenAttack()], data="d", progress=False)

@@ -25,10 +25,14 @@ from attacks.dataset import (
 from attacks.models import load_model, save_model
 from attacks.storage import model_fingerprint
 from detector import Detector, InputDetector, load_detector
-from detector.evaluation import evaluate, format_table, write_report
-from training.classifier import accuracy, train_classifier
+from detector.adaptive_evaluation import DEFAULT_ADAPTIVE, AdaptiveSettings
+from detector.cross_attack import cross_attack_matrix
+from detector.evaluation import check_match, evaluate, format_table, run_attacks
+from detector.report import write_report_files
+from training.adversarial import format_robustness, robustness_report, training_attack, write_robustness
+from training.classifier import accuracy, train_adversarial, train_classifier, train_on_adversarial_data
 from training.data import ImageDataset, load_dataset
-from training.detector import DEFAULT_MEMBERS, fit_detector, retrain_input_detector
+from training.detector import DEFAULT_MEMBERS, fit_detector, make_detector, retrain_input_detector
 
 Log = Callable[[str], None]
 Data = str | ImageDataset
@@ -74,17 +78,56 @@ def select(data: ImageDataset, split: str, n: int | None) -> tuple[np.ndarray, n
 
 
 def train_classifier_stage(
-    data: Data, out: str | os.PathLike, *, epochs: int = 10, seed: int = 0, log: Log = print
+    data: Data,
+    out: str | os.PathLike,
+    *,
+    epochs: int = 10,
+    seed: int = 0,
+    adversarial: Attack | str | None = None,
+    adversarial_data: Sequence[str | os.PathLike] = (),
+    mix: float | None = None,
+    eps_warmup: float = 0.0,
+    trades_beta: float | None = None,
+    batch_size: int = 128,
+    robust_n: int | None = None,
+    log: Log = print,
 ) -> float:
-    """Train the reference CNN on the data's train split, save it, return its test accuracy."""
+    """Train the reference CNN on the data's train split, save it, return its test accuracy.
+
+    `adversarial` (an attack or spec such as `pgd:eps=0.3,steps=40` or `fgsm_rs`) trains adversarially
+    (`mix`, default 1, of each batch; eps ramps up over `eps_warmup` epochs; `trades_beta` for
+    TRADES); `adversarial_data` mixes in stored adversarial datasets (`mix` default 0.5). Robust
+    accuracy on `robust_n` test images (default 1000 when either is given, else none) is printed and
+    written beside the model (`training.adversarial.robustness_path`).
+    """
     data = _loaded(data)
+    if adversarial is not None and adversarial_data:
+        raise ValueError("train against an attack (adversarial) or on stored datasets (adversarial_data), not both")
+    attack = None if adversarial is None else training_attack(adversarial, default_eps(data.input_shape))
     log(f"training classifier on {data.name}: {len(data.x_train)} images {data.input_shape}, {data.num_classes} classes")
-    model = train_classifier(
-        data.x_train, data.y_train, data.num_classes, epochs=epochs, seed=seed, verbose=_fit_verbosity()
-    )
+    common = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "verbose": _fit_verbosity()}
+    if attack is not None:
+        log(f"adversarial training against {attack.params()}" + ("" if trades_beta is None else f", TRADES beta {trades_beta}"))
+        model = train_adversarial(
+            data.x_train, data.y_train, data.num_classes, attack, mix=1.0 if mix is None else mix,
+            warmup_epochs=eps_warmup, trades_beta=trades_beta, **common,
+        )
+    elif adversarial_data:
+        model = train_on_adversarial_data(
+            data.x_train, data.y_train, data.num_classes, adversarial_data, mix=0.5 if mix is None else mix, **common
+        )
+    else:
+        model = train_classifier(data.x_train, data.y_train, data.num_classes, **common)
     clean_accuracy = accuracy(model, data.x_test, data.y_test)
     save_model(model, out)
     log(f"classifier saved to {out}: clean test accuracy {clean_accuracy:.4f}")
+    robust_n = (1000 if attack is not None or adversarial_data else 0) if robust_n is None else robust_n
+    if robust_n > 0:
+        x, y, _ = select(data, "test", robust_n)
+        eps, norm = (default_eps(data.input_shape), "inf") if attack is None else (attack.eps, attack.norm)
+        report = robustness_report(model, x, y, eps=eps, norm=norm, batch_size=256, seed=seed)
+        log(format_robustness(report))
+        log(f"robustness report written to {write_robustness(report, out)}")
     return clean_accuracy
 
 
@@ -198,6 +241,8 @@ def retrain_stage(
     to the old one (never over it) and print detection on every attack before and after.
 
     `replay` defaults to the datasets the detector was trained on (as recorded in its manifest).
+    `adversarial` may hold quarantine exports (adversarial-only): their images join the adversarial
+    side and the clean images come from the other datasets (see `training.detector`).
     """
     detector = load_detector(detector_dir)
     if not isinstance(detector, InputDetector):
@@ -223,14 +268,37 @@ def retrain_stage(
 
 
 def trained_attacks(detector_dir: str | os.PathLike) -> list[Attack]:
-    """The attacks a detector was trained on, rebuilt from its manifest."""
+    """The attacks a detector was trained on, rebuilt from its manifest (quarantined inputs, which
+    no attack can regenerate, are left out)."""
     info = Detector.read_manifest(detector_dir).get("info", {})
     attacks = []
     for entry in info.get("trained_on", []):
+        if entry.get("adversarial_only"):
+            continue
         params = {k: v for k, v in entry["attack"].items() if k != "attack"}
         params["clip"] = tuple(params.get("clip", (0.0, 1.0)))
         attacks.append(make_attack(entry["attack"]["attack"], **params))
     return attacks
+
+
+def sweep_eps(attacks: Sequence[Attack | str], eps_values: Sequence[float], data: ImageDataset) -> list[Attack]:
+    """Each attack that has an eps once per value of `eps_values` (others once); a step size that
+    followed eps (the default 2.5 * eps / steps) follows the new eps."""
+    swept = []
+    for attack in attacks:
+        base = resolve_attack(attack, data)
+        if not hasattr(base, "eps"):
+            swept.append(base)
+            continue
+        for eps in eps_values:
+            if isinstance(attack, str):
+                swept.append(resolve_attack(attack, data, {"eps": float(eps)}))
+                continue
+            params = {k: v for k, v in base.params().items() if k != "attack"} | {"eps": float(eps), "clip": base.clip}
+            if "step_size" in params and np.isclose(params["step_size"], 2.5 * base.eps / params.get("steps", 1)):
+                params.pop("step_size")
+            swept.append(make_attack(base.name, **params))
+    return swept
 
 
 def evaluate_stage(
@@ -242,20 +310,52 @@ def evaluate_stage(
     attacks: Sequence[Attack | str] | None = None,
     n: int | None = None,
     batch_size: int = 256,
+    targets: str | None = None,
+    eps_sweep: Sequence[float] | None = None,
+    adaptive: AdaptiveSettings | None = DEFAULT_ADAPTIVE,
+    cross_attack: bool = False,
+    cross_attack_n: int = 2000,
+    cross_attack_epochs: int = 3,
+    html: bool = False,
+    seed: int = 0,
+    command: Sequence[str] | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Evaluate detection on the test split (attacks default to those the detector was trained on)."""
+    """Evaluate detection on the test split (attacks default to those the detector was trained on),
+    under adaptive attacks too unless `adaptive` is None; write report.json, report.md, plots/ (and
+    report.html) into `out`. `eps_sweep` runs every attack with an eps at each value; `cross_attack`
+    trains an `input` detector per attack on `cross_attack_n` training images for the cross-attack
+    matrix. Everything is checked before any attack runs."""
     model = load_model(model_path)
     detector = load_detector(detector_dir, classifier=model)
+    check_match(model, detector)
     data = _loaded(data)
     attacks = [resolve_attack(a, data) for a in attacks] if attacks else trained_attacks(detector_dir)
     if not attacks:
         raise ValueError("no attacks to evaluate: name them, or use a detector whose manifest lists its attacks")
+    if eps_sweep:
+        attacks = sweep_eps(attacks, eps_sweep, data)
+    if targets not in (None, "random", "least_likely"):
+        raise ValueError(f"targets must be 'random' or 'least_likely', got {targets!r}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file; the report needs a folder")
+    if cross_attack and cross_attack_epochs < 1:
+        raise ValueError(f"cross_attack_epochs must be >= 1, got {cross_attack_epochs}")
     x, y, _ = select(data, "test", n)
-    report = evaluate(model, detector, x, y, attacks, data=data.name, batch_size=batch_size)
-    path = write_report(report, out)
+    x_train, y_train, _ = select(data, "train", cross_attack_n) if cross_attack else (None, None, None)
+    results = run_attacks(model, x, y, attacks, targets=targets, batch_size=batch_size, progress=sys.stderr.isatty())
+    report = evaluate(model, detector, x, y, attacks, data=data.name, results=results, targets=targets,
+                      adaptive=adaptive, seed=seed, command=command, batch_size=batch_size, progress=sys.stderr.isatty())
+    if cross_attack:
+        log(f"cross-attack matrix: one input detector per attack on {len(x_train)} training images")
+        report["cross_attack"] = cross_attack_matrix(
+            model, dict(zip(report["attacks"], attacks)), dict(zip(report["attacks"], results)), x,
+            lambda clean, adversarial: make_detector("input", None, epochs=cross_attack_epochs, seed=seed).fit(clean, adversarial, verbose=0),
+            x_train=x_train, y_train=y_train, target_fpr=detector.calibration.target_fpr, seed=seed, batch_size=batch_size,
+        )
+    paths = write_report_files(report, out, html=html)
     log(format_table(report))
-    log(f"report written to {path}")
+    log(f"report written to {paths['report.json']} (+ {', '.join(name for name in paths if name != 'report.json')})")
     return report
 
 

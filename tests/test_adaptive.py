@@ -1,0 +1,171 @@
+"""Tests for the adaptive attack (attacks.adaptive), the detectors' differentiable stand-ins
+(detector.differentiable) and the adaptive part of the evaluation, including the gradient-masking
+flag. Small cases on digits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from keras import ops
+
+from attacks import FGSM, PGD
+from attacks.adaptive import AdaptivePGD, joint_model
+from attacks.backend import value_and_grad
+from detector import Detector, EnsembleDetector, InputDetector
+from detector.adaptive_evaluation import AdaptiveSettings
+from detector.calibration import Calibration
+from detector.differentiable import stand_in
+from detector.evaluation import evaluate
+from training.detector import make_detector
+
+EPS = 0.3
+N_TEST = 120
+
+
+@pytest.fixture(scope="module")
+def training_pair(digits, digits_classifier) -> tuple[np.ndarray, np.ndarray]:
+    x, y = digits.x_train[:800], digits.y_train[:800]
+    adversarial = np.concatenate([a(digits_classifier, x, y).x_adv for a in (FGSM(eps=EPS), PGD(eps=EPS, steps=5))])
+    return np.concatenate([x, x]), adversarial
+
+
+@pytest.fixture(scope="module")
+def input_detector(digits, training_pair) -> InputDetector:
+    detector = InputDetector(epochs=4).fit(*training_pair, verbose=0)
+    return detector.calibrate(digits.x_train[800:], 0.05)
+
+
+@pytest.fixture(scope="module")
+def test_images(digits) -> tuple[np.ndarray, np.ndarray]:
+    return digits.x_test[:N_TEST], digits.y_test[:N_TEST]
+
+
+def test_adaptive_attack_lowers_guarded_accuracy_of_an_input_detector(digits_classifier, input_detector, test_images):
+    x, y = test_images
+    settings = AdaptiveSettings(steps=10, lambdas=(1.0, 10.0))
+    report = evaluate(digits_classifier, input_detector, x, y, [PGD(eps=EPS, steps=10)], data="d", adaptive=settings,
+                      taylor_inputs=0, progress=False)
+    plain = report["attacks"]["pgd"]
+    assert plain["guarded_accuracy"] > 0.9  # the detector catches PGD that does not know it
+    section = report["adaptive"]
+    assert section["stand_in"] == {"method": "white-box", "n_checked": 2 * N_TEST, "decision_agreement": 1.0}
+    row = section["attacks"]["adaptive_pgd@eps=0.3"]
+    assert row["guarded_accuracy"] < plain["guarded_accuracy"] - 0.4, row["guarded_accuracy"]
+    assert row["non_adaptive_attack"] == "pgd" and row["non_adaptive_guarded_accuracy"] == plain["guarded_accuracy"]
+    assert row["guarded_accuracy_drop"] == pytest.approx(plain["guarded_accuracy"] - row["guarded_accuracy"])
+    assert row["worst_case_guarded_accuracy"] == row["guarded_accuracy"]
+    assert row["gradient_masking_check"] is False and "note" not in row
+    assert report["detector"]["gradient_masking_check"] is False
+    assert row["mean_linf"] <= EPS + 1e-6
+    assert "adaptive_pgd@eps=0.3" in report["curves"]
+
+
+@pytest.mark.parametrize("loss", ["margin", "ce"])
+def test_adaptive_pgd_succeeds_only_when_misclassified_and_under_the_threshold(loss, digits_classifier, input_detector,
+                                                                                test_images):
+    x, y = test_images
+    x_before = x.copy()
+    joint = joint_model(digits_classifier, input_detector.scoring_model(None))
+    attack = AdaptivePGD(eps=EPS, threshold=input_detector.threshold, score_scale=2.0, lambdas=(1.0, 10.0), steps=10,
+                         loss=loss, random_start=loss == "ce")
+    result = attack(joint, x, y)
+    predicted = np.argmax(digits_classifier.predict(result.x_adv, verbose=0), axis=-1)
+    evades = (predicted != y) & (input_detector.score(result.x_adv) <= input_detector.threshold)
+    assert result.success.mean() > 0.5
+    np.testing.assert_array_equal(result.success, evades)
+    assert np.abs(result.x_adv - x).max() <= EPS + 1e-6 and result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    np.testing.assert_array_equal(x, x_before)  # the caller's arrays are left alone
+    again = attack(joint, x, y, batch_size=50)  # random starts depend on (seed, index), not on batching
+    np.testing.assert_allclose(again.x_adv, result.x_adv, atol=1e-5)
+    assert attack.params()["lambdas"] == (1.0, 10.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"threshold": float("nan")}, "threshold"),
+        ({"score_scale": 0.0}, "score_scale"),
+        ({"lambdas": (1.0, -1.0)}, "lambdas"),
+        ({"lambdas": ()}, "lambdas"),
+        ({"eps": 1.5}, "eps must lie"),
+        ({"norm": "1"}, "unknown norm"),
+        ({"loss": "hinge"}, "loss must be"),
+        ({"confidence": -1.0}, "confidence"),
+    ],
+)
+def test_adaptive_pgd_validates_its_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdaptivePGD(**({"eps": EPS, "threshold": 0.0} | kwargs))
+
+
+def test_joint_model_needs_logits_from_somewhere(input_detector):
+    with pytest.raises(ValueError, match="give the classifier"):
+        joint_model(None, input_detector.scoring_model(None))
+    with pytest.raises(ValueError, match="K >= 2"):
+        AdaptivePGD(eps=EPS, threshold=0.0)(input_detector.model, np.zeros((2, 8, 8, 1), np.float32), np.zeros(2, int))
+
+
+@pytest.fixture(scope="module")
+def families(digits, digits_classifier, training_pair) -> dict[str, Detector]:
+    clean, adversarial = training_pair
+    calibration = digits.x_train[800:]
+    fitted = {family: make_detector(family, digits_classifier, epochs=2, seed=0).fit(clean, adversarial, verbose=0)
+              .calibrate(calibration, 0.05) for family in ("mahalanobis", "safetynet", "squeeze")}
+    ensemble = EnsembleDetector([fitted["safetynet"], fitted["squeeze"]]).fit(clean[::4], adversarial[::4], verbose=0)
+    return fitted | {"ensemble": ensemble.calibrate(calibration, 0.05)}
+
+
+@pytest.mark.parametrize("family, method", [("mahalanobis", "white-box"), ("safetynet", "bpda"), ("squeeze", "bpda"),
+                                            ("ensemble", "ensemble(bpda, bpda)")])
+def test_stand_ins_reproduce_the_real_scores_and_have_gradients(family, method, families, digits_classifier, test_images):
+    detector = families[family]
+    x = np.concatenate([test_images[0], PGD(eps=EPS, steps=3)(digits_classifier, *test_images).x_adv])
+    standin = stand_in(detector, x)
+    assert standin.method == method
+    approx = np.asarray(standin.model.predict(x, verbose=0), np.float64).reshape(-1)
+    np.testing.assert_allclose(approx, detector.score(x), rtol=1e-3, atol=1e-3)
+    _, _, grad = value_and_grad(lambda z: (ops.reshape(standin.model(z), (-1,)), z), ops.convert_to_tensor(x))
+    grad = ops.convert_to_numpy(grad)
+    assert np.isfinite(grad).all() and (np.abs(grad).reshape(len(x), -1).max(axis=1) > 0).mean() > 0.5
+
+
+class AlwaysReject(Detector):
+    """Flags everything: no attack gets through, so the adaptive attack cannot lower guarded accuracy."""
+
+    kind = "always-reject"
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return 1.0 + np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {}
+
+    def _save_files(self, directory: Path) -> None:  # pragma: no cover
+        pass
+
+    @classmethod
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> Detector:  # pragma: no cover
+        return cls()
+
+
+def test_no_drop_under_the_adaptive_attack_is_flagged_for_gradient_masking(digits_classifier, test_images):
+    detector = AlwaysReject()
+    detector.calibration = Calibration(threshold=0.0, target_fpr=0.05, fpr=1.0, fpr_interval=(0.9, 1.0), n_clean=100)
+    x, y = test_images[0][:40], test_images[1][:40]
+    report = evaluate(digits_classifier, detector, x, y, [FGSM(eps=EPS)], data="d", taylor_inputs=0, progress=False,
+                      adaptive=AdaptiveSettings(steps=3, lambdas=(1.0,), surrogate_epochs=1, max_inputs=25))
+    assert report["adaptive"]["stand_in"]["method"] == "surrogate"  # a NumPy score: a trained mimic stands in
+    row = report["adaptive"]["attacks"]["adaptive_pgd@eps=0.3"]
+    assert row["guarded_accuracy"] == row["non_adaptive_guarded_accuracy"] == 1.0
+    assert row["n"] == 25 and report["attacks"]["fgsm"]["n_successful"] > 25  # the first 25 inputs only
+    assert row["gradient_masking_check"] is True and "masked" in row["note"]
+    assert report["detector"]["gradient_masking_check"] is True
+
+
+def test_adaptive_settings_are_validated():
+    for kwargs in ({"steps": 0}, {"lambdas": ()}, {"lambdas": (float("inf"),)}, {"masking_margin": 1.5},
+                   {"loss": "hinge"}, {"max_inputs": 0}):
+        with pytest.raises(ValueError):
+            AdaptiveSettings(**kwargs)

@@ -1,0 +1,160 @@
+"""Tests for the report files (report.json, report.md, PNG figures, report.html) written by the
+evaluate stage, rerun determinism and fingerprints, the evaluate command's errors for bad input, and
+the cross-attack matrix."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from attacks import FGSM, PGD
+from attacks.models import save_model
+from attacks.storage import model_fingerprint
+from detector import InputDetector, load_detector
+from detector.adaptive_evaluation import AdaptiveSettings
+from detector.cross_attack import cross_attack_matrix
+from detector.evaluation import detector_fingerprint
+from detector.plots import eps_groups
+from detector.report import markdown
+from safetynet.cli import main
+from training.classifier import train_classifier
+from training.workflow import evaluate_stage
+
+EPS = 0.3
+SMALL = AdaptiveSettings(steps=5, lambdas=(1.0, 10.0))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, digits, digits_classifier) -> dict[str, Any]:
+    """A classifier file, an input detector made for it (fitted, and saved as a directory), and
+    another classifier's file."""
+    folder = tmp_path_factory.mktemp("report")
+    x, y = digits.x_train[:600], digits.y_train[:600]
+    adversarial = np.concatenate([a(digits_classifier, x, y).x_adv for a in (FGSM(eps=EPS), PGD(eps=EPS, steps=5))])
+    detector = InputDetector(epochs=3).fit(np.concatenate([x, x]), adversarial, verbose=0)
+    detector.calibrate(digits.x_train[600:], 0.05)
+    detector.classifier_fingerprint = model_fingerprint(digits_classifier)
+    detector.save(folder / "detector")
+    save_model(digits_classifier, folder / "classifier.keras")
+    other = train_classifier(x, y, digits.num_classes, epochs=1, seed=1, verbose=0)
+    save_model(other, folder / "other.keras")
+    return {"model": folder / "classifier.keras", "detector": folder / "detector", "other": folder / "other.keras",
+            "fitted": detector}
+
+
+def test_evaluate_writes_json_markdown_figures_and_html(saved, digits, tmp_path):
+    out = tmp_path / "eval"
+    report = evaluate_stage(saved["model"], saved["detector"], digits, out, attacks=["fgsm", "pgd:steps=5"],
+                            eps_sweep=[0.1, 0.3], n=60, adaptive=SMALL, cross_attack=True, cross_attack_n=200,
+                            cross_attack_epochs=1, html=True, log=lambda _: None)
+    assert json.loads((out / "report.json").read_text()) == report
+    assert list(report["attacks"]) == ["fgsm", "fgsm@eps=0.3", "pgd", "pgd@eps=0.3"]
+    assert [row["eps"] for row in report["attacks"].values()] == [0.1, 0.3, 0.1, 0.3]
+    assert report["attacks"]["pgd"]["params"]["step_size"] == pytest.approx(2.5 * 0.1 / 5)  # follows the new eps
+    assert set(report["adaptive"]["attacks"]) == {"adaptive_pgd@eps=0.1", "adaptive_pgd@eps=0.3"}
+    assert report["cross_attack"]["train"] == list(report["attacks"])
+    assert set(eps_groups(report)) == {"fgsm", "pgd", "adaptive_pgd"}
+
+    text = (out / "report.md").read_text()
+    for heading in ("## Summary", "## Attacks (non-adaptive)", "## Adaptive attacks", "## Cross-attack matrix",
+                    "## Reproducibility", "## Figures"):
+        assert heading in text, heading
+    table_rows = [line for line in text.splitlines() if line.startswith("| ")]
+    for name in [*report["attacks"], *report["adaptive"]["attacks"]]:
+        assert any(line.startswith(f"| {name} |") for line in table_rows), name
+
+    for name in ("roc", "histograms", "cross_attack", "guarded_vs_eps", "taylor"):
+        path = out / "plots" / f"{name}.png"
+        assert f"(plots/{name}.png)" in text
+        image = cv2.imread(str(path))
+        assert image is not None and image.shape[0] > 100 and image.shape[1] > 100, name
+    page = (out / "report.html").read_text()
+    assert page.count("<table>") == 5 and page.count("data:image/png;base64,") == 5
+    assert not [p for p in out.rglob(".*")]  # no temporary files left behind
+
+
+def test_rerun_gives_the_same_report(saved, digits, tmp_path):
+    def run(out: Path) -> dict:
+        report = evaluate_stage(saved["model"], saved["detector"], digits, out, attacks=["pgd:steps=5"], n=40,
+                                adaptive=SMALL, seed=3, command=["safetynet", "evaluate"], log=lambda _: None)
+        assert report["reproducibility"].pop("created")
+        return report
+
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    assert first == second
+    info = first["reproducibility"]
+    assert info["seed"] == 3 and info["command"] == ["safetynet", "evaluate"]
+    assert info["classifier_fingerprint"] == first["classifier"]["fingerprint"]
+    assert info["detector_fingerprint"] == first["detector"]["fingerprint"]
+    assert {"numpy", "keras", "scikit-learn"} <= set(info["versions"])
+
+
+def test_markdown_without_optional_sections(saved, digits, tmp_path):
+    report = evaluate_stage(saved["model"], saved["detector"], digits, tmp_path, attacks=["cw:steps=5"], n=20,
+                            adaptive=SMALL, log=lambda _: None)
+    assert "adaptive" not in report  # no L-p budget to attack adaptively
+    text = markdown(report, [])
+    assert "## Attacks" in text and "## Adaptive" not in text and "## Cross-attack" not in text
+    assert not (tmp_path / "plots" / "guarded_vs_eps.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--attacks", "pgd:eps"], "cannot parse"),
+        (["--attacks", "pgd:eps=0.3,stepz=4"], "takes no parameter"),
+        (["--attacks", "fgsm2"], "unknown attack"),
+        (["--attacks", "fgsm", "--eps-sweep", "0.1", "1.5"], "eps must lie"),
+        (["--attacks", "fgsm", "--lambdas", "-1"], "lambdas"),
+        (["--attacks", "fgsm", "--adaptive-steps", "0"], "steps must be"),
+        (["--attacks", "fgsm", "--model", "{other}"], "different classifier"),
+        (["--attacks", "fgsm", "--n", "0"], "n must be"),
+    ],
+)
+def test_bad_input_fails_before_any_work(args, message, saved, tmp_path, capsys):
+    values = {"other": saved["other"]}
+    argv = ["evaluate", "--model", str(saved["model"]), "--detector", str(saved["detector"]),
+            "--out", str(tmp_path / "eval"), *[a.format(**values) for a in args]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_detector_fingerprint_survives_save_and_load(saved):
+    assert detector_fingerprint(load_detector(saved["detector"])) == detector_fingerprint(saved["fitted"])
+    retuned = load_detector(saved["detector"]).calibrate(np.zeros((10, 8, 8, 1), np.float32), 0.1)
+    assert detector_fingerprint(retuned) != detector_fingerprint(saved["fitted"])
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-attack matrix (the Python API)
+# --------------------------------------------------------------------------------------------
+
+
+def test_cross_attack_matrix_trains_one_detector_per_attack(digits, digits_classifier):
+    x_train, y_train = digits.x_train[:400], digits.y_train[:400]
+    x, y = digits.x_test[:120], digits.y_test[:120]
+    attacks = {"fgsm": FGSM(eps=EPS), "pgd": PGD(eps=EPS, steps=5)}
+    pgd_pair = (x_train, attacks["pgd"](digits_classifier, x_train, y_train).x_adv)
+    fits = []
+
+    def fit(clean, adversarial):
+        fits.append((len(clean), len(adversarial)))
+        return InputDetector(epochs=3).fit(clean, adversarial, verbose=0)
+
+    results = {name: a(digits_classifier, x, y) for name, a in attacks.items()}
+    matrix = cross_attack_matrix(digits_classifier, {"fgsm": attacks["fgsm"], "pgd": pgd_pair}, results, x, fit,
+                                 x_train=x_train, y_train=y_train, target_fpr=0.05)
+    assert matrix["train"] == matrix["test"] == ["fgsm", "pgd"]
+    assert len(fits) == 2 and all(c == a < 400 for c, a in fits)  # calibration images held out
+    assert np.shape(matrix["auroc"]) == np.shape(matrix["tpr"]) == (2, 2)
+    assert min(min(row) for row in matrix["auroc"]) > 0.8  # FGSM and PGD at 0.3 look alike
+    assert all(0.0 <= fpr < 0.25 for fpr in matrix["clean_fpr"])
+    json.dumps(matrix)
+    with pytest.raises(ValueError, match="x_train"):
+        cross_attack_matrix(digits_classifier, {"fgsm": attacks["fgsm"]}, results, x, fit)
