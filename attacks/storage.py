@@ -37,6 +37,17 @@ def model_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
+def _read_umask() -> int:
+    """The process umask (read by setting it, so set it straight back): once, at import, because
+    the umask is process-wide and writer threads must never see it changed."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call `write(temp_path)` to produce the file, then rename it to `path` (same folder)."""
     path = Path(path)
@@ -47,6 +58,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         write(Path(temp))
         with open(temp, "rb+") as stream:
             os.fsync(stream.fileno())
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results unreadable to others
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -70,3 +70,15 @@ def test_fingerprint_changes_with_any_weight():
     bias[0] += 1e-3
     model.layers[0].set_weights([kernel, bias])
     assert model_fingerprint(model) != before
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """mkstemp creates 0600 files; written results must be readable like any other file."""
+    import os
+
+    from attacks.storage import atomic_write_json
+
+    path = atomic_write_json(tmp_path / "report.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
