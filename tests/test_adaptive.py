@@ -3,8 +3,6 @@
 flag. Small cases on digits."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +17,8 @@ from detector.calibration import Calibration
 from detector.differentiable import stand_in
 from detector.evaluation import evaluate
 from training.detector import make_detector
+
+from doubles import SyntheticDetector
 
 EPS = 0.3
 N_TEST = 120
@@ -131,23 +131,13 @@ def test_stand_ins_reproduce_the_real_scores_and_have_gradients(family, method, 
     assert np.isfinite(grad).all() and (np.abs(grad).reshape(len(x), -1).max(axis=1) > 0).mean() > 0.5
 
 
-class AlwaysReject(Detector):
+class AlwaysReject(SyntheticDetector):
     """Flags everything: no attack gets through, so the adaptive attack cannot lower guarded accuracy."""
 
     kind = "always-reject"
 
     def score(self, x: np.ndarray) -> np.ndarray:
         return 1.0 + np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {}
-
-    def _save_files(self, directory: Path) -> None:  # pragma: no cover
-        pass
-
-    @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> Detector:  # pragma: no cover
-        return cls()
 
 
 def test_no_drop_under_the_adaptive_attack_is_flagged_for_gradient_masking(digits_classifier, test_images):

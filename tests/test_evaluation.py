@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,9 +15,11 @@ from sklearn.metrics import roc_auc_score
 from attacks import FGSM, PGD
 from attacks.base import Attack, AttackResult
 from attacks.storage import model_fingerprint
-from detector import Detector, InputDetector, metrics
+from detector import InputDetector, metrics
 from detector.calibration import Calibration
 from detector.evaluation import evaluate, format_table, write_report
+
+from doubles import SyntheticDetector
 
 EPS = 0.3
 N_FIT = 1100
@@ -30,7 +31,7 @@ FAST: dict[str, Any] = {"adaptive": None, "taylor_inputs": 0}  # tests of the ad
 # --------------------------------------------------------------------------------------------
 
 
-class CornerDetector(Detector):
+class CornerDetector(SyntheticDetector):
     """Hand-set scores: 10 x the top-left pixel (always 0 in clean digits) plus the mean pixel."""
 
     kind = "corner-test"
@@ -38,16 +39,6 @@ class CornerDetector(Detector):
     def score(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float64)
         return 10.0 * x[:, 0, 0, 0] + x.reshape(len(x), -1).mean(axis=1)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {}
-
-    def _save_files(self, directory: Path) -> None:  # pragma: no cover
-        pass
-
-    @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any]) -> Detector:  # pragma: no cover
-        return cls()
 
 
 RECORDED: list[tuple[str, float, AttackResult]] = []
