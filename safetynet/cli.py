@@ -247,12 +247,12 @@ def _run(args: argparse.Namespace) -> int:
             cross_attack_epochs=args.cross_attack_epochs, html=args.html, seed=args.seed, command=sys.argv,
         )
     elif args.command == "quarantine":
-        from serving import quarantine
+        from serving import quarantine_export
 
         if args.quarantine_command == "info":
-            print("\n".join(quarantine.describe_quarantine(args.store)))
+            print("\n".join(quarantine_export.describe_quarantine(args.store)))
         else:
-            quarantine.export_quarantine(args.store, args.out, include=args.include, since=args.since, model=args.model)
+            quarantine_export.export_quarantine(args.store, args.out, include=args.include, since=args.since, model=args.model)
             workflow.dataset_info(args.out)
     elif args.command == "serve":
         from serving.http import serve

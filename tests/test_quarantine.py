@@ -29,7 +29,8 @@ from attacks.storage import model_fingerprint
 from detector import load_detector
 from safetynet.cli import main
 from serving.guard import Guard
-from serving.quarantine import IMAGES, INDEX, Quarantine, export_quarantine
+from serving.quarantine import IMAGES, INDEX, Quarantine
+from serving.quarantine_export import export_quarantine
 from training.detector import fit_detector, retrain_input_detector, split_by_source
 from training.workflow import trained_attacks
 

@@ -7,7 +7,7 @@ adversarial versions measure detection before and after retraining, so no image 
 trained on, in any version, is used to judge it.
 
 Adversarial-only datasets (`"adversarial_only": true` in the manifest: quarantine exports, see
-`serving.quarantine`) have no clean versions. They join the adversarial side only, next to at least
+`serving.quarantine_export`) have no clean versions. They join the adversarial side only, next to at least
 one ordinary dataset that supplies the clean images; a random fraction of their records (by record
 index) is held out the same way, to measure detection on them.
 """
