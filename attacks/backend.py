@@ -109,14 +109,19 @@ def value_and_grad(
     return values, aux, grad
 
 
+# TensorFlow unrolls loops up to this many steps; longer ones (PGD-40, adaptive attacks) become a
+# real loop, so that their graphs build in seconds
+UNROLL_MAX_STEPS = 20
+
+
 def repeat(body: Callable[..., tuple], state: tuple, steps: int) -> tuple:
     """`state = body(*state)` exactly `steps` times, inside a compiled function.
 
-    TensorFlow: unrolled into the graph, which measured faster on CPU than `tf.while_loop` (no
-    per-iteration control flow; kernels are scheduled across steps). JAX: `lax.fori_loop`, which
-    XLA compiles natively without the compile-time cost of unrolling.
+    TensorFlow: unrolled into the graph up to UNROLL_MAX_STEPS, which measured faster on CPU than
+    `tf.while_loop` (no per-iteration control flow; kernels are scheduled across steps). JAX:
+    `lax.fori_loop`, which XLA compiles natively without the compile-time cost of unrolling.
     """
-    if _backend() == "tensorflow":
+    if _backend() == "tensorflow" and steps <= UNROLL_MAX_STEPS:
         for _ in range(steps):
             state = body(*state)
         return state
@@ -131,10 +136,13 @@ def distribute(strategy: Any, run: Callable[..., tuple]) -> Callable[..., tuple]
     replicas = strategy.num_replicas_in_sync
 
     def call(*tensors: Tensor) -> tuple:
-        if any(len(t) % replicas for t in tensors):
+        given = [t for t in tensors if t is not None]
+        if any(len(t) % replicas for t in given):
             raise ValueError(f"the batch must divide evenly across {replicas} replicas")
-        chunks = [[t[r * len(t) // replicas : (r + 1) * len(t) // replicas] for r in range(replicas)] for t in tensors]
+        chunks = [None if t is None else [t[r * len(t) // replicas : (r + 1) * len(t) // replicas] for r in range(replicas)]
+                  for t in tensors]
         values = [
+            None if c is None else
             strategy.experimental_distribute_values_from_function(lambda context, c=c: c[context.replica_id_in_sync_group])
             for c in chunks
         ]

@@ -12,63 +12,80 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from attacks.backend import Forward, compile_with_model, distribute
+from attacks.batches import Array, is_backend_array, run_batches
+from attacks.objectives import fooled
 
 
 class AttackResult:
-    """Adversarial images with a per-sample success flag and perturbation norms (all numpy).
+    """Adversarial images with a per-sample success flag and perturbation norms.
 
-    `success` may be given as a function that computes it: it then runs on first access (one batched
-    forward pass over `x_adv`), so callers that only need the images, such as adversarial training,
-    do not pay for it, and an attack's images come at the speed of its gradient steps alone.
+    The arrays are numpy when the attack was given numpy, and backend arrays (jax.Array, tf.Tensor)
+    left on the device when it was given those. `success` may be given as a function that computes
+    it: it then runs on first access (one batched forward pass over `x_adv`), so callers that only
+    need the images, such as adversarial training, do not pay for it, and an attack's images come at
+    the speed of its gradient steps alone.
     """
 
     def __init__(
         self,
-        x_adv: np.ndarray,
-        success: np.ndarray | Callable[[], np.ndarray],
-        linf: np.ndarray,
-        l2: np.ndarray,
+        x_adv: Array,
+        success: Array | Callable[[], Array],
+        linf: Array,
+        l2: Array,
         targets: np.ndarray | None = None,
     ) -> None:
         self.x_adv, self.linf, self.l2, self.targets = x_adv, linf, l2, targets
         self._success = success
 
     @property
-    def success(self) -> np.ndarray:
+    def success(self) -> Array:
         if callable(self._success):
-            self._success = np.asarray(self._success(), dtype=bool)
+            judged = self._success()
+            self._success = judged if is_backend_array(judged) else np.asarray(judged, dtype=bool)
         return self._success
 
     @property
     def success_rate(self) -> float:
-        return float(self.success.mean()) if len(self.success) else 0.0
+        flags = keras.ops.convert_to_numpy(self.success)
+        return float(flags.mean()) if len(flags) else 0.0
 
     def __repr__(self) -> str:
         judged = "pending" if callable(self._success) else f"{self.success_rate:.1%}"
         return f"AttackResult(n={len(self.x_adv)}, success={judged})"
 
 
-def check_images(x: Any, clip: tuple[float, float]) -> np.ndarray:
-    """Return `x` as a float32 NHWC array after checking rank, dtype, finiteness and range."""
-    if not isinstance(x, np.ndarray):
+def check_images(x: Any, clip: tuple[float, float]) -> Array:
+    """`x` as float32 NHWC after checking rank, dtype, finiteness and range: numpy stays numpy, a
+    backend array stays on its device (checked there). One min and one max pass: NaN fails the range
+    test and infinities lie outside it, so no separate finiteness pass is needed on the host."""
+    on_device = is_backend_array(x)
+    if not on_device and not isinstance(x, np.ndarray):
         x = np.asarray(x)
-    if x.ndim != 4:
-        raise ValueError(f"images must be a 4-D NHWC array, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"images must be floating point in {list(clip)}, got dtype {x.dtype}")
-    if len(x) == 0:
+    shape = tuple(x.shape)
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    if len(shape) != 4:
+        raise ValueError(f"images must be a 4-D NHWC array, got shape {shape}")
+    if "float" not in dtype:
+        raise ValueError(f"images must be floating point in {list(clip)}, got dtype {dtype}")
+    if shape[0] == 0:
         raise ValueError("no images given (empty batch)")
-    if not np.isfinite(x).all():
+    if on_device:
+        x = keras.ops.cast(x, "float32")
+        low, high = (float(v) for v in keras.ops.convert_to_numpy(keras.ops.stack([keras.ops.min(x), keras.ops.max(x)])))
+        if not bool(keras.ops.all(keras.ops.isfinite(x))):
+            low = math.nan
+    else:
+        low, high = float(x.min()), float(x.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("images contain NaN or infinite values")
-    low, high = float(x.min()), float(x.max())
     if low < clip[0] or high > clip[1]:
         raise ValueError(f"images must lie in {list(clip)}, found values in [{low:.4g}, {high:.4g}]")
-    return x.astype(np.float32, copy=False)
+    return x if on_device else x.astype(np.float32, copy=False)
 
 
 def check_labels(y: Any, n: int, num_classes: int, what: str = "labels") -> np.ndarray:
     """Return `y` as int32 class indices after checking length, dtype and range."""
-    y = np.asarray(y)
+    y = keras.ops.convert_to_numpy(y) if is_backend_array(y) else np.asarray(y)
     if y.ndim != 1 or len(y) != n:
         raise ValueError(f"{what} must be a 1-D array of {n} class indices, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
@@ -81,12 +98,13 @@ def check_labels(y: Any, n: int, num_classes: int, what: str = "labels") -> np.n
     return y.astype(np.int32)
 
 
-def check_model_input(model: keras.Model, x: np.ndarray) -> int:
+def check_model_input(model: keras.Model, x: Array) -> int:
     """Check that `x` fits the model's input and return the number of classes it outputs."""
     expected = tuple(model.input_shape[1:])
-    if len(expected) != 3 or any(e is not None and e != a for e, a in zip(expected, x.shape[1:], strict=True)):
+    shape = tuple(x.shape[1:])
+    if len(expected) != 3 or any(e is not None and e != a for e, a in zip(expected, shape, strict=True)):
         raise ValueError(
-            f"images of shape {x.shape[1:]} do not fit the model's input shape {expected}"
+            f"images of shape {shape} do not fit the model's input shape {expected}"
         )
     return int(model.output_shape[-1])
 
@@ -105,37 +123,19 @@ def check_finite_nonnegative(name: str, value: float) -> float:
     return value
 
 
-def fooled(logits: Any, goal: Any, targeted: bool) -> Any:
-    """Per sample: the model predicts the target (targeted) or anything but the label (untargeted)."""
-    predicted = keras.ops.cast(keras.ops.argmax(logits, axis=-1), goal.dtype)
-    return predicted == goal if targeted else predicted != goal
+def per_sample(name: str, value: Any, n: int) -> np.ndarray:
+    """A budget as one finite value >= 0 per sample: a number is repeated, an array must have length n."""
+    values = np.asarray(keras.ops.convert_to_numpy(value) if is_backend_array(value) else value, dtype=np.float64)
+    if values.ndim == 0:
+        values = np.full(n, float(values))
+    elif values.shape != (n,):
+        raise ValueError(f"{name} must be a number or one value per input ({n}), got shape {values.shape}")
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0, got {values.min() if np.isfinite(values).all() else 'NaN or inf'}")
+    return values.astype(np.float32)
 
 
-def _batched(
-    run: Callable[..., tuple], arrays: list[np.ndarray], size: int, *,
-    noise: Callable[[slice, tuple[int, ...]], np.ndarray] | None = None, bar: tqdm | None = None,
-) -> list[np.ndarray | None]:
-    """`run(*batch_arrays[, noise])` over fixed-size batches (the last padded with copies of its first
-    row, so nothing recompiles); each output concatenated with the padding dropped (None stays None)."""
-    n = len(arrays[0])
-    outputs: list[list[np.ndarray]] | None = None
-    for start in range(0, n, size):
-        batch = [a[start : start + size] for a in arrays]
-        count = len(batch[0])
-        if count < size:
-            batch = [np.concatenate([b, np.repeat(b[:1], size - count, axis=0)]) for b in batch]
-        if noise is not None:
-            batch.append(noise(slice(start, start + size), batch[0].shape))
-        values = run(*batch)
-        outputs = outputs or [[] for _ in values]
-        for out, value in zip(outputs, values, strict=True):
-            if value is not None:
-                out.append(keras.ops.convert_to_numpy(value)[:count])
-        if bar is not None:
-            bar.update(count)
-    return [np.concatenate(parts) if parts else None for parts in outputs]
-
-
+# compiled functions per model, keyed by (attack structure, what, targeted, budget names)
 _compiled: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -143,12 +143,15 @@ _compiled: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDicti
 class Attack(abc.ABC):
     """Base of all attacks: immutable, keyword-only parameters, called as `attack(model, x, y)`.
 
-    Subclasses implement `_batch(forward, x, y, noise, targeted)` in `keras.ops`, which is compiled
-    once per model and reused for every batch, and may override `_batch_noise` for random starts
-    (drawn per input from a generator seeded by `seed` and that input's index: `input_rng`).
+    Subclasses implement `_batch(forward, x, y, noise, targeted, **budget)` in `keras.ops`, which is
+    compiled once per model and structure and reused for every batch. The parameters named in
+    `budgets` (eps, step sizes, ...) are not compiled in: `_budget` turns them into per-sample runtime
+    arrays, and a call may override them (`attack(model, x, y, eps=...)`). `_batch_noise` gives
+    random starts (drawn per input from a generator seeded by `seed` and that input's index: `input_rng`).
     """
 
     name: ClassVar[str]
+    budgets: ClassVar[tuple[str, ...]] = ()
     clip: tuple[float, float] = (0.0, 1.0)
     seed: int = 0
 
@@ -159,31 +162,55 @@ class Attack(abc.ABC):
         object.__setattr__(self, "clip", (low, high))
 
     @abc.abstractmethod
-    def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool) -> tuple:
+    def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool, **budget: Any) -> tuple:
         """One batch, in `keras.ops`: returns (x_adv, success, linf, l2) tensors; success may be
         None when the attack does not know it, and is then judged from `x_adv` on demand."""
 
-    def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
-        """Random starts for one batch of `shape` (batch axis first); by default none (zeros)."""
-        return np.zeros(shape, np.float32)
+    def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray | None:
+        """Random starts for one batch of `shape` (batch axis first); by default none."""
+        return None
+
+    def _budget(self, n: int, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The runtime inputs of `_batch` for n inputs, from the attack's values and a call's overrides."""
+        if overrides:
+            takes = f"it takes {list(self.budgets)}" if self.budgets else "it has none"
+            raise ValueError(f"{self.name} takes no call-time budget {sorted(overrides)}; {takes}")
+        return {}
+
+    def _structure(self) -> tuple:
+        """What fixes the compiled graph: every parameter but the budgets and the seed (host side)."""
+        return (type(self), *(
+            (f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+            if f.name not in self.budgets and f.name != "seed"
+        ))
 
     def input_rng(self, index: int, purpose: int = 0) -> np.random.Generator:
         """The random generator of one input: depends only on `seed`, the input's index and purpose."""
         return np.random.default_rng([self.seed, int(index), purpose])
 
-    def _compiled(self, model: keras.Model, what: str, targeted: bool, strategy: Any) -> Callable[..., tuple]:
-        """The compiled `_batch` ("batch") or success test ("judge") for `model`, built once."""
+    def _compiled(self, model: keras.Model, what: str, targeted: bool, strategy: Any, names: tuple[str, ...] = ()
+                  ) -> Callable[..., tuple]:
+        """The compiled `_batch` ("batch") or success test ("judge") for `model`, built once per structure."""
         per_model = _compiled.setdefault(model, {})
-        key = (self, what, targeted)
+        key = (self._structure(), what, targeted, names)
         if key not in per_model:
             if what == "batch":
-                def fn(forward: Forward, x: Any, y: Any, noise: Any) -> tuple:
-                    return self._batch(forward, x, y, noise, targeted)
+                def fn(forward: Forward, x: Any, y: Any, *values: Any) -> tuple:  # budgets, then the noise
+                    budget = dict(zip(names, values[:-1], strict=True))
+                    return self._batch(forward, x, y, values[-1], targeted, **budget)
             else:
                 def fn(forward: Forward, x: Any, y: Any) -> tuple:
-                    return (fooled(forward(x), y, targeted),)
+                    return (fooled(self._logits(forward(x)), y, targeted),)
             per_model[key] = compile_with_model(model, fn)
         return per_model[key] if strategy is None else distribute(strategy, per_model[key])
+
+    def _classes(self, model: keras.Model) -> int:
+        """How many classes the model tells apart (the adaptive attack's model adds a score column)."""
+        return int(model.output_shape[-1])
+
+    def _logits(self, outputs: Any) -> Any:
+        """The classifier's logits within the model's outputs (the adaptive attack's model adds a score)."""
+        return outputs
 
     def __call__(
         self,
@@ -196,12 +223,17 @@ class Attack(abc.ABC):
         batch_size: int = 256,
         progress: bool | tqdm = False,
         strategy: Any = None,
+        **budget: Any,
     ) -> AttackResult:
         """Attack `x` (labels `y`); with `targets`, push each input towards its target class.
 
         `targets` is an array of classes, "random" (a random other class per input) or
         "least_likely" (the class the model finds least likely on the clean input).
+        `budget` overrides the attack's budgets for this call (e.g. `eps=0.1`, or one eps per
+        input): they are runtime inputs, so a new value compiles nothing.
 
+        `x` may be numpy (results come back as numpy; the copies to and from the device overlap the
+        work) or a backend array (jax.Array, tf.Tensor: the results stay on its device).
         Inputs are processed in fixed-size batches (the last one padded) so nothing recompiles.
         The caller's arrays are never modified. Each input's random start depends only on `seed` and
         its `index` (default 0..n-1; pass source indices so a dataset split into shards gets the
@@ -209,43 +241,49 @@ class Attack(abc.ABC):
         `strategy` (a `tf.distribute` strategy, e.g. MirroredStrategy over the local GPUs) splits
         every batch across its replicas; results do not change.
         """
+        on_device = is_backend_array(x)
         x = check_images(x, self.clip)
-        num_classes = check_model_input(model, x)
-        y = check_labels(y, len(x), num_classes)
-        index = np.arange(len(x)) if index is None else np.asarray(index)
-        if index.shape != (len(x),):
-            raise ValueError(f"index must hold one integer per input ({len(x)}), got shape {index.shape}")
+        n = int(x.shape[0])
+        check_model_input(model, x)
+        num_classes = self._classes(model)
+        y = check_labels(y, n, num_classes)
+        runtime = self._budget(n, budget)
+        index = np.arange(n) if index is None else np.asarray(index)
+        if index.shape != (n,):
+            raise ValueError(f"index must hold one integer per input ({n}), got shape {index.shape}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         targeted = targets is not None
         if isinstance(targets, str):
             targets = self._choose_targets(targets, model, x, y, index, num_classes, batch_size)
-        goal = check_labels(targets, len(x), num_classes, "targets") if targeted else y
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        size = min(batch_size, len(x))
+        goal = check_labels(targets, n, num_classes, "targets") if targeted else y
+        size = min(batch_size, n)
         if strategy is not None:
             size = -(-size // strategy.num_replicas_in_sync) * strategy.num_replicas_in_sync
         own_bar = not isinstance(progress, tqdm)
-        bar = tqdm(total=len(x), desc=self.name, unit="img", disable=not progress) if own_bar else progress
-        x_adv, success, linf, l2 = _batched(
-            self._compiled(model, "batch", targeted, strategy), [x, goal], size,
-            noise=lambda rows, shape: self._batch_noise(shape, index[rows]), bar=bar,
+        bar = tqdm(total=n, desc=self.name, unit="img", disable=not progress) if own_bar else progress
+        run = self._compiled(model, "batch", targeted, strategy, tuple(runtime))
+        x_adv, success, linf, l2 = run_batches(
+            run, [x, goal, *runtime.values()], size, bar=bar, on_device=on_device,
+            extra=lambda rows, shape: self._batch_noise(shape, index[rows]),
         )
         if own_bar:
             bar.close()
         if success is None:  # judged on first access: one forward pass over the results
             judge = self._compiled(model, "judge", targeted, strategy)
-            success = lambda: _batched(judge, [x_adv, goal], size)[0]
+            success = lambda: run_batches(judge, [x_adv, goal], size, on_device=on_device)[0]
         return AttackResult(x_adv, success, linf, l2, targets=goal if targeted else None)
 
     def _choose_targets(
-        self, mode: str, model: keras.Model, x: np.ndarray, y: np.ndarray, index: np.ndarray,
+        self, mode: str, model: keras.Model, x: Array, y: np.ndarray, index: np.ndarray,
         num_classes: int, batch_size: int,
     ) -> np.ndarray:
         if mode == "random":
             shifts = [self.input_rng(i, purpose=1).integers(1, num_classes) for i in index]
             return (y + np.asarray(shifts, dtype=np.int64)) % num_classes
         if mode == "least_likely":
-            return np.argmin(model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
+            logits = self._logits(model.predict(x, batch_size=batch_size, verbose=0))
+            return np.argmin(logits, axis=-1)
         raise ValueError(f"unknown target mode {mode!r}: give classes, 'random' or 'least_likely'")
 
     def params(self) -> dict[str, Any]:

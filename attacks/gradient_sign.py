@@ -1,21 +1,25 @@
-"""The gradient-sign family on one iterative engine: FGSM (one step), BIM / I-FGSM, PGD, MI-FGSM.
+"""The gradient-sign family on the one engine (`attacks.engine`): FGSM (one step), BIM / I-FGSM,
+PGD, MI-FGSM, in L-inf or L2, untargeted or targeted, with any objective (`attacks.objectives`).
 
-Each step moves along the loss gradient's sign (L-inf) or its unit direction (L2), then projects back
-into the eps-ball around the input and into the clip range. The whole loop runs inside one compiled
-function (`keras.ops.while_loop`), so nothing returns to Python or numpy between steps.
+eps, the step size and the momentum are runtime budgets: the attack object holds defaults, a call
+may override them (`PGD(eps=0.3)(model, x, y, eps=0.1)`, or one value per input), and the compiled
+loop is shared by every value.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
-import keras
 import numpy as np
 from keras import ops
 
-from attacks.backend import Forward, repeat, value_and_grad
-from attacks.base import Attack, check_finite_nonnegative, check_integer, fooled
-from attacks.norms import check_norm, per_image, perturbation_norms, project, steepest_direction
+from attacks.backend import Forward
+from attacks.base import Attack, check_finite_nonnegative, check_integer, per_sample
+from attacks.engine import Plan, ascend, unit_noise
+from attacks.norms import check_norm, perturbation_norms
+from attacks.objectives import CrossEntropy, Margin, Objective
+
+LOSSES = {"ce": CrossEntropy(), "margin": Margin()}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -23,109 +27,124 @@ class GradientSignAttack(Attack):
     """Iterative gradient attack with L-inf or L2 projection (the engine behind FGSM, BIM and PGD).
 
     eps: radius of the allowed perturbation in the chosen norm.
-    steps: gradient steps. step_size: per-step move (default 2.5 * eps / steps, Madry et al.).
+    steps: gradient steps. step_size: the absolute per-step move; or rel_stepsize, the move as a
+        fraction of eps (Foolbox's rel_stepsize), which follows eps when a call changes it.
+        Default: rel_stepsize 2.5 / steps (Madry et al.).
     random_start: begin at a uniform random point of the eps-ball (PGD) instead of the input.
     restarts: independent random starts; each input keeps its best (first successful, else
         highest-loss) result. Needs random_start.
     momentum: decay of the accumulated L1-normalised gradient (MI-FGSM, Dong et al. 2018); 0 = off.
     early_stop: a sample that already fools the model stops changing; the loop ends when all do.
+    loss: what the steps maximise: "ce" (cross-entropy), "margin" (C&W logit margin) or an
+        `attacks.objectives.Objective` of your own.
     """
 
     name = "gradient_sign"
+    budgets: ClassVar[tuple[str, ...]] = ("eps", "step_size", "rel_stepsize", "momentum")
     eps: float
     norm: str = "inf"
     steps: int = 10
     step_size: float | None = None
+    rel_stepsize: float | None = None
     random_start: bool = False
     restarts: int = 1
     momentum: float = 0.0
     early_stop: bool = False
+    loss: str | Objective = "ce"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        norm = check_norm(self.norm)
-        object.__setattr__(self, "norm", norm)
-        eps = check_finite_nonnegative("eps", self.eps)
-        if norm == "inf" and eps > self.clip[1] - self.clip[0]:
-            raise ValueError(f"eps must lie in [0, {self.clip[1] - self.clip[0]}] for L-inf, got {eps}")
-        object.__setattr__(self, "eps", eps)
+        object.__setattr__(self, "norm", check_norm(self.norm))
+        object.__setattr__(self, "eps", check_finite_nonnegative("eps", self.eps))
+        self._check_eps_range(np.array([self.eps]))
         object.__setattr__(self, "steps", check_integer("steps", self.steps))
         object.__setattr__(self, "restarts", check_integer("restarts", self.restarts))
         if self.restarts > 1 and not self.random_start:
             raise ValueError("restarts > 1 needs random_start=True: without it every restart is identical")
         object.__setattr__(self, "momentum", check_finite_nonnegative("momentum", self.momentum))
-        step_size = 2.5 * eps / self.steps if self.step_size is None else self.step_size
-        object.__setattr__(self, "step_size", check_finite_nonnegative("step_size", step_size))
+        if self.step_size is not None and self.rel_stepsize is not None:
+            raise ValueError("give step_size (absolute) or rel_stepsize (a fraction of eps), not both")
+        for name in ("step_size", "rel_stepsize"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_finite_nonnegative(name, getattr(self, name)))
+        if not isinstance(self.loss, Objective) and self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)} or an Objective, got {self.loss!r}")
 
-    def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray:
-        """(batch, restarts, H, W, C) random starts: uniform in the eps-ball, per input from (seed, index)."""
-        noise = np.zeros((shape[0], self.restarts, *shape[1:]), np.float32)
+    def _check_eps_range(self, eps: np.ndarray) -> None:
+        """An L-inf eps beyond the clip range's width is a mistake (every pixel could go anywhere)."""
+        width = self.clip[1] - self.clip[0]
+        if self.norm == "inf" and (eps > width).any():
+            raise ValueError(f"eps must lie in [0, {width}] for L-inf, got {eps.max():.6g}")
+
+    def relative_step(self) -> float | None:
+        """The step as a fraction of eps (None when the step is absolute): rel_stepsize, by default 2.5 / steps."""
+        if self.step_size is not None:
+            return None
+        return 2.5 / self.steps if self.rel_stepsize is None else self.rel_stepsize
+
+    def _objective(self) -> Objective:
+        return self.loss if isinstance(self.loss, Objective) else LOSSES[self.loss]
+
+    def _plan(self) -> Plan:
+        return Plan(self._objective(), norm=self.norm, steps=self.steps, restarts=self.restarts,
+                    early_stop=self.early_stop, clip=self.clip)
+
+    def _structure(self) -> tuple:
+        return (type(self), self._plan(), self.random_start)
+
+    def _budget(self, n: int, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+        unknown = sorted(set(overrides) - set(self.budgets))
+        if unknown:
+            raise ValueError(f"{self.name} takes no call-time budget {unknown}; it takes {list(self.budgets)}")
+        if "step_size" in overrides and "rel_stepsize" in overrides:
+            raise ValueError("give step_size (absolute) or rel_stepsize (a fraction of eps), not both")
+        eps = per_sample("eps", overrides.get("eps", self.eps), n)
+        self._check_eps_range(eps)
+        step_size, rel = self.step_size, self.relative_step()
+        if "step_size" in overrides:
+            step_size, rel = overrides["step_size"], None
+        elif "rel_stepsize" in overrides:
+            step_size, rel = None, overrides["rel_stepsize"]
+        step = per_sample("step_size", step_size, n) if step_size is not None else per_sample("rel_stepsize", rel, n) * eps
+        return {"eps": eps, "step": step, "momentum": per_sample("momentum", overrides.get("momentum", self.momentum), n)}
+
+    def params(self) -> dict[str, Any]:
+        """As `Attack.params`, with the effective relative step (so a report shows the step taken: eps
+        times rel_stepsize); an Objective of the caller's own is recorded by its repr (not rebuildable)."""
+        values = super().params()
+        if "rel_stepsize" in values:
+            values["rel_stepsize"] = self.relative_step()
+        if isinstance(self.loss, Objective):
+            values["loss"] = repr(self.loss)
+        return values
+
+    def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray | None:
+        """(batch, restarts, H, W, C) random starts in the unit ball, per input from (seed, index);
+        the engine scales them by each input's eps."""
         if not self.random_start:
-            return noise
-        size = int(np.prod(shape[1:]))
+            return None
+        restarts = self._plan().restarts
+        noise = np.zeros((shape[0], restarts, *shape[1:]), np.float32)
         for row, key in enumerate(index):
             rng = self.input_rng(key)
-            for restart in range(self.restarts):
-                if self.norm == "inf":
-                    noise[row, restart] = rng.uniform(-self.eps, self.eps, shape[1:])
-                else:  # a uniform direction, radius eps * u^(1/d)
-                    direction = rng.standard_normal(shape[1:])
-                    radius = self.eps * rng.uniform() ** (1.0 / size)
-                    noise[row, restart] = direction * (radius / (np.linalg.norm(direction) + 1e-12))
+            for restart in range(restarts):
+                noise[row, restart] = unit_noise(rng, shape[1:], self.norm)
         return noise
 
-    def _project(self, x0: Any, x: Any) -> Any:
-        return project(x0, x, eps=self.eps, norm=self.norm, clip=self.clip)
+    def perturb_batch(self, forward: Forward, x: Any, y: Any, noise: Any = None, *, scale: Any = 1.0,
+                      objective: Objective | None = None) -> Any:
+        """The attack on one batch inside a compiled function (adversarial training's step): eps and
+        the step scaled by `scale` (eps warm-up; a tensor), `noise` unit random starts or None, and
+        optionally another objective (TRADES). Untargeted; returns x_adv."""
+        plan = self._plan() if objective is None else dataclasses.replace(self._plan(), objective=objective)
+        ones = ops.ones((ops.shape(x)[0],), x.dtype)
+        step = self.step_size if self.step_size is not None else self.relative_step() * self.eps
+        return ascend(forward, plan, x, y, noise, ones * scale * self.eps, ones * scale * step, ones * self.momentum,
+                      None, False)[0]
 
-    def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool) -> tuple:
-        def loss_and_fooled(z: Any) -> tuple[Any, Any]:
-            logits = forward(z)
-            loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            return (-loss if targeted else loss), fooled(logits, y, targeted)
-
-        def step(i: Any, x_adv: Any, velocity: Any, active: Any) -> tuple[Any, Any, Any, Any]:
-            _, now_fooled, grad = value_and_grad(loss_and_fooled, x_adv)
-            if self.early_stop:
-                active = ops.logical_and(active, ops.logical_not(now_fooled))
-            l1 = per_image(ops.mean(ops.abs(ops.reshape(grad, (ops.shape(grad)[0], -1))), axis=1))
-            velocity = self.momentum * velocity + grad / ops.maximum(l1, 1e-12)
-            moved = self._project(x, x_adv + self.step_size * steepest_direction(velocity, self.norm))
-            return i + 1, ops.where(per_image(active), moved, x_adv), velocity, active
-
-        def keep_going(i: Any, x_adv: Any, velocity: Any, active: Any) -> Any:
-            return ops.logical_and(i < self.steps, ops.any(active))
-
-        def run_from(start_noise: Any) -> Any:
-            state = (
-                ops.convert_to_tensor(0), self._project(x, x + start_noise),
-                ops.zeros_like(x), ops.ones((ops.shape(x)[0],), dtype="bool"),
-            )
-            if self.early_stop:  # a data-dependent end: a real loop
-                return ops.while_loop(keep_going, step, state)[1]
-            return repeat(step, state, self.steps)[1]
-
-        if self.restarts == 1:  # success is judged from x_adv only if the caller asks for it
-            x_adv = run_from(noise[:, 0])
-            return (x_adv, None, *perturbation_norms(x, x_adv))
-
-        def restart(r: Any, best_x: Any, best_loss: Any, best_fooled: Any) -> tuple[Any, Any, Any, Any]:
-            candidate = run_from(ops.take(noise, r, axis=1))
-            loss, now_fooled = loss_and_fooled(candidate)
-            better = ops.logical_or(
-                ops.logical_and(now_fooled, ops.logical_not(best_fooled)),
-                ops.logical_and(ops.logical_not(ops.logical_or(now_fooled, best_fooled)), loss > best_loss),
-            )
-            return (
-                r + 1, ops.where(per_image(better), candidate, best_x),
-                ops.where(better, loss, best_loss), ops.logical_or(best_fooled, now_fooled),
-            )
-
-        def more_restarts(r: Any, best_x: Any, best_loss: Any, best_fooled: Any) -> Any:
-            return ops.logical_and(r < self.restarts, ops.logical_not(ops.all(best_fooled)))
-
-        no_loss = ops.full((ops.shape(x)[0],), -float("inf"))
-        state = (ops.convert_to_tensor(0), x, no_loss, ops.zeros((ops.shape(x)[0],), dtype="bool"))
-        _, x_adv, _, success = ops.while_loop(more_restarts, restart, state)
+    def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool, *,
+               eps: Any, step: Any, momentum: Any) -> tuple:
+        x_adv, success = ascend(forward, self._plan(), x, y, noise, eps, step, momentum, None, targeted)
         return (x_adv, success, *perturbation_norms(x, x_adv))
 
 
@@ -136,14 +155,12 @@ class FGSM(GradientSignAttack):
     name = "fgsm"
     steps: int = dataclasses.field(default=1, init=False)
     step_size: float | None = dataclasses.field(default=None, init=False)
+    rel_stepsize: float | None = dataclasses.field(default=1.0, init=False)
     random_start: bool = dataclasses.field(default=False, init=False)
     restarts: int = dataclasses.field(default=1, init=False)
     momentum: float = dataclasses.field(default=0.0, init=False)
     early_stop: bool = dataclasses.field(default=False, init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "step_size", self.eps)
-        super().__post_init__()
+    budgets: ClassVar[tuple[str, ...]] = ("eps",)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -36,6 +36,22 @@ def logits_model(model: keras.Model) -> keras.Model:
     return model
 
 
+def bfloat16_copy(model: keras.Model) -> keras.Model:
+    """`model` computing in bfloat16 (Keras's "mixed_bfloat16" policy: float32 weights, bfloat16
+    math), with the same weights: on GPUs and TPUs with bfloat16 units, attacks on it run faster,
+    while the engine keeps the perturbation and its projection in float32. Check the attack's
+    success against the float32 model before relying on it (benchmarks/attacks.py --bf16 does)."""
+
+    def to_bfloat16(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer.__class__.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config() | {"dtype": "mixed_bfloat16"})
+
+    copy = keras.models.clone_model(model, clone_function=to_bfloat16)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def load_model(path: str | os.PathLike) -> keras.Model:
     """Load a `.keras` or `.h5` model safely (no arbitrary code) and return its logits model."""
     path = Path(path)

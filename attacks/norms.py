@@ -29,11 +29,12 @@ def per_image(per_sample: Any) -> Any:
     return ops.reshape(per_sample, (-1, 1, 1, 1))
 
 
-def project(x0: Any, x: Any, *, eps: float, norm: str, clip: tuple[float, float]) -> Any:
-    """Move `x` back into the eps-ball around `x0` (in `norm`) and into the clip range."""
+def project(x0: Any, x: Any, *, eps: Any, norm: str, clip: tuple[float, float]) -> Any:
+    """Move `x` back into the eps-ball around `x0` (in `norm`) and into the clip range; `eps` is a
+    number or one radius per image (shape (n, 1, 1, 1))."""
     delta = x - x0
     if norm == "inf":
-        delta = ops.clip(delta, -eps, eps)
+        delta = ops.minimum(ops.maximum(delta, -eps), eps)
     else:
         length = per_image(per_sample_norm(delta, "2"))
         delta = delta * ops.minimum(1.0, eps / ops.maximum(length, 1e-12))

@@ -1,11 +1,11 @@
 """The epsilon demo's engine, without any UI: load a classifier (and guard), prepare an image,
 attack it at any eps, and say what the classifier and the detector make of both images.
 
-Moving the slider must not recompile anything: a new `FGSM(eps=...)` object compiles its own graph
-(about 2.5 s for MobileNet on 2 CPU cores). So the engine runs the library attacks' own steps
-(`attacks.norms.project` and `steepest_direction`, the attack object's step size and seeded random
-start) on ONE compiled input-gradient function, where eps is a runtime value. FGSM's gradient is
-taken at the clean image, so it is cached per (image, goal): an FGSM update is then one forward pass.
+Moving the slider must not recompile anything, and with the library's engine it does not: eps is a
+runtime value of the compiled attack loop, so PGD is one `PGD` object called with each new eps
+(`attacks.engine`). FGSM's gradient is taken at the clean image, so it is cached per (image, goal)
+and FGSM is the engine's own step from it (`attacks.engine.steepest_step`): an FGSM update is then
+one forward pass.
 `serving.demo` puts the Gradio page on top; this module needs no Gradio.
 """
 from __future__ import annotations
@@ -24,11 +24,12 @@ import cv2
 import keras
 import numpy as np
 
-from attacks import FGSM, PGD, GradientSignAttack
+from attacks import PGD
 from attacks.backend import compile_with_model, value_and_grad
 from attacks.base import check_images
+from attacks.engine import steepest_step
 from attacks.models import load_model, logits_model, save_model
-from attacks.norms import perturbation_norms, project, steepest_direction
+from attacks.norms import perturbation_norms
 from detector import load_detector
 from serving.guard import Guard
 
@@ -161,6 +162,7 @@ class DemoEngine:
         # ImageNet-scale colour images: eps up to 0.1 (25/255); grayscale (MNIST-like): up to 0.5
         self.eps_max = eps_max if eps_max is not None else (0.1 if shape[-1] == 3 else 0.5)
         self._gradient = compile_with_model(self.classifier, _objective_and_gradient)
+        self._pgd = PGD(eps=self.eps_max, steps=PGD_STEPS)  # called with each eps: compiled once
         self._cache: dict[tuple, Any] = {}
         self._lock = threading.Lock()
 
@@ -204,8 +206,10 @@ class DemoEngine:
         x = self._checked(image, target)
         with self._lock:
             (_, before), goal, (_, gradient) = self._clean(x, target)
-            made = FGSM(eps=eps) if attack == "FGSM" else PGD(eps=eps, steps=PGD_STEPS)
-            x_adv = self._run(made, x, goal, target is not None, gradient)
+            if attack == "FGSM":
+                x_adv = keras.ops.convert_to_numpy(steepest_step(x, x, gradient, eps, eps, "inf", (0.0, 1.0)))
+            else:
+                x_adv = self._pgd(self.classifier, x, goal, targets=None if target is None else goal, eps=eps).x_adv
             _, after = self._predict(x_adv)[0]
         linf, l2 = (float(keras.ops.convert_to_numpy(n)[0]) for n in perturbation_norms(x, x_adv))
         amplification = 0.5 / linf if linf > 0 else 1.0
@@ -242,22 +246,6 @@ class DemoEngine:
         targeted = target is not None
         gradient = self._memo(("gradient", key, int(goal[0]), targeted), lambda: self._objective(x, goal, targeted))
         return clean, goal, gradient
-
-    def _run(self, attack: GradientSignAttack, x: np.ndarray, goal: np.ndarray, targeted: bool,
-             clean_gradient: np.ndarray) -> np.ndarray:
-        """FGSM's or PGD's L-inf steps as `GradientSignAttack._batch` takes them (no momentum, one
-        restart), from its seeded start, with the cached gradient for a step at the clean image."""
-        start = attack.input_rng(0).uniform(-attack.eps, attack.eps, x.shape[1:]) if attack.random_start else 0.0
-        x_adv = self._project(attack, x, x + np.float32(start))
-        for step in range(attack.steps):
-            gradient = clean_gradient if step == 0 and not attack.random_start else self._objective(x_adv, goal, targeted)[1]
-            moved = x_adv + attack.step_size * keras.ops.convert_to_numpy(steepest_direction(gradient, "inf"))
-            x_adv = self._project(attack, x, moved)
-        return x_adv
-
-    @staticmethod
-    def _project(attack: GradientSignAttack, x: np.ndarray, moved: np.ndarray) -> np.ndarray:
-        return keras.ops.convert_to_numpy(project(x, moved.astype(np.float32), eps=attack.eps, norm="inf", clip=attack.clip))
 
     def _objective(self, x: np.ndarray, goal: np.ndarray, targeted: bool) -> tuple[float, np.ndarray]:
         """(J(x), grad J) for one image: J is the label's cross-entropy, negated when targeted."""

@@ -54,7 +54,9 @@ def test_evaluate_writes_json_markdown_figures_and_html(saved, digits, tmp_path)
     assert json.loads((out / "report.json").read_text()) == report
     assert list(report["attacks"]) == ["fgsm", "fgsm@eps=0.3", "pgd", "pgd@eps=0.3"]
     assert [row["eps"] for row in report["attacks"].values()] == [0.1, 0.3, 0.1, 0.3]
-    assert report["attacks"]["pgd"]["params"]["step_size"] == pytest.approx(2.5 * 0.1 / 5)  # follows the new eps
+    params = report["attacks"]["pgd"]["params"]
+    assert params["step_size"] is None and params["rel_stepsize"] == pytest.approx(2.5 / 5)  # follows the new eps
+    assert report["attacks"]["pgd@eps=0.3"]["params"]["eps"] == 0.3
     assert set(report["adaptive"]["attacks"]) == {"adaptive_pgd@eps=0.1", "adaptive_pgd@eps=0.3"}
     assert report["cross_attack"]["train"] == list(report["attacks"])
     assert set(eps_groups(report)) == {"fgsm", "pgd", "adaptive_pgd"}

@@ -4,13 +4,14 @@
 each batch by adversarial versions made on the current weights, then runs Keras's own step; so
 `fit`, callbacks and distribution strategies work unchanged and the classifier itself stays a plain
 model (save `trainer.classifier`, never the wrapper). The attack is one of the gradient-sign family
-(`attacks.gradient_sign`): its `_batch` runs inside the step, so the PGD loop exists once.
+(`attacks.gradient_sign`) run by the one engine inside the step (`perturb_batch`), with eps a
+runtime value, so the PGD loop exists once and eps warm-up is just a smaller eps.
 
 - PGD-AT (Madry et al. 2018): `pgd:eps=0.3,steps=40`.
 - FGSM-RS, the fast variant (Wong et al. 2020): `fgsm_rs:eps=0.3`, one step of 1.25 eps from a
   uniform random start.
 - TRADES (Zhang et al. 2019): cross-entropy on the clean batch + beta * KL(clean || adversarial),
-  with the attack maximising that KL (see `_trades_forward`).
+  with the attack maximising that KL (the engine's `TradesKL` objective).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from keras import ops
 
 from attacks import PGD, Attack, CarliniWagnerL2, GradientSignAttack, parse_attack_spec
 from attacks.base import check_images, check_labels, check_model_input
+from attacks.engine import unit_noise_in_graph
+from attacks.objectives import TradesKL
 from attacks.shards import iter_shards, read_manifest
 from attacks.storage import atomic_write_json
 
@@ -41,7 +44,7 @@ def training_attack(spec: str | Attack, default_eps: float) -> GradientSignAttac
         if name.strip().lower().replace("-", "_") == "fgsm_rs":
             given = {item.partition("=")[0].strip().replace("-", "_") for item in rest.split(",") if item.strip()}
             attack = parse_attack_spec(f"pgd:{rest}", defaults={"eps": default_eps, "steps": 1})
-            return attack if "step_size" in given else dataclasses.replace(attack, step_size=1.25 * attack.eps)
+            return attack if given & {"step_size", "rel_stepsize"} else dataclasses.replace(attack, rel_stepsize=1.25)
         spec = parse_attack_spec(spec, defaults={"eps": default_eps})
     if not isinstance(spec, GradientSignAttack):
         raise ValueError(  # noqa: TRY004 (a bad --adversarial spec: the CLI's one-line error)
@@ -55,10 +58,8 @@ class AdversarialTraining(keras.Model):
 
     mix: fraction of each batch replaced by its adversarial version (the first rows of a shuffled
         batch); 0 is standard training.
-    warmup_steps: eps ramps linearly from eps/K to eps over the first K optimizer steps. The attack
-        runs at full eps in coordinates u with x + s (u - x) the image (s = current eps / eps): its
-        random start, steps and projection scale exactly; only its clip to [0, 1] acts on u, which
-        keeps pixels within eps of a bound slightly short of the bound (exact once s = 1).
+    warmup_steps: eps (and the step size with it) ramps linearly from eps/K to eps over the first K
+        optimizer steps.
     trades_beta: TRADES instead of PGD-AT: every row is attacked, the loss is cross-entropy on the
         clean rows + beta * KL(clean || adversarial) (needs mix=1).
     """
@@ -119,43 +120,21 @@ class AdversarialTraining(keras.Model):
         return ops.concatenate([self._attack(x[:k], y[:k]), x[k:]]), y, sample_weight
 
     def _attack(self, x: Tensor, y: Tensor) -> Tensor:
-        """The attack's own loop (`_batch`) on the current weights, from an in-graph random start."""
+        """The attack on the current weights (the engine, in the train step), from an in-graph random
+        start; during warm-up at eps (and step) scaled by the fraction of warm-up done."""
         y = ops.reshape(y, (-1,))
-        logits, y = (self._trades_forward(x), ops.zeros_like(y)) if self.trades_beta is not None else (self._logits, y)
-        if not self.warmup_steps:
-            return self.attack._batch(logits, x, y, self._random_start(x), False)[0]
-        step = ops.cast(self.optimizer.iterations, "float32")
-        s = ops.minimum(1.0, (step + 1.0) / self.warmup_steps)
-        u = self.attack._batch(lambda z: logits(x + s * (z - x)), x, y, self._random_start(x), False)[0]
-        return x + s * (u - x)
+        attack = self.attack
+        noise = None
+        if attack.random_start:
+            noise = unit_noise_in_graph((ops.shape(x)[0], attack.restarts, *x.shape[1:]), attack.norm, self.noise_seed)
+        scale = 1.0
+        if self.warmup_steps:
+            scale = ops.minimum(1.0, (ops.cast(self.optimizer.iterations, "float32") + 1.0) / self.warmup_steps)
+        objective = TradesKL() if self.trades_beta is not None else None
+        return attack.perturb_batch(self._logits, x, y, noise, scale=scale, objective=objective)
 
     def _logits(self, x: Tensor) -> Tensor:
         return self.classifier(x, training=False)
-
-    def _trades_forward(self, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """Logits (0, KL(p(x) || p(z))) for label 0: their cross-entropy is softplus(KL), increasing
-        in the KL, so the engine's sign (or normalised) steps are exactly steps on the KL."""
-        log_p = ops.stop_gradient(ops.log_softmax(self._logits(x)))
-
-        def forward(z: Tensor) -> Tensor:
-            kl = ops.sum(ops.exp(log_p) * (log_p - ops.log_softmax(self._logits(z))), axis=-1)
-            return ops.stack([ops.zeros_like(kl), kl], axis=-1)
-
-        return forward
-
-    def _random_start(self, x: Tensor) -> Tensor:
-        """In-graph equivalent of the attack's `_batch_noise`: (n, restarts, H, W, C), uniform in the
-        eps-ball (L-inf) or a uniform direction at radius eps * u^(1/d) (L2); zeros without random_start."""
-        attack = self.attack
-        shape = (ops.shape(x)[0], attack.restarts, *x.shape[1:])
-        if not attack.random_start:
-            return ops.zeros(shape)
-        if attack.norm == "inf":
-            return keras.random.uniform(shape, -attack.eps, attack.eps, seed=self.noise_seed)
-        direction = keras.random.normal(shape, seed=self.noise_seed)
-        length = ops.sqrt(ops.sum(ops.square(direction), axis=(2, 3, 4), keepdims=True))
-        radius = attack.eps * keras.random.uniform((*shape[:2], 1, 1, 1), seed=self.noise_seed) ** (1.0 / math.prod(x.shape[1:]))
-        return direction * radius / ops.maximum(length, 1e-12)
 
     def compute_loss(self, x: Any = None, y: Any = None, y_pred: Any = None, sample_weight: Any = None, training: bool = True) -> Tensor:
         """TRADES while training: the model's loss on the clean half + beta * KL(clean || adversarial)."""

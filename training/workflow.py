@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from attacks import Attack, make_attack, parse_attack_spec
+from attacks import Attack, GradientSignAttack, make_attack, parse_attack_spec
 from attacks.dataset import (
     ArraySource, describe, generate_dataset, load_adversarial_dataset, merge_datasets, verify_dataset,
 )
@@ -277,27 +277,31 @@ def trained_attacks(detector_dir: str | os.PathLike) -> list[Attack]:
             continue
         params = {k: v for k, v in entry["attack"].items() if k != "attack"}
         params["clip"] = tuple(params.get("clip", (0.0, 1.0)))
-        attacks.append(make_attack(entry["attack"]["attack"], **params))
+        attacks.append(make_attack(entry["attack"]["attack"], **_legacy_step(params)))
     return attacks
 
 
+def _legacy_step(params: dict[str, Any]) -> dict[str, Any]:
+    """Manifests written before rel_stepsize existed stored the effective step size, 2.5 * eps / steps
+    for a default one: read that as the default (relative) step, so that it follows a new eps."""
+    if "rel_stepsize" not in params and "step_size" in params and "eps" in params and np.isclose(
+        params["step_size"], 2.5 * params["eps"] / params.get("steps", 10)
+    ):
+        return {k: v for k, v in params.items() if k != "step_size"}
+    return params
+
+
 def sweep_eps(attacks: Sequence[Attack | str], eps_values: Sequence[float], data: ImageDataset) -> list[Attack]:
-    """Each attack that has an eps once per value of `eps_values` (others once); a step size that
-    followed eps (the default 2.5 * eps / steps) follows the new eps."""
+    """Each attack that has an eps once per value of `eps_values` (others once). A relative step
+    (the default) follows the new eps; an absolute step_size stays. All share one compiled loop:
+    eps is a runtime value of the engine."""
     swept = []
     for attack in attacks:
         base = resolve_attack(attack, data)
-        if not hasattr(base, "eps"):
+        if not isinstance(base, GradientSignAttack):
             swept.append(base)
             continue
-        for eps in eps_values:
-            if isinstance(attack, str):
-                swept.append(resolve_attack(attack, data, {"eps": float(eps)}))
-                continue
-            params = {k: v for k, v in base.params().items() if k != "attack"} | {"eps": float(eps), "clip": base.clip}
-            if "step_size" in params and np.isclose(params["step_size"], 2.5 * base.eps / params.get("steps", 1)):
-                params.pop("step_size")
-            swept.append(make_attack(base.name, **params))
+        swept.extend(dataclasses.replace(base, eps=float(eps)) for eps in eps_values)
     return swept
 
 

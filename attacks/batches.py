@@ -1,0 +1,78 @@
+"""Fixed-size batches through a compiled function, with host copies overlapped with device work.
+
+Every batch has the same size (the last one padded with copies of its first row), so nothing
+recompiles. For numpy inputs a background thread prepares batch i+1 (slices, pads, draws its random
+starts, copies it to the device) while batch i runs, and batch i's results are copied back only
+after batch i+1 has been dispatched: on a GPU the copies in both directions hide behind the work
+(JAX dispatches asynchronously; TensorFlow releases the GIL while a function runs). Backend arrays
+(jax.Array, tf.Tensor) are sliced where they are and the results stay there.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import keras
+import numpy as np
+from tqdm.auto import tqdm
+
+Array = Any  # a numpy array or a backend tensor
+
+
+def is_backend_array(x: Any) -> bool:
+    """True for a tensor of the active Keras backend (left on its device), False for numpy and lists."""
+    return not isinstance(x, np.ndarray) and keras.ops.is_tensor(x)
+
+
+def _pad(batch: Array, size: int) -> Array:
+    count = int(batch.shape[0])
+    if count == size:
+        return batch
+    if isinstance(batch, np.ndarray):
+        return np.concatenate([batch, np.repeat(batch[:1], size - count, axis=0)])
+    return keras.ops.concatenate([batch, keras.ops.repeat(batch[:1], size - count, axis=0)])
+
+
+def run_batches(
+    run: Callable[..., tuple], arrays: list[Array | None], size: int, *,
+    extra: Callable[[slice, tuple[int, ...]], np.ndarray | None] | None = None,
+    bar: tqdm | None = None, on_device: bool = False,
+) -> list[Array | None]:
+    """`run(*batch_arrays[, extra(rows, shape)])` over batches of `size` rows; each output joined with
+    the padding dropped (None stays None). Arrays that are None pass through as None. `on_device`
+    keeps the outputs as backend arrays; otherwise they come back as numpy."""
+    n = int(arrays[0].shape[0])
+
+    def prepare(start: int) -> tuple[list, int]:
+        batch = [None if a is None else a[start : start + size] for a in arrays]
+        count = int(batch[0].shape[0])
+        batch = [None if b is None else _pad(b, size) for b in batch]
+        if extra is not None:
+            batch.append(extra(slice(start, start + size), tuple(batch[0].shape)))
+        return [None if b is None else keras.ops.convert_to_tensor(b) for b in batch], count
+
+    outputs: list[list] | None = None
+
+    def collect(values: tuple, count: int) -> None:
+        nonlocal outputs
+        outputs = outputs or [[] for _ in values]
+        for out, value in zip(outputs, values, strict=True):
+            if value is not None:
+                out.append(value[:count] if on_device else keras.ops.convert_to_numpy(value)[:count])
+        if bar is not None:
+            bar.update(count)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="safetynet-batches") as pool:
+        pending = pool.submit(prepare, 0)
+        previous = None
+        for start in range(0, n, size):
+            batch, count = pending.result()
+            if start + size < n:
+                pending = pool.submit(prepare, start + size)
+            values = run(*batch)
+            if previous is not None:
+                collect(*previous)
+            previous = (values, count)
+        collect(*previous)
+    join = keras.ops.concatenate if on_device else np.concatenate
+    return [None if not parts else parts[0] if len(parts) == 1 else join(parts, axis=0) for parts in outputs]
