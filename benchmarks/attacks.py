@@ -1,15 +1,21 @@
-"""Attack throughput against the hardware limit and against peers; prints JSON.
+"""Attack throughput against the hardware limits and against peers; prints JSON.
 
-The limit is the fastest compiled forward + backward pass that computes the input gradient for a
-batch (TensorFlow: tf.function with and without XLA; JAX: jax.jit), measured in the same run on the
-same model and batch. FGSM should reach ~1x the limit and PGD-10 ~1x limit/10 (early stop off, so
-the ratio measures the engine, not the stopping). Success flags are judged only when read, so those
-rates are for the adversarial images; "*_with_success" adds reading the flags (one forward pass). Peers (cleverhans 4, IBM ART) are measured when
-importable; they are never dependencies.
+Two limits, measured in the same run on the same model and batch: the compiled forward + backward
+pass that yields the input gradient with every batch already on the device ("on_device": the
+hardware's), and the same with each batch copied in from numpy and its gradient copied back in turn
+("numpy_io"); plus the bare copy round trip, which bounds any attack with numpy in and out. FGSM and
+PGD-10 (early stop off, so the ratio measures the engine) run with numpy in and out and on
+device-resident arrays. Success flags are judged only when read; "*_with_success" adds reading them
+(one forward pass). `eps_sweep_pgd10` times 8 eps values against 8 calls at one (a new eps must cost
+no compilation). CW-L2 and DeepFool report speed, success and median L2. Peers (cleverhans 4 and
+IBM ART on TensorFlow; torchattacks on a PyTorch twin with the same weights, benchmarks/torch_peer.py)
+are measured when importable; they are never dependencies.
 
     python benchmarks/attacks.py                      # CIFAR-size 4-conv CNN, batch 256, n 4096
-    KERAS_BACKEND=jax python benchmarks/attacks.py    # the same on JAX (e.g. on a GPU)
+    KERAS_BACKEND=jax python benchmarks/attacks.py    # the same on JAX
     python benchmarks/attacks.py --model path/to/model.keras --n 1024 --cw-n 128
+    # the GPU machine (JAX, PyTorch + torchattacks, no TensorFlow), about 5 minutes:
+    source .device/env.sh && python benchmarks/attacks.py --batch 1024 --n 16384 --bf16 --out $OUT/attacks.json
 """
 from __future__ import annotations
 
@@ -30,10 +36,12 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from attacks import ATTACKS, FGSM, PGD, make_attack  # noqa: E402
+from attacks import FGSM, PGD, make_attack  # noqa: E402
 from attacks.backend import compile_with_model, value_and_grad  # noqa: E402
-from attacks.models import load_model  # noqa: E402
+from attacks.models import bfloat16_copy, load_model  # noqa: E402
 from benchmark_models import cifar_cnn  # noqa: E402
+from peers import art_classifier, peer_rates  # noqa: E402
+from timing import best_time, importable, rate, sync  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -62,19 +70,8 @@ def benchmark_data(n: int, train_epochs: int, model: keras.Model | None) -> tupl
     return model, x.astype("float32"), y.astype("int32"), source
 
 
-def best_time(run: Callable[[], Any], repeats: int) -> float:
-    """Best wall-clock time of `repeats` runs, after one warm-up run (compilation)."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def limit_rate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, jit: bool) -> float:
-    """Images/s of the compiled forward + backward pass that yields the input gradient."""
+def gradient_step(model: keras.Model, jit: bool = False) -> Callable[..., Any]:
+    """The compiled forward + backward pass that yields the input gradient of a batch."""
 
     def gradient(forward: Callable, xb: Any, yb: Any) -> Any:
         def loss(z: Any) -> tuple[Any, Any]:
@@ -83,95 +80,118 @@ def limit_rate(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, rep
 
         return value_and_grad(loss, xb)[2]
 
-    step = compile_with_model(model, gradient, jit_compile=jit)
-    batches = [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)]
+    return compile_with_model(model, gradient, jit_compile=jit)
 
-    def run() -> None:
-        for xb, yb in batches:
+
+def limit_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, jit: bool) -> dict[str, float]:
+    """Images/s of the compiled input gradient: "on_device" with every batch already on the device
+    and the gradients left there (the hardware limit), "numpy_io" with each batch copied in from
+    numpy and its gradient copied back, one after the other (what a naive loop gets)."""
+    step = gradient_step(model, jit)
+    host = [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)]
+    device = [(keras.ops.convert_to_tensor(xb), keras.ops.convert_to_tensor(yb)) for xb, yb in host]
+
+    def on_device() -> None:
+        sync([step(xb, yb) for xb, yb in device][-1])
+
+    def numpy_io() -> None:
+        for xb, yb in host:
             keras.ops.convert_to_numpy(step(xb, yb))
 
-    return len(batches) * batch / best_time(run, repeats)
+    count = len(host) * batch
+    return {"on_device": count / best_time(on_device, repeats), "numpy_io": count / best_time(numpy_io, repeats)}
 
 
-def rate(run: Callable[[], Any], n: int, repeats: int) -> float:
-    return n / best_time(run, repeats)
+def copy_rate(x: np.ndarray, batch: int, repeats: int) -> float:
+    """Images/s of copying batches to the device and back with no work between: the bound on any
+    attack with numpy in and out, however well it overlaps copies and work."""
+
+    def run() -> None:
+        for i in range(0, len(x) - batch + 1, batch):
+            keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(x[i : i + batch]))
+
+    return (len(x) - len(x) % batch) / best_time(run, repeats)
 
 
-def cleverhans_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float) -> dict[str, float]:
-    """cleverhans 4's TF2 FGSM and PGD-10, each batch in a plain tf.function (its fastest use)."""
-    import tensorflow as tf
-    from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
-    from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
-
-    fgsm = tf.function(lambda xb, yb: fast_gradient_method(model, xb, eps, np.inf, clip_min=0.0, clip_max=1.0, y=yb))
-    pgd = tf.function(
-        lambda xb, yb: projected_gradient_descent(
-            model, xb, eps, 2.5 * eps / 10, 10, np.inf, clip_min=0.0, clip_max=1.0, y=yb, sanity_checks=False
-        )
-    )
-    batches = [(tf.constant(x[i : i + batch]), tf.constant(y[i : i + batch])) for i in range(0, len(x), batch)]
-    out = {}
-    for name, fn in (("fgsm", fgsm), ("pgd10", pgd)):
-        out[name] = rate(lambda fn=fn: [fn(xb, yb).numpy() for xb, yb in batches], len(x), repeats)
-    return out
-
-
-def art_classifier(model: keras.Model) -> Any:
-    import tensorflow as tf
-    from art.estimators.classification import TensorFlowV2Classifier
-
-    return TensorFlowV2Classifier(
-        model, nb_classes=int(model.output_shape[-1]), input_shape=tuple(model.input_shape[1:]),
-        loss_object=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), clip_values=(0.0, 1.0),
-    )
-
-
-def art_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float) -> dict[str, float]:
-    """IBM ART's FGSM and PGD-10 (its defaults otherwise)."""
-    from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescent
-
-    classifier = art_classifier(model)
-    fgsm = FastGradientMethod(classifier, eps=eps, batch_size=batch)
-    pgd = ProjectedGradientDescent(classifier, eps=eps, eps_step=2.5 * eps / 10, max_iter=10, batch_size=batch, verbose=False)
-    return {
-        "fgsm": rate(lambda: fgsm.generate(x, y=y), len(x), repeats),
-        "pgd10": rate(lambda: pgd.generate(x, y=y), len(x), repeats),
-    }
-
-
-def cw_comparison(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, with_art: bool) -> dict[str, Any]:
-    """CW-L2 with default parameters (ours and ART's), one timed run each: images/s and success."""
-
-    def fooled(x_adv: np.ndarray) -> float:
-        return float(np.mean(np.argmax(model.predict(x_adv, verbose=0), axis=1) != y))
-
-    cw = make_attack("cw")
-    cw(model, x[:batch], y[:batch], batch_size=batch)  # compile
+def eps_sweep_ratio(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, base_eps: float) -> dict[str, float]:
+    """PGD-10 over 8 different eps values (a new attack object each) against 8 calls at one eps,
+    after one warm-up call: 1.0 means a new eps costs nothing, as the budgets are runtime inputs."""
+    values = [base_eps * f for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)]
+    PGD(eps=base_eps, steps=10)(model, x, y, batch_size=batch)  # compile the structure once
     start = time.perf_counter()
-    ours = cw(model, x, y, batch_size=batch)
+    for _ in values:
+        PGD(eps=base_eps, steps=10)(model, x, y, batch_size=batch)
+    same = time.perf_counter() - start
+    start = time.perf_counter()
+    for eps in values:
+        PGD(eps=eps, steps=10)(model, x, y, batch_size=batch)
+    different = time.perf_counter() - start
+    return {"n": len(x), "eps_values": values, "same_eps_s": same, "different_eps_s": different, "ratio": different / same}
+
+
+def minimal_attack_comparison(name: str, model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, with_art: bool
+                              ) -> dict[str, Any]:
+    """CW-L2 ("cw") or DeepFool with default parameters (ours and ART's), one timed run each:
+    images/s, success and the median L2 of the successful examples."""
+
+    def fooled(x_adv: np.ndarray) -> np.ndarray:
+        return np.argmax(model.predict(x_adv, batch_size=batch, verbose=0), axis=1) != y
+
+    attack = make_attack(name)
+    attack(model, x[:batch], y[:batch], batch_size=batch).success  # compile
+    start = time.perf_counter()
+    ours = attack(model, x, y, batch_size=batch)
+    success = ours.success
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {
-        "n": len(x), "params": cw.params(), "images_per_s": len(x) / seconds, "success_rate": ours.success_rate,
-        "median_l2": float(np.median(ours.l2[ours.success])) if ours.success.any() else None,
+        "n": len(x), "params": attack.params(), "images_per_s": len(x) / seconds, "success_rate": float(success.mean()),
+        "median_l2": float(np.median(ours.l2[success])) if success.any() else None,
     }
     if with_art:
-        from art.attacks.evasion import CarliniL2Method
+        from art.attacks.evasion import CarliniL2Method, DeepFool
 
-        art_cw = CarliniL2Method(art_classifier(model), batch_size=batch, verbose=False)
+        peer_class = CarliniL2Method if name == "cw" else DeepFool
+        peer = peer_class(art_classifier(model), batch_size=batch, verbose=False)
         start = time.perf_counter()
-        x_art = art_cw.generate(x, y=y)
+        x_art = peer.generate(x, y=y) if name == "cw" else peer.generate(x)
         art_seconds = time.perf_counter() - start
-        result["art"] = {"images_per_s": len(x) / art_seconds, "success_rate": fooled(x_art)}
+        hit = fooled(x_art)
+        result["art"] = {
+            "images_per_s": len(x) / art_seconds, "success_rate": float(hit.mean()),
+            "median_l2": float(np.median(np.linalg.norm((x_art - x).reshape(len(x), -1), axis=1)[hit])) if hit.any() else None,
+        }
         result["speedup_vs_art"] = result["images_per_s"] / result["art"]["images_per_s"]
     return result
 
 
-def importable(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
+def our_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float) -> dict[str, Any]:
+    """FGSM and PGD-10 with numpy in and out, on device-resident arrays, and with the success flags read."""
+    fgsm, pgd = FGSM(eps=eps), PGD(eps=eps, steps=10)
+    x_device, y_device = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
+    n = len(x)
+    rates: dict[str, Any] = {}
+    for name, attack in (("fgsm", fgsm), ("pgd10", pgd)):
+        rates[name] = rate(lambda a=attack: a(model, x, y, batch_size=batch), n, repeats)
+        rates[f"{name}_on_device"] = rate(lambda a=attack: sync(a(model, x_device, y_device, batch_size=batch).x_adv), n, repeats)
+        # the same with the per-sample success flags read (one more forward pass), as datasets do
+        rates[f"{name}_with_success"] = rate(lambda a=attack: a(model, x, y, batch_size=batch).success, n, repeats)
+    rates["pgd10_success_rate"] = pgd(model, x, y, batch_size=batch).success_rate
+    return rates
+
+
+def bfloat16_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float) -> dict[str, Any]:
+    """FGSM and PGD-10 on the model's bfloat16 copy (device-resident input): speed and success,
+    beside the float32 model's success on the same images."""
+    half = bfloat16_copy(model)
+    x_device, y_device = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
+    out: dict[str, Any] = {}
+    for name, attack in (("fgsm", FGSM(eps=eps)), ("pgd10", PGD(eps=eps, steps=10))):
+        out[name] = rate(lambda a=attack: sync(a(half, x_device, y_device, batch_size=batch).x_adv), len(x), repeats)
+        on_half = attack(half, x, y, batch_size=batch).x_adv
+        fooled = np.argmax(model.predict(on_half, batch_size=batch, verbose=0), axis=-1) != y  # judged in float32
+        out[f"{name}_success_rate"] = float(fooled.mean())
+        out[f"{name}_float32_success_rate"] = attack(model, x, y, batch_size=batch).success_rate
+    return out
 
 
 def main() -> None:
@@ -182,7 +202,9 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-epochs", type=int, default=1, help="train the default model this long first")
-    parser.add_argument("--cw-n", type=int, default=256, help="images for the CW-L2 comparison (0 skips it)")
+    parser.add_argument("--cw-n", type=int, default=256, help="images for the CW-L2 and DeepFool comparison (0 skips it)")
+    parser.add_argument("--sweep-n", type=int, default=512, help="images for the eps-sweep compile check (0 skips it)")
+    parser.add_argument("--bf16", action="store_true", help="also measure the model's bfloat16 copy")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
@@ -191,18 +213,12 @@ def main() -> None:
     model, x, y, source = benchmark_data(args.n, args.train_epochs, load_model(args.model) if args.model else None)
     n = len(x) - len(x) % args.batch
     x, y = x[:n], y[:n]
-    limits = {"compiled": limit_rate(model, x, y, args.batch, args.repeats, jit=False)}
+    limits = {f"{k}": v for k, v in limit_rates(model, x, y, args.batch, args.repeats, jit=False).items()}
     if backend == "tensorflow":
-        limits["compiled_xla"] = limit_rate(model, x, y, args.batch, args.repeats, jit=True)
-    limit = max(limits.values())
-    fgsm, pgd = FGSM(eps=args.eps), PGD(eps=args.eps, steps=10)
-    ours = {
-        "fgsm": rate(lambda: fgsm(model, x, y, batch_size=args.batch), n, args.repeats),
-        "pgd10": rate(lambda: pgd(model, x, y, batch_size=args.batch), n, args.repeats),
-        # the same with the per-sample success flags read (one more forward pass), as datasets do
-        "fgsm_with_success": rate(lambda: fgsm(model, x, y, batch_size=args.batch).success, n, args.repeats),
-        "pgd10_with_success": rate(lambda: pgd(model, x, y, batch_size=args.batch).success, n, args.repeats),
-    }
+        limits |= {f"{k}_xla": v for k, v in limit_rates(model, x, y, args.batch, args.repeats, jit=True).items()}
+    limit = max(v for k, v in limits.items() if k.startswith("on_device"))
+    copies = copy_rate(x, args.batch, args.repeats)
+    ours = our_rates(model, x, y, args.batch, args.repeats, args.eps)
     report: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
@@ -214,22 +230,36 @@ def main() -> None:
         "n": n,
         "eps": args.eps,
         "limit_images_per_s": limits,
+        "copy_round_trip_images_per_s": copies,
         "safetynet_images_per_s": ours,
-        "ratios": {"fgsm_vs_limit": ours["fgsm"] / limit, "pgd10_vs_limit_over_10": ours["pgd10"] / (limit / 10)},
+        "ratios": {
+            "fgsm_on_device_vs_limit": ours["fgsm_on_device"] / limit,
+            "pgd10_on_device_vs_limit_over_10": ours["pgd10_on_device"] / (limit / 10),
+            "fgsm_numpy_io_vs_copy_bound": ours["fgsm"] / min(limit, copies),
+            "fgsm_vs_limit": ours["fgsm"] / limit,
+            "pgd10_vs_limit_over_10": ours["pgd10"] / (limit / 10),
+        },
         "peers": {},
     }
-    if not args.no_peers and backend == "tensorflow":
-        if importable("cleverhans"):
-            report["peers"]["cleverhans"] = cleverhans_rates(model, x, y, args.batch, args.repeats, args.eps)
-        if importable("art"):
-            report["peers"]["art"] = art_rates(model, x, y, args.batch, args.repeats, args.eps)
+    if args.sweep_n:
+        count = min(args.sweep_n, n)
+        report["eps_sweep_pgd10"] = eps_sweep_ratio(model, x[:count], y[:count], min(args.batch, count), args.eps)
+    if not args.no_peers:
+        report["peers"] = peer_rates(model, x, y, args.batch, args.repeats, args.eps, backend)
         for peer, rates in report["peers"].items():
-            for attack, value in rates.items():
-                report["ratios"][f"{attack}_vs_{peer}"] = ours[attack] / value
-    if args.cw_n and "cw" in ATTACKS:
+            for attack in ("fgsm", "pgd10"):
+                if peer == "torchattacks":  # like for like: on the device, and numpy in and out
+                    report["ratios"][f"{attack}_on_device_vs_torchattacks"] = ours[f"{attack}_on_device"] / rates[attack]
+                    report["ratios"][f"{attack}_vs_torchattacks"] = ours[attack] / rates[f"{attack}_numpy_io"]
+                elif attack in rates:
+                    report["ratios"][f"{attack}_vs_{peer}"] = ours[attack] / rates[attack]
+    if args.bf16:
+        report["bfloat16"] = bfloat16_rates(model, x, y, args.batch, args.repeats, args.eps)
+    if args.cw_n:
         count = min(args.cw_n, n)
         with_art = not args.no_peers and backend == "tensorflow" and importable("art")
-        report["cw_l2"] = cw_comparison(model, x[:count], y[:count], min(args.batch, count), with_art)
+        report["cw_l2"] = minimal_attack_comparison("cw", model, x[:count], y[:count], min(args.batch, count), with_art)
+        report["deepfool"] = minimal_attack_comparison("deepfool", model, x[:count], y[:count], min(args.batch, count), with_art)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
