@@ -51,14 +51,22 @@ def run_batches(
             batch.append(extra(slice(start, start + size), tuple(batch[0].shape)))
         return [None if b is None else keras.ops.convert_to_tensor(b) for b in batch], count
 
-    outputs: list[list] | None = None
+    parts: list[list] | None = None  # on the device: the batches' outputs, joined at the end
+    filled: list[np.ndarray | None] | None = None  # numpy: each output written into place
 
-    def collect(values: tuple, count: int) -> None:
-        nonlocal outputs
-        outputs = outputs or [[] for _ in values]
-        for out, value in zip(outputs, values, strict=True):
-            if value is not None:
-                out.append(value[:count] if on_device else keras.ops.convert_to_numpy(value)[:count])
+    def collect(values: tuple, start: int, count: int) -> None:
+        nonlocal parts, filled
+        if on_device:
+            parts = parts or [[] for _ in values]
+            for out, value in zip(parts, values, strict=True):
+                if value is not None:
+                    out.append(value[:count])
+        else:
+            host = [None if v is None else keras.ops.convert_to_numpy(v)[:count] for v in values]
+            filled = filled or [None if h is None else np.empty((n, *h.shape[1:]), h.dtype) for h in host]
+            for out, value in zip(filled, host, strict=True):
+                if value is not None:
+                    out[start : start + count] = value
         if bar is not None:
             bar.update(count)
 
@@ -72,7 +80,8 @@ def run_batches(
             values = run(*batch)
             if previous is not None:
                 collect(*previous)
-            previous = (values, count)
+            previous = (values, start, count)
         collect(*previous)
-    join = keras.ops.concatenate if on_device else np.concatenate
-    return [None if not parts else parts[0] if len(parts) == 1 else join(parts, axis=0) for parts in outputs]
+    if not on_device:
+        return filled
+    return [None if not p else p[0] if len(p) == 1 else keras.ops.concatenate(p, axis=0) for p in parts]

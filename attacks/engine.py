@@ -47,6 +47,15 @@ class Plan:
     clip: tuple[float, float] = (0.0, 1.0)
 
 
+def keep_better(best: tuple, candidate: Tensor, rank: Tensor, shortfall: Tensor) -> tuple:
+    """(best_x, best_rank, best_shortfall) updated per sample with a candidate that ranks higher, or
+    equal with a lower shortfall."""
+    best_x, best_rank, best_shortfall = best
+    better = ops.logical_or(rank > best_rank, ops.logical_and(rank == best_rank, shortfall < best_shortfall))
+    return (ops.where(per_image(better), candidate, best_x), ops.where(better, rank, best_rank),
+            ops.where(better, shortfall, best_shortfall))
+
+
 def steepest_step(x0: Tensor, x: Tensor, direction: Tensor, eps: Any, step: Any, norm: str,
                   clip: tuple[float, float]) -> Tensor:
     """One step of the engine: `x` moved by `step` along the steepest-ascent direction of
@@ -61,7 +70,7 @@ def ascend(
     momentum: Tensor, weights: Tensor | None, targeted: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """(x_adv, success): the engine on one batch. `noise` is (n, restarts, H, W, C) unit noise or None
-    (start at the input); eps, step, momentum are (n,); weights (restarts,) or None (all 1).
+    (start at the input); eps, step, momentum are (n,); weights (n, restarts) or None (all 1).
     `success` is None when nothing was judged (one restart, last iterate kept): the caller judges
     it on demand."""
     objective, levels = plan.objective, plan.objective.levels
@@ -74,11 +83,12 @@ def ascend(
         value, rank, shortfall = objective.evaluate(ops.cast(forward(z), x.dtype), goal, targeted, context, weight)
         return value, (rank, shortfall)
 
-    def keep(best: tuple, candidate: Tensor, rank: Tensor, shortfall: Tensor) -> tuple:
-        best_x, best_rank, best_shortfall = best
-        better = ops.logical_or(rank > best_rank, ops.logical_and(rank == best_rank, shortfall < best_shortfall))
-        return (ops.where(per_image(better), candidate, best_x), ops.where(better, rank, best_rank),
-                ops.where(better, shortfall, best_shortfall))
+    with_momentum = ops.any(momentum > 0)
+
+    def accumulate(velocity: Tensor, grad: Tensor) -> Tensor:
+        """MI-FGSM's velocity: decayed, plus the L1-normalised gradient."""
+        l1 = per_image(ops.mean(ops.abs(ops.reshape(grad, (ops.shape(grad)[0], -1))), axis=1))
+        return momentum * velocity + grad / ops.maximum(l1, 1e-12)
 
     def run(start: Tensor, weight: Tensor, best: tuple) -> tuple[Tensor, tuple]:
         """One restart from `start`; returns its last iterate and the best so far (keep_best)."""
@@ -86,12 +96,11 @@ def ascend(
         def one_step(i: Tensor, x_adv: Tensor, velocity: Tensor, active: Tensor, *best: Tensor) -> tuple:
             _, (rank, shortfall), grad = value_and_grad(lambda z: evaluate(z, weight), x_adv)
             if plan.keep_best:
-                best = keep(best, x_adv, rank, shortfall)
+                best = keep_better(best, x_adv, rank, shortfall)
             if plan.steps == 1:  # nothing to accumulate: the direction is the gradient's (FGSM)
                 velocity = grad
-            else:
-                l1 = per_image(ops.mean(ops.abs(ops.reshape(grad, (ops.shape(grad)[0], -1))), axis=1))
-                velocity = momentum * velocity + grad / ops.maximum(l1, 1e-12)
+            else:  # without momentum the accumulated direction is the gradient's: skip the sums
+                velocity = ops.cond(with_momentum, lambda: accumulate(velocity, grad), lambda: grad)
             moved = steepest_step(x, x_adv, velocity, eps, step, plan.norm, plan.clip)
             if plan.early_stop:  # a sample that already succeeds stays where it is
                 active = ops.logical_and(active, rank < levels)
@@ -113,17 +122,17 @@ def ascend(
             return x
         return project(x, x + eps * ops.take(noise, r, axis=1), eps=eps, norm=plan.norm, clip=plan.clip)
 
-    weights = ops.ones((plan.restarts,), x.dtype) if weights is None else ops.cast(weights, x.dtype)
+    weights = ops.ones((n, plan.restarts), x.dtype) if weights is None else ops.cast(weights, x.dtype)
     nothing = (x, ops.full((n,), -1, dtype="int32"), ops.full((n,), math.inf, dtype=x.dtype))
     if plan.restarts == 1 and not plan.keep_best:
-        last, _ = run(start_of(0), weights[0], ())
+        last, _ = run(start_of(0), weights[:, 0], ())
         return last, None
 
     def restart(r: Tensor, *best: Tensor) -> tuple:
-        weight = ops.take(weights, r)
+        weight = ops.take(weights, r, axis=1)
         last, tracked = run(start_of(r), weight, best if plan.keep_best else ())
         _, (rank, shortfall) = evaluate(last, weight)
-        return (r + 1, *keep(tracked if plan.keep_best else best, last, rank, shortfall))
+        return (r + 1, *keep_better(tracked if plan.keep_best else best, last, rank, shortfall))
 
     def more(r: Tensor, best_x: Tensor, best_rank: Tensor, best_shortfall: Tensor) -> Tensor:
         if plan.keep_best:  # every restart (every lambda) may lower the shortfall further

@@ -206,6 +206,8 @@ def main() -> None:
     parser.add_argument("--sweep-n", type=int, default=512, help="images for the eps-sweep compile check (0 skips it)")
     parser.add_argument("--bf16", action="store_true", help="also measure the model's bfloat16 copy")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--peers", nargs="+", choices=("cleverhans", "art", "torchattacks"),
+                        default=("cleverhans", "art", "torchattacks"), help="which peers to measure, when importable")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -245,7 +247,7 @@ def main() -> None:
         count = min(args.sweep_n, n)
         report["eps_sweep_pgd10"] = eps_sweep_ratio(model, x[:count], y[:count], min(args.batch, count), args.eps)
     if not args.no_peers:
-        report["peers"] = peer_rates(model, x, y, args.batch, args.repeats, args.eps, backend)
+        report["peers"] = peer_rates(model, x, y, args.batch, args.repeats, args.eps, backend, args.peers)
         for peer, rates in report["peers"].items():
             for attack in ("fgsm", "pgd10"):
                 if peer == "torchattacks":  # like for like: on the device, and numpy in and out

@@ -2,6 +2,7 @@
 cleverhans 4 and IBM ART on the TensorFlow backend, torchattacks on a PyTorch twin of the model."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -52,15 +53,15 @@ def art_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repe
     }
 
 
-def peer_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float, backend: str
-               ) -> dict[str, dict[str, Any]]:
+def peer_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float, backend: str,
+               chosen: Sequence[str] = ("cleverhans", "art", "torchattacks")) -> dict[str, dict[str, Any]]:
     """cleverhans and ART (TensorFlow backend) and torchattacks (on the same weights), when importable."""
     peers: dict[str, dict[str, Any]] = {}
-    if backend == "tensorflow" and importable("cleverhans"):
+    if "cleverhans" in chosen and backend == "tensorflow" and importable("cleverhans"):
         peers["cleverhans"] = cleverhans_rates(model, x, y, batch, repeats, eps)
-    if backend == "tensorflow" and importable("art"):
+    if "art" in chosen and backend == "tensorflow" and importable("art"):
         peers["art"] = art_rates(model, x, y, batch, repeats, eps)
-    if importable("torchattacks"):
+    if "torchattacks" in chosen and importable("torchattacks"):
         from torch_peer import default_device, torchattacks_rates
 
         peers["torchattacks"] = torchattacks_rates(model, x, y, batch, repeats, eps, default_device())
