@@ -72,7 +72,8 @@ class AdaptivePGD(GradientSignAttack):
     eps, norm, steps, step_size / rel_stepsize (default 2.5 * eps / steps), random_start, momentum:
     as for PGD, and runtime budgets as there; `lambdas` too (one per restart, or per input and restart).
     threshold: the detector rejects scores above it. score_scale: the score's typical spread.
-    loss: "margin" (C&W logit margin capped at `confidence`) or "ce" (cross-entropy).
+    loss: "margin" (C&W logit margin capped at `confidence`), "dlr" (Croce & Hein's DLR, capped
+        likewise) or "ce" (cross-entropy).
     """
 
     name = "adaptive_pgd"
@@ -87,8 +88,8 @@ class AdaptivePGD(GradientSignAttack):
     early_stop: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        if self.loss not in ("margin", "ce"):
-            raise ValueError(f"loss must be 'margin' or 'ce', got {self.loss!r}")
+        if self.loss not in ("margin", "ce", "dlr"):
+            raise ValueError(f"loss must be 'margin', 'ce' or 'dlr', got {self.loss!r}")
         if not math.isfinite(float(self.threshold)):
             raise ValueError(f"threshold must be a finite number, got {self.threshold}")
         object.__setattr__(self, "threshold", float(self.threshold))

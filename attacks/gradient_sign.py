@@ -17,9 +17,9 @@ from attacks.backend import Forward
 from attacks.base import Attack, check_finite_nonnegative, check_integer, per_sample
 from attacks.engine import Plan, ascend, unit_noise
 from attacks.norms import check_norm, perturbation_norms
-from attacks.objectives import CrossEntropy, Margin, Objective
+from attacks.objectives import CrossEntropy, DifferenceOfLogitsRatio, Margin, Objective
 
-LOSSES = {"ce": CrossEntropy(), "margin": Margin()}
+LOSSES = {"ce": CrossEntropy(), "margin": Margin(), "dlr": DifferenceOfLogitsRatio()}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,7 +35,8 @@ class GradientSignAttack(Attack):
         highest-loss) result. Needs random_start.
     momentum: decay of the accumulated L1-normalised gradient (MI-FGSM, Dong et al. 2018); 0 = off.
     early_stop: a sample that already fools the model stops changing; the loop ends when all do.
-    loss: what the steps maximise: "ce" (cross-entropy), "margin" (C&W logit margin) or an
+    loss: what the steps maximise: "ce" (cross-entropy), "margin" (C&W logit margin), "dlr"
+        (Croce & Hein's scale-invariant Difference of Logits Ratio) or an
         `attacks.objectives.Objective` of your own.
     """
 

@@ -87,6 +87,27 @@ class Margin(Objective):
         return self._misclassified(value, outputs, goal, targeted)
 
 
+def dlr(logits: Tensor, goal: Tensor, targeted: bool) -> Tensor:
+    """Croce & Hein's Difference of Logits Ratio (2020, the loss of APGD-DLR in AutoAttack): the logit
+    margin divided by the spread of the top logits, so that it does not change when the logits are
+    rescaled (a defence that scales them up cannot hide behind it). Positive exactly when fooled.
+
+    untargeted: (max_{i != y} z_i - z_y) / (z_(1) - z_(3));  targeted: (z_t - max_{i != t} z_i) /
+    (z_(1) - (z_(3) + z_(4)) / 2), z_(k) the k-th largest logit. Needs 3 (targeted: 4) classes."""
+    top = ops.top_k(logits, 4 if targeted else 3, sorted=True)[0]
+    spread = top[:, 0] - ((top[:, 2] + top[:, 3]) / 2 if targeted else top[:, 2])
+    return logit_margin(logits, goal, targeted) / (spread + 1e-12)
+
+
+@dataclasses.dataclass(frozen=True)
+class DifferenceOfLogitsRatio(Objective):
+    """The DLR loss (`dlr`): scale-invariant, the second loss of AutoAttack beside cross-entropy."""
+
+    def evaluate(self, outputs: Tensor, goal: Tensor, targeted: bool, context: Any, weight: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        return self._misclassified(dlr(outputs, goal, targeted), outputs, goal, targeted)
+
+
 @dataclasses.dataclass(frozen=True)
 class TradesKL(Objective):
     """KL(p(x) || p(x')) of the clean prediction to the iterate's (Zhang et al. 2019, TRADES): the
@@ -107,7 +128,8 @@ class DetectorAware(Objective):
 
         L(logits) - weight * softplus((score - threshold) / score_scale)
 
-    L is the capped logit margin ("margin") or cross-entropy ("ce"); the second term pushes the score
+    L is the capped logit margin ("margin"), cross-entropy ("ce") or the DLR loss ("dlr", capped at
+    `confidence` like the margin); the second term pushes the score
     under the threshold. Rank: misclassified and under the threshold (2) > misclassified (1) > neither;
     among equals, the lower detector margin."""
 
@@ -127,7 +149,8 @@ class DetectorAware(Objective):
             loss = keras.losses.sparse_categorical_crossentropy(goal, logits, from_logits=True)
             loss = -loss if targeted else loss
         else:
-            loss = ops.minimum(logit_margin(logits, goal, targeted), self.confidence)
+            gap = dlr(logits, goal, targeted) if self.loss == "dlr" else logit_margin(logits, goal, targeted)
+            loss = ops.minimum(gap, self.confidence)
         margin = (score - self.threshold) / self.score_scale
         hit = fooled(logits, goal, targeted)
         rank = ops.cast(hit, "int32") + ops.cast(ops.logical_and(hit, margin <= 0), "int32")

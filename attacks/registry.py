@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from attacks.apgd import APGD
 from attacks.base import Attack
 from attacks.carlini_wagner import CarliniWagnerL2
 from attacks.deepfool import DeepFool
@@ -11,7 +12,7 @@ from attacks.gradient_sign import BIM, FGSM, MIFGSM, PGD
 from attacks.jsma import JSMA
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (FGSM, BIM, PGD, MIFGSM, CarliniWagnerL2, DeepFool, JSMA)
+    cls.name: cls for cls in (FGSM, BIM, PGD, MIFGSM, APGD, CarliniWagnerL2, DeepFool, JSMA)
 }
 
 

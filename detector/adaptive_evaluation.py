@@ -28,7 +28,7 @@ from detector.metrics import attack_row, flagged
 @dataclasses.dataclass(frozen=True)
 class AdaptiveSettings:
     """steps: PGD steps per lambda. lambdas: weights of the detector term, swept.
-    loss: the classifier term, "margin" (C&W logit margin) or "ce" (see `attacks.adaptive`).
+    loss: the classifier term, "margin" (C&W logit margin), "dlr" or "ce" (see `attacks.adaptive`).
     max_inputs: the adaptive attack runs on the first this many inputs (None: all); the
         non-adaptive guarded accuracy it is compared with is taken on the same inputs.
     surrogate_epochs: training of a surrogate stand-in, when one is needed.
@@ -50,8 +50,8 @@ class AdaptiveSettings:
         if not lambdas or any(not np.isfinite(v) or v < 0 for v in lambdas):
             raise ValueError(f"lambdas must be one or more finite numbers >= 0, got {list(self.lambdas)}")
         object.__setattr__(self, "lambdas", lambdas)
-        if self.loss not in ("margin", "ce"):
-            raise ValueError(f"the adaptive loss must be 'margin' or 'ce', got {self.loss!r}")
+        if self.loss not in ("margin", "ce", "dlr"):
+            raise ValueError(f"the adaptive loss must be 'margin', 'ce' or 'dlr', got {self.loss!r}")
         if not 0.0 <= self.masking_margin < 1.0:
             raise ValueError(f"masking_margin must lie in [0, 1), got {self.masking_margin}")
 

@@ -62,7 +62,7 @@ def test_adaptive_attack_lowers_guarded_accuracy_of_an_input_detector(digits_cla
     assert "adaptive_pgd@eps=0.3" in report["curves"]
 
 
-@pytest.mark.parametrize("loss", ["margin", "ce"])
+@pytest.mark.parametrize("loss", ["margin", "ce", "dlr"])
 def test_adaptive_pgd_succeeds_only_when_misclassified_and_under_the_threshold(loss, digits_classifier, input_detector,
                                                                                 test_images):
     x, y = test_images

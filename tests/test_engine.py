@@ -160,3 +160,41 @@ def test_ascend_keeps_the_best_iterate_when_asked(model, batch):
     fooled_last = np.argmax(keras.ops.convert_to_numpy(model(last)), -1) != y
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(success), fooled_best)
     assert np.all(fooled_best >= fooled_last)
+
+
+def test_adaptive_lambdas_are_runtime_and_per_input(digits, digits_classifier):
+    """One lambda per input and restart: each row as if attacked alone with its own lambdas."""
+    from attacks.adaptive import AdaptivePGD, joint_model
+
+    scorer = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
+    joint = joint_model(digits_classifier, scorer)
+    x, y = digits.x_test[:6], digits.y_test[:6]
+    attack = AdaptivePGD(eps=0.2, threshold=0.0, steps=5, lambdas=(1.0, 1.0))
+    lambdas = np.array([[0.0, 0.0], [50.0, 50.0]] * 3)
+    together = attack(joint, x, y, lambdas=lambdas)
+    for i in (0, 1):
+        alone = attack(joint, x[i : i + 1], y[i : i + 1], lambdas=lambdas[i])
+        np.testing.assert_allclose(together.x_adv[i], alone.x_adv[0], atol=1e-6)
+    scores = keras.ops.convert_to_numpy(scorer(together.x_adv)).reshape(-1)
+    assert scores[1::2].mean() < scores[0::2].mean()  # the weight pushes the score down
+    assert len([k for k in _compiled[joint] if k[1] == "batch"]) == 1
+    with pytest.raises(ValueError, match="lambdas must hold 2 finite weights"):
+        attack(joint, x, y, lambdas=[1.0, -1.0])
+
+
+def test_dlr_is_the_scale_invariant_margin():
+    """DLR (Croce & Hein 2020) on known logits, untargeted and targeted; scaling the logits changes nothing."""
+    from attacks.objectives import dlr
+
+    logits = np.array([[4.0, 1.0, 3.0, 0.0, -1.0]], "float32")
+    goal = np.array([0], "int32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(dlr(logits, goal, False)), [(3.0 - 4.0) / (4.0 - 1.0)])
+    target = np.array([2], "int32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(dlr(logits, target, True)), [(3.0 - 4.0) / (4.0 - 0.5)])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(dlr(10 * logits, goal, False)), [-1 / 3], rtol=1e-6)
+
+
+def test_pgd_on_dlr_fools_a_trained_cnn(digits, digits_classifier):
+    x, y = digits.x_test[:60], digits.y_test[:60]
+    result = PGD(eps=0.2, steps=10, loss="dlr")(digits_classifier, x, y)
+    assert result.success.mean() > 0.8
