@@ -30,6 +30,7 @@ from training.classifier import (
     train_adversarial,
     train_on_adversarial_data,
 )
+from training.collapse import CollapseCheck, TrainingCollapsed
 from training.workflow import attack_stage
 
 EPS = 0.1
@@ -206,3 +207,40 @@ def test_train_step_runs_on_jax():
     result = subprocess.run([sys.executable, "-c", JAX_SCRIPT], check=False, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "jax trains" in result.stdout
+
+
+def test_collapsed_adversarial_training_stops_and_says_what_to_change(digits):
+    """A learning rate far too high drives clean accuracy to chance: training stops after two such
+    epochs instead of handing a useless model to the next stage."""
+    attack = training_attack("pgd:eps=0.3,steps=2", 0.3)
+    with pytest.raises(TrainingCollapsed, match=r"collapsed: clean accuracy .* after epoch 2 \(chance 10%\); .*--eps-warmup 5.*"
+                                                 r"lower the learning rate \(2 -> 0.67\); use smaller batches \(256 -> 128\)"):
+        train_adversarial(digits.x_train, digits.y_train, 10, attack, epochs=4, batch_size=256, learning_rate=2.0, verbose=0)
+
+
+class ScriptedCheck(CollapseCheck):
+    """The collapse rule on a scripted sequence of clean accuracies."""
+
+    def __init__(self, accuracies, **kwargs):
+        super().__init__(None, np.zeros((1, 8, 8, 1)), [0], 10, **kwargs)
+        self.accuracies = iter(accuracies)
+
+    def clean_accuracy(self):
+        return next(self.accuracies)
+
+
+@pytest.mark.parametrize("accuracies, start, raised_at", [
+    ([0.15, 0.6, 0.15, 0.9], None, None),  # one bad epoch at a time is not a collapse
+    ([0.5, 0.19, 0.11], None, 3),  # near chance twice running
+    ([0.97, 0.5, 0.45], 0.98, 3),  # a pretrained model fell 40+ points, twice running
+    ([0.97, 0.8, 0.75], 0.98, None),  # adversarial training costs clean accuracy; not a collapse
+])
+def test_collapse_rule(accuracies, start, raised_at):
+    check = ScriptedCheck(accuracies, start_accuracy=start)
+    for epoch in range(len(accuracies)):
+        if raised_at == epoch + 1:
+            with pytest.raises(TrainingCollapsed, match=f"after epoch {epoch + 1}"):
+                check.on_epoch_end(epoch)
+            return
+        check.on_epoch_end(epoch)
+    assert raised_at is None

@@ -15,6 +15,10 @@ import numpy as np
 from attacks import GradientSignAttack
 from attacks.base import check_images, check_labels, check_model_input
 from training.adversarial import AdversarialTraining, mixed_batches
+from training.collapse import CollapseCheck
+
+# training images whose clean accuracy is checked after each adversarial epoch
+COLLAPSE_CHECK_IMAGES = 1000
 
 
 def build_reference_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
@@ -100,16 +104,35 @@ def train_adversarial(
 ) -> keras.Model:
     """Adversarial training (`training.adversarial.AdversarialTraining`) of `model` (default: a new
     reference CNN) with `model.fit`; eps ramps up over the first `warmup_epochs`. No validation
-    split or early stopping: clean validation loss says nothing about robustness."""
+    split or early stopping: clean validation loss says nothing about robustness. Training that
+    collapses (clean accuracy near chance, or far below a given model's, two epochs running) stops
+    with `TrainingCollapsed`, which says what to change (`training.collapse`)."""
     if not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
         raise ValueError(f"warmup_epochs must be a finite number >= 0, got {warmup_epochs}")
     keras.utils.set_random_seed(seed)
+    given = model is not None
     model = _checked_model(model, x_train, y_train, num_classes, attack.clip)
     warmup_steps = round(warmup_epochs * math.ceil(len(x_train) / batch_size))
     trainer = AdversarialTraining(model, attack, mix=mix, warmup_steps=warmup_steps, trades_beta=trades_beta, seed=seed)
     compile_classifier(trainer, learning_rate)
-    trainer.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose, callbacks=list(callbacks))
+    rows = np.random.default_rng(seed).permutation(len(x_train))[:COLLAPSE_CHECK_IMAGES]
+    check = CollapseCheck(model, x_train[rows], y_train[rows], num_classes,
+                          start_accuracy=accuracy(model, x_train[rows], y_train[rows]) if given else None,
+                          advice=_collapse_advice(attack, warmup_epochs, learning_rate, batch_size))
+    trainer.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose, callbacks=[*callbacks, check])
     return model
+
+
+def _collapse_advice(attack: GradientSignAttack, warmup_epochs: float, learning_rate: float, batch_size: int) -> str:
+    """What to change after a collapse, starting from what this run did."""
+    steps = []
+    if warmup_epochs < 5:
+        steps.append(f"ramp eps up over more epochs (eps warm-up {warmup_epochs:g} -> 5: --eps-warmup 5)")
+    steps.append(f"lower the learning rate ({learning_rate:g} -> {learning_rate / 3:.2g})")
+    if batch_size > 128:
+        steps.append(f"use smaller batches ({batch_size} -> 128)")
+    steps.append(f"or a smaller eps than {attack.eps:g} first")
+    return "; ".join(steps)
 
 
 def train_on_adversarial_data(
