@@ -3,16 +3,17 @@ cleverhans 4 and IBM ART on the TensorFlow backend, torchattacks on a PyTorch tw
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
 
-from timing import importable, rate
+from timing import importable
 
 
-def cleverhans_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float) -> dict[str, float]:
-    """cleverhans 4's TF2 FGSM and PGD-10, each batch in a plain tf.function (its fastest use)."""
+def cleverhans_runs(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, eps: float) -> dict[str, Callable[[], Any]]:
+    """cleverhans 4's TF2 FGSM and PGD-10, each batch in a plain tf.function (its fastest use), on
+    batches converted to tensors beforehand."""
     import tensorflow as tf
     from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
     from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
@@ -24,10 +25,7 @@ def cleverhans_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: in
         )
     )
     batches = [(tf.constant(x[i : i + batch]), tf.constant(y[i : i + batch])) for i in range(0, len(x), batch)]
-    out = {}
-    for name, fn in (("fgsm", fgsm), ("pgd10", pgd)):
-        out[name] = rate(lambda fn=fn: [fn(xb, yb).numpy() for xb, yb in batches], len(x), repeats)
-    return out
+    return {name: (lambda fn=fn: [fn(xb, yb).numpy() for xb, yb in batches]) for name, fn in (("fgsm", fgsm), ("pgd10", pgd))}
 
 
 def art_classifier(model: keras.Model) -> Any:
@@ -40,29 +38,32 @@ def art_classifier(model: keras.Model) -> Any:
     )
 
 
-def art_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float) -> dict[str, float]:
+def art_runs(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, eps: float) -> dict[str, Callable[[], Any]]:
     """IBM ART's FGSM and PGD-10 (its defaults otherwise)."""
     from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescent
 
     classifier = art_classifier(model)
     fgsm = FastGradientMethod(classifier, eps=eps, batch_size=batch)
     pgd = ProjectedGradientDescent(classifier, eps=eps, eps_step=2.5 * eps / 10, max_iter=10, batch_size=batch, verbose=False)
-    return {
-        "fgsm": rate(lambda: fgsm.generate(x, y=y), len(x), repeats),
-        "pgd10": rate(lambda: pgd.generate(x, y=y), len(x), repeats),
-    }
+    return {"fgsm": lambda: fgsm.generate(x, y=y), "pgd10": lambda: pgd.generate(x, y=y)}
 
 
-def peer_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float, backend: str,
-               chosen: Sequence[str] = ("cleverhans", "art", "torchattacks")) -> dict[str, dict[str, Any]]:
-    """cleverhans and ART (TensorFlow backend) and torchattacks (on the same weights), when importable."""
-    peers: dict[str, dict[str, Any]] = {}
+def peer_runs(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, eps: float, backend: str,
+              chosen: Sequence[str]) -> dict[str, dict[str, Callable[[], Any]]]:
+    """cleverhans and ART (TensorFlow backend), when importable and chosen: runs to time beside ours."""
+    runs: dict[str, dict[str, Callable[[], Any]]] = {}
     if "cleverhans" in chosen and backend == "tensorflow" and importable("cleverhans"):
-        peers["cleverhans"] = cleverhans_rates(model, x, y, batch, repeats, eps)
+        runs["cleverhans"] = cleverhans_runs(model, x, y, batch, eps)
     if "art" in chosen and backend == "tensorflow" and importable("art"):
-        peers["art"] = art_rates(model, x, y, batch, repeats, eps)
-    if "torchattacks" in chosen and importable("torchattacks"):
-        from torch_peer import default_device, torchattacks_rates
+        runs["art"] = art_runs(model, x, y, batch, eps)
+    return runs
 
-        peers["torchattacks"] = torchattacks_rates(model, x, y, batch, repeats, eps, default_device())
-    return peers
+
+def torchattacks_peer(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float,
+                      chosen: Sequence[str]) -> dict[str, Any] | None:
+    """torchattacks on a PyTorch twin with the same weights (timed by torch_peer), when importable and chosen."""
+    if "torchattacks" not in chosen or not importable("torchattacks"):
+        return None
+    from torch_peer import default_device, torchattacks_rates
+
+    return torchattacks_rates(model, x, y, batch, repeats, eps, default_device())

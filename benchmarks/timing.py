@@ -22,6 +22,21 @@ def rate(run: Callable[[], Any], n: int, repeats: int) -> float:
     return n / best_time(run, repeats)
 
 
+def interleaved_rates(runs: dict[str, Callable[[], Any]], n: int, repeats: int) -> dict[str, float]:
+    """Images/s (n images a run) of each run: the best of `repeats` rounds in which every run is timed
+    once in turn, after one warm-up each. Ratios between runs then compare like with like: a machine
+    that speeds up or slows down mid-benchmark (turbo, heat, a neighbour) affects all alike."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: n / seconds for name, seconds in best.items()}
+
+
 def sync(value: Any) -> None:
     """Wait until a backend array is computed (JAX and GPUs run asynchronously)."""
     if hasattr(value, "block_until_ready"):

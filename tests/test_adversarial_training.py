@@ -22,6 +22,7 @@ from serving import Guard
 from training.adversarial import (
     AdversarialTraining,
     mixed_batches,
+    format_robustness,
     robustness_report,
     training_attack,
 )
@@ -132,6 +133,10 @@ def test_robustness_report_has_pgd_and_cw(digits, robust_model):
     report = robustness_report(robust_model, digits.x_test[:60], digits.y_test[:60], eps=EPS, steps=10, restarts=2, cw_n=10)
     assert report["n"] == 60 and report["pgd"]["attack"]["restarts"] == 2 and report["cw"]["n"] == 10
     assert 0 <= report["pgd"]["robust_accuracy"] <= report["clean_accuracy"] <= 1
+    suite = ("pgd", "apgd_ce", "apgd_dlr", "apgd_dlr_targeted")
+    assert report["robust_accuracy"] <= min(report[name]["robust_accuracy"] for name in suite)  # the worst case per input
+    assert report["robust_accuracy"] < report["clean_accuracy"] and report["strongest"] in suite
+    assert "worst case over the suite" in format_robustness(report)
     assert report["cw"]["robust_accuracy"] <= 1 and json.dumps(report)
 
 
