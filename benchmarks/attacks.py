@@ -40,8 +40,8 @@ from attacks import FGSM, PGD, make_attack  # noqa: E402
 from attacks.backend import compile_with_model, value_and_grad  # noqa: E402
 from attacks.models import bfloat16_copy, load_model  # noqa: E402
 from benchmark_models import cifar_cnn  # noqa: E402
-from peers import art_classifier, peer_rates  # noqa: E402
-from timing import best_time, importable, rate, sync  # noqa: E402
+from peers import art_classifier, peer_runs, torchattacks_peer  # noqa: E402
+from timing import best_time, importable, interleaved_rates, rate, sync  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -83,10 +83,10 @@ def gradient_step(model: keras.Model, jit: bool = False) -> Callable[..., Any]:
     return compile_with_model(model, gradient, jit_compile=jit)
 
 
-def limit_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, jit: bool) -> dict[str, float]:
-    """Images/s of the compiled input gradient: "on_device" with every batch already on the device
-    and the gradients left there (the hardware limit), "numpy_io" with each batch copied in from
-    numpy and its gradient copied back, one after the other (what a naive loop gets)."""
+def limit_runs(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, jit: bool) -> dict[str, Callable[[], Any]]:
+    """The compiled input gradient over all batches: "on_device" with every batch already on the
+    device and the gradients left there (the hardware limit), "numpy_io" with each batch copied in
+    from numpy and its gradient copied back, one after the other (what a naive loop gets)."""
     step = gradient_step(model, jit)
     host = [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)]
     device = [(keras.ops.convert_to_tensor(xb), keras.ops.convert_to_tensor(yb)) for xb, yb in host]
@@ -98,8 +98,7 @@ def limit_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, re
         for xb, yb in host:
             keras.ops.convert_to_numpy(step(xb, yb))
 
-    count = len(host) * batch
-    return {"on_device": count / best_time(on_device, repeats), "numpy_io": count / best_time(numpy_io, repeats)}
+    return {"on_device": on_device, "numpy_io": numpy_io}
 
 
 def copy_rate(x: np.ndarray, batch: int, repeats: int) -> float:
@@ -113,20 +112,20 @@ def copy_rate(x: np.ndarray, batch: int, repeats: int) -> float:
     return (len(x) - len(x) % batch) / best_time(run, repeats)
 
 
-def eps_sweep_ratio(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, base_eps: float) -> dict[str, float]:
-    """PGD-10 over 8 different eps values (a new attack object each) against 8 calls at one eps,
-    after one warm-up call: 1.0 means a new eps costs nothing, as the budgets are runtime inputs."""
-    values = [base_eps * f for f in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)]
+def eps_sweep_ratio(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, base_eps: float) -> dict[str, Any]:
+    """PGD-10 at 8 new eps values (a new attack object each) against 8 calls at one eps, the two kinds
+    of call alternating, after one warm-up call: 1.0 means a new eps costs nothing (the budgets are
+    runtime inputs); every new eps that compiled would add seconds."""
+    values = [base_eps * f for f in (0.25, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0, 2.25)]
     PGD(eps=base_eps, steps=10)(model, x, y, batch_size=batch)  # compile the structure once
-    start = time.perf_counter()
-    for _ in values:
-        PGD(eps=base_eps, steps=10)(model, x, y, batch_size=batch)
-    same = time.perf_counter() - start
-    start = time.perf_counter()
+    seconds = {"same": 0.0, "different": 0.0}
     for eps in values:
-        PGD(eps=eps, steps=10)(model, x, y, batch_size=batch)
-    different = time.perf_counter() - start
-    return {"n": len(x), "eps_values": values, "same_eps_s": same, "different_eps_s": different, "ratio": different / same}
+        for kind, attack_eps in (("same", base_eps), ("different", eps)):
+            start = time.perf_counter()
+            PGD(eps=attack_eps, steps=10)(model, x, y, batch_size=batch)
+            seconds[kind] += time.perf_counter() - start
+    return {"n": len(x), "eps_values": values, "same_eps_s": seconds["same"], "different_eps_s": seconds["different"],
+            "ratio": seconds["different"] / seconds["same"]}
 
 
 def minimal_attack_comparison(name: str, model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, with_art: bool
@@ -164,19 +163,16 @@ def minimal_attack_comparison(name: str, model: keras.Model, x: np.ndarray, y: n
     return result
 
 
-def our_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float) -> dict[str, Any]:
+def our_runs(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, eps: float) -> dict[str, Callable[[], Any]]:
     """FGSM and PGD-10 with numpy in and out, on device-resident arrays, and with the success flags read."""
-    fgsm, pgd = FGSM(eps=eps), PGD(eps=eps, steps=10)
     x_device, y_device = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
-    n = len(x)
-    rates: dict[str, Any] = {}
-    for name, attack in (("fgsm", fgsm), ("pgd10", pgd)):
-        rates[name] = rate(lambda a=attack: a(model, x, y, batch_size=batch), n, repeats)
-        rates[f"{name}_on_device"] = rate(lambda a=attack: sync(a(model, x_device, y_device, batch_size=batch).x_adv), n, repeats)
+    runs: dict[str, Callable[[], Any]] = {}
+    for name, attack in (("fgsm", FGSM(eps=eps)), ("pgd10", PGD(eps=eps, steps=10))):
+        runs[name] = lambda a=attack: a(model, x, y, batch_size=batch)
+        runs[f"{name}_on_device"] = lambda a=attack: sync(a(model, x_device, y_device, batch_size=batch).x_adv)
         # the same with the per-sample success flags read (one more forward pass), as datasets do
-        rates[f"{name}_with_success"] = rate(lambda a=attack: a(model, x, y, batch_size=batch).success, n, repeats)
-    rates["pgd10_success_rate"] = pgd(model, x, y, batch_size=batch).success_rate
-    return rates
+        runs[f"{name}_with_success"] = lambda a=attack: a(model, x, y, batch_size=batch).success
+    return runs
 
 
 def bfloat16_rates(model: keras.Model, x: np.ndarray, y: np.ndarray, batch: int, repeats: int, eps: float) -> dict[str, Any]:
@@ -215,12 +211,24 @@ def main() -> None:
     model, x, y, source = benchmark_data(args.n, args.train_epochs, load_model(args.model) if args.model else None)
     n = len(x) - len(x) % args.batch
     x, y = x[:n], y[:n]
-    limits = {f"{k}": v for k, v in limit_rates(model, x, y, args.batch, args.repeats, jit=False).items()}
+    # every timed run takes its turn in each round (see timing.interleaved_rates)
+    runs = {f"limit/{k}": v for k, v in limit_runs(model, x, y, args.batch, jit=False).items()}
     if backend == "tensorflow":
-        limits |= {f"{k}_xla": v for k, v in limit_rates(model, x, y, args.batch, args.repeats, jit=True).items()}
+        runs |= {f"limit/{k}_xla": v for k, v in limit_runs(model, x, y, args.batch, jit=True).items()}
+    runs |= {f"safetynet/{k}": v for k, v in our_runs(model, x, y, args.batch, args.eps).items()}
+    chosen = () if args.no_peers else args.peers
+    for peer, peer_runs_ in peer_runs(model, x, y, args.batch, args.eps, backend, chosen).items():
+        runs |= {f"{peer}/{k}": v for k, v in peer_runs_.items()}
+    timed = interleaved_rates(runs, n, args.repeats)
+    group = {prefix: {k.split("/", 1)[1]: v for k, v in timed.items() if k.startswith(prefix + "/")}
+             for prefix in dict.fromkeys(k.split("/", 1)[0] for k in timed)}
+    limits, ours = group.pop("limit"), group.pop("safetynet")
+    ours["pgd10_success_rate"] = PGD(eps=args.eps, steps=10)(model, x, y, batch_size=args.batch).success_rate
     limit = max(v for k, v in limits.items() if k.startswith("on_device"))
     copies = copy_rate(x, args.batch, args.repeats)
-    ours = our_rates(model, x, y, args.batch, args.repeats, args.eps)
+    torchattacks = torchattacks_peer(model, x, y, args.batch, args.repeats, args.eps, chosen)
+    if torchattacks is not None:
+        group["torchattacks"] = torchattacks
     report: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
@@ -241,25 +249,25 @@ def main() -> None:
             "fgsm_vs_limit": ours["fgsm"] / limit,
             "pgd10_vs_limit_over_10": ours["pgd10"] / (limit / 10),
         },
-        "peers": {},
+        "peers": group,
     }
+    for peer, rates in group.items():
+        for attack in ("fgsm", "pgd10"):
+            if peer == "torchattacks":  # like for like: on the device, and numpy in and out
+                report["ratios"][f"{attack}_on_device_vs_torchattacks"] = ours[f"{attack}_on_device"] / rates[attack]
+                report["ratios"][f"{attack}_vs_torchattacks"] = ours[attack] / rates[f"{attack}_numpy_io"]
+            else:
+                report["ratios"][f"{attack}_vs_{peer}"] = ours[attack] / rates[attack]
+                if peer == "cleverhans":  # it is timed on inputs converted to tensors beforehand: like for like
+                    report["ratios"][f"{attack}_on_device_vs_cleverhans"] = ours[f"{attack}_on_device"] / rates[attack]
     if args.sweep_n:
         count = min(args.sweep_n, n)
         report["eps_sweep_pgd10"] = eps_sweep_ratio(model, x[:count], y[:count], min(args.batch, count), args.eps)
-    if not args.no_peers:
-        report["peers"] = peer_rates(model, x, y, args.batch, args.repeats, args.eps, backend, args.peers)
-        for peer, rates in report["peers"].items():
-            for attack in ("fgsm", "pgd10"):
-                if peer == "torchattacks":  # like for like: on the device, and numpy in and out
-                    report["ratios"][f"{attack}_on_device_vs_torchattacks"] = ours[f"{attack}_on_device"] / rates[attack]
-                    report["ratios"][f"{attack}_vs_torchattacks"] = ours[attack] / rates[f"{attack}_numpy_io"]
-                elif attack in rates:
-                    report["ratios"][f"{attack}_vs_{peer}"] = ours[attack] / rates[attack]
     if args.bf16:
         report["bfloat16"] = bfloat16_rates(model, x, y, args.batch, args.repeats, args.eps)
     if args.cw_n:
         count = min(args.cw_n, n)
-        with_art = not args.no_peers and backend == "tensorflow" and importable("art")
+        with_art = "art" in chosen and backend == "tensorflow" and importable("art")
         report["cw_l2"] = minimal_attack_comparison("cw", model, x[:count], y[:count], min(args.batch, count), with_art)
         report["deepfool"] = minimal_attack_comparison("deepfool", model, x[:count], y[:count], min(args.batch, count), with_art)
     text = json.dumps(report, indent=2)
