@@ -109,19 +109,20 @@ def value_and_grad(
     return values, aux, grad
 
 
-# TensorFlow unrolls loops up to this many steps; longer ones (PGD-40, adaptive attacks) become a
-# real loop, so that their graphs build in seconds
+# loops up to this many steps are unrolled into the compiled graph; longer ones (PGD-40, adaptive
+# attacks) become a real loop, so that their graphs build in seconds
 UNROLL_MAX_STEPS = 20
 
 
 def repeat(body: Callable[..., tuple], state: tuple, steps: int) -> tuple:
     """`state = body(*state)` exactly `steps` times, inside a compiled function.
 
-    TensorFlow: unrolled into the graph up to UNROLL_MAX_STEPS, which measured faster on CPU than
-    `tf.while_loop` (no per-iteration control flow; kernels are scheduled across steps). JAX:
-    `lax.fori_loop`, which XLA compiles natively without the compile-time cost of unrolling.
+    Unrolled into the graph up to UNROLL_MAX_STEPS, on both backends: under TensorFlow that measured
+    faster on CPU than `tf.while_loop` (no per-iteration control flow), and under JAX on CPU XLA ran
+    the model 3.4x slower inside `fori_loop` than unrolled (FGSM on the benchmark CNN: 2.0 s against
+    0.6 s a batch of 256). Longer loops use `fori_loop`.
     """
-    if _backend() == "tensorflow" and steps <= UNROLL_MAX_STEPS:
+    if steps <= UNROLL_MAX_STEPS:
         for _ in range(steps):
             state = body(*state)
         return state
