@@ -20,7 +20,7 @@ import numpy as np
 from keras import ops
 
 from attacks.backend import Forward, value_and_grad
-from attacks.engine import Plan, keep_better, steepest_step
+from attacks.engine import Plan, evaluator, keep_better, over_restarts, steepest_step
 from attacks.gradient_sign import GradientSignAttack
 from attacks.norms import per_image, perturbation_norms, project
 
@@ -44,7 +44,6 @@ def apgd_ascend(forward: Forward, plan: Plan, x: Any, goal: Any, noise: Any, eps
     objective, levels = plan.objective, plan.objective.levels
     n = ops.shape(x)[0]
     eps = ops.cast(eps, x.dtype)  # (n,); per_image(eps) broadcasts over the images
-    context = objective.prepare(forward, x)
     marks = checkpoints(plan.steps)
     is_mark = ops.convert_to_tensor(np.isin(np.arange(1, plan.steps + 1), marks))
     spans = np.ones(plan.steps, "float32")  # at a checkpoint: the steps since the one before
@@ -53,12 +52,10 @@ def apgd_ascend(forward: Forward, plan: Plan, x: Any, goal: Any, noise: Any, eps
     spans = ops.convert_to_tensor(spans)
     weights = ops.ones((n, plan.restarts), x.dtype) if weights is None else ops.cast(weights, x.dtype)
 
-    def loss_and_grad(z: Any, weight: Any) -> tuple[Any, Any, Any, Any]:
-        def evaluate(u: Any) -> tuple[Any, tuple[Any, Any]]:
-            value, rank, shortfall = objective.evaluate(ops.cast(forward(u), x.dtype), goal, targeted, context, weight)
-            return value, (rank, shortfall)
+    evaluate = evaluator(forward, objective, x, goal, targeted)
 
-        value, (rank, shortfall), grad = value_and_grad(evaluate, z)
+    def loss_and_grad(z: Any, weight: Any) -> tuple[Any, Any, Any, Any]:
+        value, (rank, shortfall), grad = value_and_grad(lambda u: evaluate(u, weight), z)
         return value, rank, shortfall, grad
 
     def one_restart(r: Any, best: tuple) -> tuple:
@@ -84,12 +81,12 @@ def apgd_ascend(forward: Forward, plan: Plan, x: Any, goal: Any, noise: Any, eps
             # at a checkpoint: halve the step (and go back to the best point) where progress stalled
             stalled = ops.logical_or(rises < RHO * ops.take(spans, i),
                                      ops.logical_and(step == step_mark, f_max == f_mark))
-            halve = ops.logical_and(ops.take(is_mark, i), stalled)
+            at_mark = ops.take(is_mark, i)
+            halve = ops.logical_and(at_mark, stalled)
             step = ops.where(halve, step / 2.0, step)
             x_next = ops.where(per_image(halve), x_max, x_new)
             g_next = ops.where(per_image(halve), g_max, g_new)
             f_next = ops.where(halve, f_max, f_new)
-            at_mark = ops.take(is_mark, i)
             rises = ops.where(at_mark, ops.zeros_like(rises), rises)
             step_mark = ops.where(at_mark, step, step_mark)
             f_mark = ops.where(at_mark, f_max, f_mark)
@@ -98,15 +95,7 @@ def apgd_ascend(forward: Forward, plan: Plan, x: Any, goal: Any, noise: Any, eps
         state = ops.fori_loop(0, plan.steps, body, state)
         return tuple(state[11:])
 
-    def restart(r: Any, *best: Any) -> tuple:
-        return (r + 1, *one_restart(r, best))
-
-    def more(r: Any, best_x: Any, best_rank: Any, best_shortfall: Any) -> Any:
-        return ops.logical_and(r < plan.restarts, ops.logical_not(ops.all(best_rank >= levels)))
-
-    nothing = (x, ops.full((n,), -1, dtype="int32"), ops.full((n,), math.inf, dtype=x.dtype))
-    _, x_adv, rank, _ = ops.while_loop(more, restart, (ops.convert_to_tensor(0), *nothing))
-    return x_adv, rank >= levels
+    return over_restarts(one_restart, x, plan.restarts, levels, stop_when_all_succeed=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

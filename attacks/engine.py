@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -76,12 +76,7 @@ def ascend(
     objective, levels = plan.objective, plan.objective.levels
     n = ops.shape(x)[0]
     eps, step, momentum = (per_image(ops.cast(v, x.dtype)) for v in (eps, step, momentum))
-    context = objective.prepare(forward, x)
-
-    def evaluate(z: Tensor, weight: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        # a bfloat16 model's outputs are cast up: objective, perturbation and projection stay float32
-        value, rank, shortfall = objective.evaluate(ops.cast(forward(z), x.dtype), goal, targeted, context, weight)
-        return value, (rank, shortfall)
+    evaluate = evaluator(forward, objective, x, goal, targeted)
 
     with_momentum = ops.any(momentum > 0)
 
@@ -123,23 +118,50 @@ def ascend(
         return project(x, x + eps * ops.take(noise, r, axis=1), eps=eps, norm=plan.norm, clip=plan.clip)
 
     weights = ops.ones((n, plan.restarts), x.dtype) if weights is None else ops.cast(weights, x.dtype)
-    nothing = (x, ops.full((n,), -1, dtype="int32"), ops.full((n,), math.inf, dtype=x.dtype))
     if plan.restarts == 1 and not plan.keep_best:
         last, _ = run(start_of(0), weights[:, 0], ())
         return last, None
 
-    def restart(r: Tensor, *best: Tensor) -> tuple:
+    def restart(r: Tensor, best: tuple) -> tuple:
         weight = ops.take(weights, r, axis=1)
         last, tracked = run(start_of(r), weight, best if plan.keep_best else ())
         _, (rank, shortfall) = evaluate(last, weight)
-        return (r + 1, *keep_better(tracked if plan.keep_best else best, last, rank, shortfall))
+        return keep_better(tracked if plan.keep_best else best, last, rank, shortfall)
+
+    # with keep_best every restart (every lambda) may lower the shortfall further: run them all
+    return over_restarts(restart, x, plan.restarts, levels, stop_when_all_succeed=not plan.keep_best)
+
+
+def evaluator(forward: Forward, objective: Objective, x: Tensor, goal: Tensor, targeted: bool
+              ) -> Callable[[Tensor, Tensor], tuple[Tensor, tuple[Tensor, Tensor]]]:
+    """`evaluate(z, weight) -> (value, (rank, shortfall))` of `objective` on the model's outputs at z,
+    with the objective's clean-batch context prepared once. A bfloat16 model's outputs are cast up:
+    objective, perturbation and projection stay float32."""
+    context = objective.prepare(forward, x)
+
+    def evaluate(z: Tensor, weight: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        value, rank, shortfall = objective.evaluate(ops.cast(forward(z), x.dtype), goal, targeted, context, weight)
+        return value, (rank, shortfall)
+
+    return evaluate
+
+
+def over_restarts(restart: Callable[[Tensor, tuple], tuple], x: Tensor, restarts: int, levels: int, *,
+                  stop_when_all_succeed: bool) -> tuple[Tensor, Tensor]:
+    """(x_adv, success): `best = restart(r, best)` for r < restarts in a compiled loop, from "nothing
+    found" (the input, rank -1); it ends early once every input succeeds, when asked."""
+    n = ops.shape(x)[0]
+
+    def step(r: Tensor, *best: Tensor) -> tuple:
+        return (r + 1, *restart(r, tuple(best)))
 
     def more(r: Tensor, best_x: Tensor, best_rank: Tensor, best_shortfall: Tensor) -> Tensor:
-        if plan.keep_best:  # every restart (every lambda) may lower the shortfall further
-            return r < plan.restarts
-        return ops.logical_and(r < plan.restarts, ops.logical_not(ops.all(best_rank >= levels)))
+        if not stop_when_all_succeed:
+            return r < restarts
+        return ops.logical_and(r < restarts, ops.logical_not(ops.all(best_rank >= levels)))
 
-    _, x_adv, rank, _ = ops.while_loop(more, restart, (ops.convert_to_tensor(0), *nothing))
+    nothing = (x, ops.full((n,), -1, dtype="int32"), ops.full((n,), math.inf, dtype=x.dtype))
+    _, x_adv, rank, _ = ops.while_loop(more, step, (ops.convert_to_tensor(0), *nothing))
     return x_adv, rank >= levels
 
 
