@@ -219,15 +219,15 @@ def test_collapsed_adversarial_training_stops_and_says_what_to_change(digits):
     epochs instead of handing a useless model to the next stage."""
     attack = training_attack("pgd:eps=0.3,steps=2", 0.3)
     with pytest.raises(TrainingCollapsed, match=r"collapsed: clean accuracy .* after epoch 2 \(chance 10%\); .*--eps-warmup 5.*"
-                                                 r"lower the learning rate \(2 -> 0.67\); use smaller batches \(256 -> 128\)"):
-        train_adversarial(digits.x_train, digits.y_train, 10, attack, epochs=4, batch_size=256, learning_rate=2.0, verbose=0)
+                                                 r"lower the learning rate \(2 -> 0.67\); or a smaller eps"):
+        train_adversarial(digits.x_train, digits.y_train, 10, attack, epochs=4, batch_size=16, learning_rate=2.0, verbose=0)
 
 
 class ScriptedCheck(CollapseCheck):
     """The collapse rule on a scripted sequence of clean accuracies."""
 
     def __init__(self, accuracies, **kwargs):
-        super().__init__(None, np.zeros((1, 8, 8, 1)), [0], 10, **kwargs)
+        super().__init__(None, np.zeros((1, 8, 8, 1)), [0], 10, min_steps=0, **kwargs)
         self.accuracies = iter(accuracies)
 
     def clean_accuracy(self):
@@ -241,6 +241,7 @@ class ScriptedCheck(CollapseCheck):
     ([0.97, 0.8, 0.75], 0.98, None),  # adversarial training costs clean accuracy; not a collapse
 ])
 def test_collapse_rule(accuracies, start, raised_at):
+    """Near chance, or a pretrained model's large drop, two epochs running stops training."""
     check = ScriptedCheck(accuracies, start_accuracy=start)
     for epoch in range(len(accuracies)):
         if raised_at == epoch + 1:
@@ -249,3 +250,19 @@ def test_collapse_rule(accuracies, start, raised_at):
             return
         check.on_epoch_end(epoch)
     assert raised_at is None
+
+
+def test_epochs_before_min_steps_are_not_judged():
+    """A new model that has taken only a few optimizer steps is at chance because it has barely
+    trained: only epochs after `min_steps` steps count towards a collapse."""
+    check = ScriptedCheck([0.1] * 5)
+    check.min_steps = 25
+    for epoch in range(3):  # 10 steps an epoch: epochs 1 and 2 are not judged, epoch 3 is the first
+        for batch in range(10):
+            check.on_train_batch_end(batch)
+        check.on_epoch_end(epoch)
+    assert check.history == [0.1]
+    for batch in range(10):
+        check.on_train_batch_end(batch)
+    with pytest.raises(TrainingCollapsed, match="after epoch 4"):
+        check.on_epoch_end(3)

@@ -5,7 +5,9 @@ batches) can collapse: the model gives up on the clean task and sits at chance. 
 MNIST PGD-AT at eps 0.3 without warm-up ended at 11% clean accuracy, and every later stage (detector,
 evaluation) ran on without a word. `CollapseCheck` measures clean accuracy on a fixed slice of
 training images after each epoch and raises `TrainingCollapsed` once it has stayed near chance, or
-far below where a pretrained model started, for `patience` epochs in a row.
+far below where a pretrained model started, for `patience` epochs in a row. Epochs that end before
+`min_steps` optimizer steps are not judged: a new model on a small dataset (512 CIFAR images, batch
+256: two steps an epoch) is still at chance because it has barely trained, not because it collapsed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import numpy as np
 CHANCE_MARGIN = 0.1
 # a pretrained model whose clean accuracy falls this far below its start counts as collapsed
 MAX_DROP = 0.4
+# optimizer steps before the first epoch that is judged
+MIN_STEPS = 50
 
 
 class TrainingCollapsed(ValueError):
@@ -27,16 +31,22 @@ class CollapseCheck(keras.callbacks.Callback):
     has been collapsed for `patience` epochs in a row.
 
     start_accuracy: the classifier's clean accuracy before training (None for a new model: only the
-        chance rule applies). advice: what the error tells the user to change.
+        chance rule applies). min_steps: optimizer steps before an epoch is judged. advice: what the
+        error tells the user to change.
     """
 
     def __init__(self, classifier: keras.Model, x: np.ndarray, y: np.ndarray, num_classes: int, *,
-                 start_accuracy: float | None = None, patience: int = 2, advice: str = "") -> None:
+                 start_accuracy: float | None = None, patience: int = 2, min_steps: int = MIN_STEPS,
+                 advice: str = "") -> None:
         super().__init__()
         self.classifier, self.x, self.y = classifier, x, np.asarray(y)
         self.chance = 1.0 / num_classes
-        self.start_accuracy, self.patience, self.advice = start_accuracy, patience, advice
+        self.start_accuracy, self.patience, self.min_steps, self.advice = start_accuracy, patience, min_steps, advice
         self.history: list[float] = []
+        self.steps = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.steps += 1
 
     def clean_accuracy(self) -> float:
         logits = self.classifier.predict(self.x, batch_size=256, verbose=0)
@@ -48,6 +58,8 @@ class CollapseCheck(keras.callbacks.Callback):
         return self.start_accuracy is not None and accuracy < self.start_accuracy - MAX_DROP
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.steps < self.min_steps:
+            return
         accuracy = self.clean_accuracy()
         self.history.append(accuracy)
         recent = self.history[-self.patience:]
