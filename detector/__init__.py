@@ -11,13 +11,15 @@ from detector.base import Detector
 from detector.calibration import Calibration, calibrate_threshold
 from detector.ensemble import EnsembleDetector
 from detector.input_detector import InputDetector
+from detector.joint import JointDetector
 from detector.mahalanobis import MahalanobisDetector
 from detector.squeeze import SqueezeDetector
 from detector.svm import SafetyNetDetector
 
 FAMILIES: dict[str, type[Detector]] = {
     cls.kind: cls
-    for cls in (InputDetector, ActivationDetector, SafetyNetDetector, MahalanobisDetector, SqueezeDetector, EnsembleDetector)
+    for cls in (InputDetector, ActivationDetector, SafetyNetDetector, MahalanobisDetector, SqueezeDetector, EnsembleDetector,
+                JointDetector)
 }
 
 
@@ -32,6 +34,6 @@ def load_detector(directory: str | os.PathLike, classifier: keras.Model | None =
 
 
 __all__ = [
-    "FAMILIES", "ActivationDetector", "Calibration", "Detector", "EnsembleDetector", "InputDetector",
+    "FAMILIES", "ActivationDetector", "Calibration", "Detector", "EnsembleDetector", "InputDetector", "JointDetector",
     "MahalanobisDetector", "SafetyNetDetector", "SqueezeDetector", "calibrate_threshold", "load_detector",
 ]

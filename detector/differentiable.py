@@ -7,6 +7,7 @@
 | `squeeze` (bit depth, median) | exact forward pass, squeezers differentiated as the identity (`bpda`, Athalye et al. 2018) |
 | `safetynet` | exact forward pass; the code quantiser differentiated as a sum of sigmoids (`bpda`) |
 | `ensemble` | the stacker's linear map over its members' stand-ins |
+| `joint` | its rule over the member's stand-in and the classifier's logit gap |
 | anything else | a small CNN trained to mimic the scores (`surrogate`) |
 
 Every stand-in is a Keras model from images to one score per image in the detector's own units, so
@@ -25,6 +26,7 @@ from keras import ops
 from detector.base import Detector
 from detector.ensemble import EnsembleDetector
 from detector.input_detector import build_input_cnn
+from detector.joint import JointDetector
 from detector.mahalanobis import MahalanobisDetector
 from detector.squeeze import SqueezeDetector
 from detector.svm import SafetyNetDetector
@@ -158,6 +160,9 @@ def stand_in(detector: Detector, x_fit: np.ndarray, *, surrogate_epochs: int = 1
     elif isinstance(detector, EnsembleDetector):
         members = [stand_in(m, x_fit, surrogate_epochs=surrogate_epochs, seed=seed) for m in detector.members]
         score, method = _ensemble(detector, inputs, members), f"ensemble({', '.join(m.method for m in members)})"
+    elif isinstance(detector, JointDetector):
+        member = stand_in(detector.member, x_fit, surrogate_epochs=surrogate_epochs, seed=seed)
+        score, method = detector.combine(member.model(inputs), detector.classifier(inputs)), f"joint({member.method})"
     if score is None:
         return StandIn(_surrogate(detector, x_fit, epochs=surrogate_epochs, seed=seed), "surrogate")
     return StandIn(keras.Model(inputs, score, name=f"{detector.kind}_stand_in"), method)

@@ -9,7 +9,7 @@ from typing import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXIT_USAGE = 2
-FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "ensemble")  # detector.FAMILIES
+FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "ensemble", "joint")  # detector.FAMILIES
 DEFAULT_MEMBERS = ("input", "safetynet", "squeeze")  # training.detector.DEFAULT_MEMBERS
 
 
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--detector-epochs", type=int, default=10)
     quick.add_argument("--target-fpr", type=float, default=0.05, help="clean false-positive rate to calibrate to")
     quick.add_argument("--family", default="input", choices=FAMILIES, help="detector family (default input)")
+    quick.add_argument("--no-robust", action="store_true", help="skip the robust guard (harden) and the table of both guards")
     quick.add_argument("--seed", type=int, default=0)
 
     train = commands.add_parser("train-classifier", help="train the reference CNN (optionally adversarially) and save it as .keras")
@@ -75,6 +76,27 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--robust-n", type=int,
                        help="test images for the robust accuracy report (PGD-40 x 5, CW-L2 on 100); default 1000 "
                        "when training adversarially, else none")
+
+    harden = commands.add_parser("harden", help="classifier -> robust guard: adversarial fine-tuning, joint detector, one threshold, report")
+    harden.add_argument("--model", required=True, help="your classifier (.keras or .h5), fine-tuned into the guard's")
+    _add_data(harden)
+    harden.add_argument("--out", required=True, help="new output folder: classifier.keras, datasets/, detector/, guard/, report/")
+    harden.add_argument("--attack", default="pgd:steps=10", metavar="SPEC",
+                        help="training attack: pgd:steps=10 (default, PGD-AT), fgsm_rs (fast, for CPUs)")
+    harden.add_argument("--eps", type=float, help="the guard's budget (default 0.3 for grayscale, 8/255 for colour)")
+    harden.add_argument("--epochs", type=int, default=20, help="at most this many (early stop on robust validation accuracy)")
+    harden.add_argument("--eps-warmup", type=float, default=3.0, metavar="EPOCHS", help="ramp eps up over this many epochs (default 3)")
+    harden.add_argument("--trades", type=float, metavar="BETA", help="TRADES loss with this beta instead of PGD-AT")
+    harden.add_argument("--learning-rate", type=float, default=5e-4)
+    harden.add_argument("--batch-size", type=int, default=128)
+    harden.add_argument("--patience", type=int, default=4, help="epochs without robust improvement before stopping")
+    harden.add_argument("--family", default="input", choices=[f for f in FAMILIES if f not in ("joint", "ensemble")],
+                        help="detector family inside the joint rule (default input)")
+    harden.add_argument("--target-fpr", type=float, default=0.05, help="clean false-positive rate of the one threshold")
+    harden.add_argument("--n-attack", type=int, default=10_000, help="training images attacked for the detector")
+    harden.add_argument("--n-eval", type=int, default=1000, help="test images to evaluate on (default 1000)")
+    harden.add_argument("--no-evaluate", action="store_true", help="skip the evaluation report")
+    harden.add_argument("--seed", type=int, default=0)
 
     attack = commands.add_parser("attack", help="write an adversarial dataset for a saved classifier")
     attack.add_argument("--model", required=True, help=".keras or .h5 classifier")
@@ -205,10 +227,12 @@ def _run(args: argparse.Namespace) -> int:
     from training import workflow
 
     if args.command == "quickstart":
-        workflow.quickstart(
+        from training.quickstart import quickstart
+
+        quickstart(
             args.data, args.out, eps=args.eps, n_attack=args.n_attack, n_eval=args.n_eval,
             classifier_epochs=args.classifier_epochs, detector_epochs=args.detector_epochs,
-            target_fpr=args.target_fpr, family=args.family, seed=args.seed,
+            target_fpr=args.target_fpr, family=args.family, robust=not args.no_robust, seed=args.seed,
         )
     elif args.command == "train-classifier":
         workflow.train_classifier_stage(
@@ -216,6 +240,15 @@ def _run(args: argparse.Namespace) -> int:
             adversarial_data=args.adversarial_data or (), mix=args.mix, eps_warmup=args.eps_warmup,
             trades_beta=args.trades, batch_size=args.batch_size, robust_n=args.robust_n,
         )
+    elif args.command == "harden":
+        from training.harden import HardenSettings, harden
+
+        settings = HardenSettings(
+            attack=args.attack, eps=args.eps, epochs=args.epochs, warmup_epochs=args.eps_warmup, trades_beta=args.trades,
+            learning_rate=args.learning_rate, batch_size=args.batch_size, patience=args.patience, family=args.family,
+            n_attack=args.n_attack, target_fpr=args.target_fpr, seed=args.seed,
+        )
+        harden(args.model, args.data, args.out, settings, evaluate=not args.no_evaluate, n_eval=args.n_eval)
     elif args.command == "attack":
         workflow.attack_stage(
             args.model, args.data, args.attack, args.out, split=args.split, n=args.n, batch_size=args.batch_size,

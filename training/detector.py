@@ -21,7 +21,7 @@ import numpy as np
 import keras
 
 from attacks.dataset import AdversarialDataset
-from detector import FAMILIES, Detector, EnsembleDetector, InputDetector
+from detector import FAMILIES, Detector, EnsembleDetector, InputDetector, JointDetector
 
 
 def adversarial_only(data: AdversarialDataset) -> bool:
@@ -108,8 +108,9 @@ DEFAULT_MEMBERS = ("input", "safetynet", "squeeze")
 
 
 def make_detector(family: str, classifier: keras.Model | None, *, epochs: int, seed: int) -> Detector:
-    """An unfitted detector of `family` (not `ensemble`) with the pipeline's training settings."""
-    if family not in FAMILIES or family == "ensemble":
+    """An unfitted detector of `family` (not `ensemble` or `joint`, which wrap fitted ones) with the
+    pipeline's training settings."""
+    if family not in FAMILIES or family in ("ensemble", "joint"):
         raise ValueError(f"unknown detector family {family!r}: expected one of {sorted(FAMILIES)}")
     cls = FAMILIES[family]
     if cls.uses_classifier and classifier is None:
@@ -142,7 +143,8 @@ def fit_detector(
 ) -> Detector:
     """Train a detector of `family` on clean vs adversarial pairs and calibrate it on held-out clean
     images. An `ensemble` fits its `members` on 75% of the training sources and its stacker on the
-    other 25%, so the stacker learns how members behave on images they have not seen.
+    other 25%, so the stacker learns how members behave on images they have not seen; `joint` does
+    the same with one member (`members[0]`) and the classifier's logit gap (`detector.joint`).
 
     `paths` (the datasets' directories) are recorded so that retraining can replay them later.
     """
@@ -151,19 +153,21 @@ def fit_detector(
     fingerprint = _common_fingerprint(datasets)
     split = split_by_source(datasets, calibration_fraction, seed)
     x_adversarial = np.concatenate(split.adversarial_fit)
-    if family == "ensemble":
+    if family in ("ensemble", "joint"):
+        if family == "joint" and classifier is None:
+            raise ValueError("the 'joint' detector reads the classifier: give the classifier model")
         rng = np.random.default_rng(seed)
         clean_part = rng.random(len(split.x_clean_fit)) < 0.75
         adversarial_part = rng.random(len(x_adversarial)) < 0.75
         fitted = [
             _fit(make_detector(m, classifier, epochs=epochs, seed=seed),
                  split.x_clean_fit[clean_part], x_adversarial[adversarial_part], verbose)
-            for m in members
+            for m in (members if family == "ensemble" else members[:1])
         ]
         for member in fitted:
             member.classifier_fingerprint = fingerprint
-        detector = _fit(EnsembleDetector(fitted, seed=seed), split.x_clean_fit[~clean_part],
-                        x_adversarial[~adversarial_part], verbose)
+        stacker = EnsembleDetector(fitted, seed=seed) if family == "ensemble" else JointDetector(fitted[0], classifier, seed=seed)
+        detector = _fit(stacker, split.x_clean_fit[~clean_part], x_adversarial[~adversarial_part], verbose)
     else:
         detector = _fit(make_detector(family, classifier, epochs=epochs, seed=seed), split.x_clean_fit, x_adversarial, verbose)
     detector.calibrate(split.x_clean_held_out, target_fpr)

@@ -1,0 +1,137 @@
+"""The `joint` family: one rejection rule from a detector's score and the classifier's own doubt.
+
+A detector in front of a non-robust classifier falls to an attacker who knows it (Tramer et al.
+2020); behind an adversarially trained classifier the two fail on different inputs. An attack
+within the budget that still fools a robust classifier mostly lands just across a decision
+boundary, where the classifier's top-two logit gap is small (Stutz et al. 2020, CCAT; Pang et al.
+2022, rectified rejection), while the detector reads the perturbation itself. `JointDetector` puts
+both on one scale: a logistic regression on the standardised member score and the negative top-two
+logit gap, so one threshold, calibrated on clean images, serves the whole guard.
+
+The member is saved whole in `member/`; the regression (standardisation and weights) in an .npz.
+The classifier is not stored: it is passed again at load time and its fingerprint checked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+from keras import ops
+from sklearn.linear_model import LogisticRegression
+
+from attacks.models import logits_model
+from detector.base import Detector
+from detector.features import load_arrays, predict, require_classifier, save_arrays
+
+ARRAYS_FILE = "rule.npz"
+MEMBER_DIRECTORY = "member"
+_ARRAYS = ("feature_mean", "feature_scale", "coef", "intercept")
+FEATURES = ("detector_score", "logit_gap_deficit")
+
+
+def logit_gap(logits: Any) -> Any:
+    """Top-1 minus top-2 logit per input (keras.ops, so the rule stays differentiable)."""
+    top = ops.top_k(logits, 2)[0]
+    return top[:, 0] - top[:, 1]
+
+
+class JointDetector(Detector):
+    """Logistic regression on (member score, -logit gap); `score` is its decision function."""
+
+    kind = "joint"
+    uses_classifier: ClassVar[bool] = True
+
+    def __init__(self, member: Detector, classifier: keras.Model, *, C: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(member, Detector) or isinstance(member, JointDetector):
+            raise ValueError(f"the joint rule needs a fitted detector of another family as member, got {type(member).__name__}")
+        if not C > 0:
+            raise ValueError(f"C must be > 0, got {C}")
+        self.member, self.C, self.seed = member, float(C), seed
+        self.classifier = logits_model(classifier)
+        self.classifier_fingerprint = member.classifier_fingerprint
+        self.arrays: dict[str, np.ndarray] | None = None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"member": self.member.kind, "C": self.C, "seed": self.seed}
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """(n, 2): the member's score and the negative top-two logit gap (higher = more suspicious)."""
+        logits = predict(self.classifier, x)[0]
+        top = np.sort(logits, axis=-1)[:, -2:]
+        return np.stack([np.asarray(self.member.score(x), np.float64), top[:, 0] - top[:, 1]], axis=1)
+
+    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> "JointDetector":
+        """Fit the rule on clean (0) vs adversarial (1) images the member was NOT trained on (its
+        scores on its own training images are over-confident)."""
+        if len(x_clean) < 2 or len(x_adversarial) < 2:
+            raise ValueError(f"fitting needs at least 2 clean and 2 adversarial images, got {len(x_clean)} and {len(x_adversarial)}")
+        features = np.concatenate([self.features(x_clean), self.features(x_adversarial)])
+        if not np.isfinite(features).all():
+            raise ValueError("the member returned NaN or infinite scores on the training images")
+        mean, scale = features.mean(axis=0), np.maximum(features.std(axis=0), 1e-12)
+        labels = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adversarial))]
+        regression = LogisticRegression(C=self.C, class_weight="balanced", max_iter=1000, random_state=self.seed)
+        regression.fit((features - mean) / scale, labels)
+        self.arrays = {"feature_mean": mean, "feature_scale": scale,
+                       "coef": regression.coef_.astype(np.float64), "intercept": regression.intercept_.astype(np.float64)}
+        if verbose:
+            weights = np.round(self.arrays["coef"][0], 3).tolist()
+            print(f"joint rule: weights {self.member.kind} score={weights[0]}, logit-gap deficit={weights[1]}")
+        return self
+
+    def _rule(self) -> dict[str, np.ndarray]:
+        if self.arrays is None:
+            raise ValueError("the joint rule is not trained: call fit(...) or load a saved one")
+        return self.arrays
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        a = self._rule()
+        return ((self.features(x) - a["feature_mean"]) / a["feature_scale"]) @ a["coef"][0] + a["intercept"][0]
+
+    def combine(self, member_score: Any, logits: Any) -> Any:
+        """The rule in keras.ops, from the member's score and the classifier's logits (for fused
+        serving and for the adaptive attack's stand-in)."""
+        a = self._rule()
+        features = [ops.reshape(member_score, (-1,)), -logit_gap(logits)]
+        total = float(a["intercept"][0])
+        for index, feature in enumerate(features):
+            standardised = (feature - float(a["feature_mean"][index])) / float(a["feature_scale"][index])
+            total = total + float(a["coef"][0, index]) * standardised
+        return total
+
+    def scoring_model(self, classifier: keras.Model | None) -> keras.Model | None:
+        """The member's scoring graph and the classifier in one model, when the member has one."""
+        member = self.member.scoring_model(None)
+        if member is None:
+            return None
+        inputs = keras.Input(tuple(self.classifier.input_shape[1:]), name="images")
+        outputs = member(inputs)
+        logits = self.classifier(inputs)
+        score = self.combine(outputs["score"] if isinstance(outputs, dict) else outputs, logits)
+        return keras.Model(inputs, {"logits": logits, "score": score} if classifier is not None else {"score": score},
+                           name="joint_scoring")
+
+    def _save_files(self, directory: Path) -> None:
+        save_arrays(directory / ARRAYS_FILE, **self._rule())
+        self.member.save(directory / MEMBER_DIRECTORY)
+
+    @classmethod
+    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
+                    classifier: keras.Model | None = None) -> "JointDetector":
+        from detector import load_detector  # the registry imports this module
+
+        hyperparameters = dict(hyperparameters)
+        kind = hyperparameters.pop("member", None)
+        classifier = require_classifier(directory, classifier, cls.kind)
+        member = load_detector(directory / MEMBER_DIRECTORY, classifier)
+        if member.kind != kind:
+            raise ValueError(f"the joint rule's member in {directory} is a {member.kind!r} detector, expected {kind!r}")
+        detector = cls(member, classifier, **hyperparameters)
+        arrays = load_arrays(directory / ARRAYS_FILE, _ARRAYS)
+        if arrays["coef"].shape != (1, len(FEATURES)):
+            raise ValueError(f"the joint rule in {directory} weighs {arrays['coef'].shape[-1]} features, expected {len(FEATURES)}")
+        detector.arrays = arrays
+        return detector

@@ -1,0 +1,173 @@
+"""`harden`: from a user's classifier and data to a robust guard.
+
+A detector in front of a non-robust classifier keeps little under an attacker who knows it (Tramer et
+al. 2020; Bryniarski et al. 2022), and a detector robust at eps is as hard to build as a classifier
+robust at eps/2 (Tramer 2022). So the guard is built around a robust classifier:
+
+1. adversarial fine-tuning of the classifier (PGD-AT, or TRADES with `trades_beta`), eps ramped up
+   over the first epochs, early-stopped on PGD robust accuracy on held-out training images (the best
+   epoch's weights are kept), stopped with a clear error if it collapses (`training.collapse`);
+2. FGSM and PGD datasets against the hardened classifier, and a `joint` detector on them: the member
+   family's score and the classifier's own logit gap in one rule (`detector.joint`);
+3. one threshold for that rule, calibrated on held-out clean images at the target false-positive rate;
+4. the guard directory (`serving.guard.Guard`), and the evaluation report with the adaptive,
+   detector-aware attacks (unless `evaluate=False`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from attacks import PGD
+from attacks.base import check_integer
+from attacks.models import load_model, save_model
+from detector import load_detector
+from serving.guard import Guard
+from training.adversarial import training_attack
+from training.classifier import accuracy, train_adversarial
+from training.workflow import Data, Log, _loaded, attack_stage, default_attacks, default_eps, evaluate_stage, train_detector_stage
+
+
+@dataclasses.dataclass(frozen=True)
+class HardenSettings:
+    """attack: the training attack spec (`pgd:steps=10`, `fgsm_rs` for a fast CPU run); eps: its
+    budget and the guard's (default: 0.3 for grey images, 8/255 for colour). epochs: at most this
+    many; training stops earlier once robust validation accuracy has not improved for `patience`
+    epochs after the warm-up. validation_n: training images held out for that check
+    (`validation_steps`-step PGD). family: the detector family inside the joint rule."""
+
+    attack: str = "pgd:steps=10"
+    eps: float | None = None
+    epochs: int = 20
+    warmup_epochs: float = 3.0
+    trades_beta: float | None = None
+    learning_rate: float = 5e-4
+    batch_size: int = 128
+    validation_n: int = 500
+    validation_steps: int = 10
+    patience: int = 4
+    family: str = "input"
+    n_attack: int = 10_000
+    detector_epochs: int = 10
+    target_fpr: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "validation_n", "validation_steps", "patience", "n_attack", "detector_epochs"):
+            check_integer(name, getattr(self, name))
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise ValueError(f"warmup_epochs must be a finite number >= 0, got {self.warmup_epochs}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not 0.0 < self.target_fpr < 0.5:
+            raise ValueError(f"target_fpr must lie in (0, 0.5), got {self.target_fpr}")
+        if self.family in ("joint", "ensemble"):
+            raise ValueError(f"family is the detector inside the joint rule; {self.family!r} cannot be one")
+
+
+class RobustEarlyStopping(keras.callbacks.Callback):
+    """After each epoch: PGD robust accuracy of `classifier` on held-out (x, y). Keeps the best
+    epoch's weights (restored at the end) and stops after `patience` epochs without improvement,
+    counting only epochs after `warmup_epochs` (during the warm-up robust accuracy rises with eps)."""
+
+    def __init__(self, classifier: keras.Model, x: np.ndarray, y: np.ndarray, attack: PGD, *,
+                 patience: int, warmup_epochs: float, log: Log = print) -> None:
+        super().__init__()
+        self.classifier, self.x, self.y, self.attack = classifier, x, y, attack
+        self.patience, self.warmup_epochs, self.log = patience, warmup_epochs, log
+        self.history: list[dict[str, float]] = []
+        self.best: tuple[float, int, list[np.ndarray]] | None = None
+
+    def measure(self) -> tuple[float, float]:
+        """(clean, PGD robust) accuracy of the classifier on the held-out images."""
+        return accuracy(self.classifier, self.x, self.y), 1.0 - self.attack(self.classifier, self.x, self.y).success_rate
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        clean, robust = self.measure()
+        self.history.append({"epoch": epoch + 1, "clean_accuracy": clean, "robust_accuracy": robust})
+        self.log(f"epoch {epoch + 1}: validation clean {clean:.4f}, PGD-{self.attack.steps} robust {robust:.4f}")
+        if self.best is None or robust > self.best[0]:
+            self.best = (robust, epoch + 1, self.classifier.get_weights())
+        elif epoch + 1 - max(self.best[1], math.ceil(self.warmup_epochs)) >= self.patience:
+            self.log(f"robust validation accuracy has not improved for {self.patience} epochs: stopping")
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.best is not None:
+            self.classifier.set_weights(self.best[2])
+            self.log(f"kept epoch {self.best[1]}: validation PGD-{self.attack.steps} robust accuracy {self.best[0]:.4f}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HardenedGuard:
+    """What `harden` wrote, and what it measured."""
+
+    out: Path
+    classifier: Path
+    detector: Path
+    guard: Path
+    report: dict[str, Any] | None
+    clean_accuracy: float
+    validation: list[dict[str, float]]
+
+
+def harden(
+    model_path: str | Path,
+    data: Data,
+    out: str | Path,
+    settings: HardenSettings = HardenSettings(),
+    *,
+    evaluate: bool = True,
+    n_eval: int | None = 1000,
+    log: Log = print,
+) -> HardenedGuard:
+    """Build a robust guard from the classifier at `model_path` into the new directory `out`:
+    classifier.keras (hardened), datasets/, detector/ (joint rule), guard/ (the deployable guard
+    directory) and report/ (unless `evaluate=False`). Everything is checked before training."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already exists and is not empty: choose another --out or delete it")
+    data = _loaded(data)
+    classifier = load_model(model_path)
+    eps = default_eps(data.input_shape) if settings.eps is None else settings.eps
+    attack = training_attack(settings.attack, eps)
+    if settings.validation_n >= len(data.x_train) // 2:
+        raise ValueError(f"validation_n {settings.validation_n} leaves too few of the {len(data.x_train)} training images")
+    rows = np.random.default_rng(settings.seed).permutation(len(data.x_train))
+    held, fit = rows[: settings.validation_n], rows[settings.validation_n :]
+    stopper = RobustEarlyStopping(
+        classifier, data.x_train[held], data.y_train[held], PGD(eps=attack.eps, norm=attack.norm, steps=settings.validation_steps,
+                                                                 clip=attack.clip, seed=settings.seed),
+        patience=settings.patience, warmup_epochs=settings.warmup_epochs, log=log,
+    )
+    log(f"[1/4] adversarial fine-tuning against {attack.params()}" + ("" if settings.trades_beta is None else f", TRADES beta {settings.trades_beta}"))
+    train_adversarial(
+        data.x_train[fit], data.y_train[fit], data.num_classes, attack, model=classifier, epochs=settings.epochs,
+        batch_size=settings.batch_size, learning_rate=settings.learning_rate, warmup_epochs=settings.warmup_epochs,
+        trades_beta=settings.trades_beta, seed=settings.seed, verbose=0, callbacks=[stopper],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    classifier_path = save_model(classifier, out / "classifier.keras")
+    clean_accuracy = accuracy(classifier, data.x_test, data.y_test)
+    log(f"hardened classifier saved to {classifier_path}: clean test accuracy {clean_accuracy:.4f}")
+    log("[2/4] adversarial datasets against the hardened classifier")
+    datasets = [out / "datasets" / a.name for a in default_attacks(data.input_shape, attack.eps)]
+    for spec, path in zip(default_attacks(data.input_shape, attack.eps), datasets, strict=True):
+        attack_stage(classifier_path, data, spec, path, split="train", n=settings.n_attack, log=log)
+    log(f"[3/4] joint rule: {settings.family} detector + the classifier's logit gap, one threshold at FPR {settings.target_fpr}")
+    detector_path = out / "detector"
+    train_detector_stage(datasets, detector_path, family="joint", members=(settings.family,), model_path=classifier_path,
+                         target_fpr=settings.target_fpr, epochs=settings.detector_epochs, seed=settings.seed, log=log)
+    guard_path = Guard(classifier, load_detector(detector_path, classifier=classifier)).save(out / "guard")
+    log(f"guard written to {guard_path} (serve it with: safetynet serve --guard {guard_path})")
+    report = None
+    if evaluate:
+        log("[4/4] evaluation, adaptive attacks included")
+        report = evaluate_stage(classifier_path, detector_path, data, out / "report", n=n_eval, seed=settings.seed, log=log)
+    return HardenedGuard(out=out, classifier=Path(classifier_path), detector=detector_path, guard=guard_path, report=report,
+                         clean_accuracy=clean_accuracy, validation=stopper.history)
