@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     harden.add_argument("--eps-warmup", type=float, default=3.0, metavar="EPOCHS", help="ramp eps up over this many epochs (default 3)")
     harden.add_argument("--trades", type=float, metavar="BETA", help="TRADES loss with this beta instead of PGD-AT")
     harden.add_argument("--learning-rate", type=float, default=5e-4)
+    harden.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                        help="learning rate over the epochs (default cosine: decays to 2%%)")
     harden.add_argument("--batch-size", type=int, default=128)
     harden.add_argument("--patience", type=int, default=4, help="epochs without robust improvement before stopping")
     harden.add_argument("--family", default="input", choices=[f for f in FAMILIES if f not in ("joint", "ensemble")],
@@ -245,7 +247,8 @@ def _run(args: argparse.Namespace) -> int:
 
         settings = HardenSettings(
             attack=args.attack, eps=args.eps, epochs=args.epochs, warmup_epochs=args.eps_warmup, trades_beta=args.trades,
-            learning_rate=args.learning_rate, batch_size=args.batch_size, patience=args.patience, family=args.family,
+            learning_rate=args.learning_rate, schedule=args.schedule, batch_size=args.batch_size, patience=args.patience,
+            family=args.family,
             n_attack=args.n_attack, target_fpr=args.target_fpr, seed=args.seed,
         )
         harden(args.model, args.data, args.out, settings, evaluate=not args.no_evaluate, n_eval=args.n_eval)

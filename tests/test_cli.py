@@ -33,8 +33,12 @@ def test_quickstart_writes_every_artifact_and_a_report_that_meets_the_schema(qui
         assert {"eps", "success_rate", "auroc", "tpr"} <= set(row)
         assert row["eps"] == pytest.approx(0.3)
         assert row["auroc"] > 0.95
-    for part in ("classifier.keras", "detector/manifest.json", "datasets/fgsm/manifest.json", "datasets/pgd/manifest.json"):
+    for part in ("classifier.keras", "detector/manifest.json", "datasets/fgsm/manifest.json", "datasets/pgd/manifest.json",
+                 "robust/guard/guard.json", "robust/report/report.json"):
         assert (quickstart_dir / part).is_file()
+    robust = json.loads((quickstart_dir / "robust" / "report" / "report.json").read_text())
+    assert robust["detector"]["kind"] == "joint" and robust["adaptive"]
+    assert all(row["eps"] == pytest.approx(0.1) for row in robust["attacks"].values())
 
 
 def test_stages_one_by_one_reproduce_the_pipeline(quickstart_dir, tmp_path, capsys):

@@ -38,7 +38,10 @@ def build_reference_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras
     return keras.Model(inputs, outputs, name="reference_cnn")
 
 
-def compile_classifier(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
+LearningRate = float | keras.optimizers.schedules.LearningRateSchedule
+
+
+def compile_classifier(model: keras.Model, learning_rate: LearningRate = 1e-3) -> keras.Model:
     """Adam on sparse cross-entropy from logits, reporting accuracy: every classifier trains so."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -94,7 +97,7 @@ def train_adversarial(
     model: keras.Model | None = None,
     epochs: int = 10,
     batch_size: int = 128,
-    learning_rate: float = 1e-3,
+    learning_rate: LearningRate = 1e-3,
     mix: float = 1.0,
     warmup_epochs: float = 0.0,
     trades_beta: float | None = None,
@@ -123,8 +126,9 @@ def train_adversarial(
     return model
 
 
-def _collapse_advice(attack: GradientSignAttack, warmup_epochs: float, learning_rate: float, batch_size: int) -> str:
+def _collapse_advice(attack: GradientSignAttack, warmup_epochs: float, learning_rate: LearningRate, batch_size: int) -> str:
     """What to change after a collapse, starting from what this run did."""
+    learning_rate = float(getattr(learning_rate, "initial_learning_rate", learning_rate))  # a schedule: its peak
     steps = []
     if warmup_epochs < 5:
         steps.append(f"ramp eps up over more epochs (eps warm-up {warmup_epochs:g} -> 5: --eps-warmup 5)")
