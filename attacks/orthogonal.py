@@ -1,0 +1,122 @@
+"""Orthogonal and Selective PGD (Bryniarski, Hingun, Pachuca, Wang and Carlini 2022, "Evading
+Adversarial Example Detection Defenses with Orthogonal Projected Gradient Descent").
+
+A weighted sum of the classifier's loss and the detector's score (`attacks.adaptive.AdaptivePGD`)
+lets the two gradients fight: a step that fools the classifier raises the score, the next one undoes
+it. These attacks take one objective at a time instead:
+
+- Selective PGD: while the input is classified correctly (by a margin), step on the classifier's
+  loss alone; once it is misclassified, step down the detector's score alone.
+- Orthogonal PGD: the same, but each step first removes from its gradient the component along the
+  other objective's gradient, so that the step on one objective does not undo the other (to first
+  order). L-inf steps take the sign after the projection.
+
+Both keep every iterate as a candidate: each input keeps the one that is misclassified and under
+the threshold with the lowest score (the rank of `attacks.objectives.DetectorAware`), over
+`restarts` random starts. Called on a `joint_model` (K logits, then the score), they run through
+the engine's parts (`steepest_step`, `keep_better`, `over_restarts`) on TensorFlow and JAX, with
+eps and the step size as runtime budgets.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from keras import ops
+
+from attacks.adaptive import OnJointModel
+from attacks.backend import Forward, repeat, value_and_grad
+from attacks.engine import Plan, keep_better, over_restarts, steepest_step
+from attacks.gradient_sign import GradientSignAttack
+from attacks.norms import per_image, perturbation_norms, project
+from attacks.objectives import DetectorAware, logit_margin
+
+# an input counts as misclassified for the switch only past this logit margin, so that the
+# detector's steps do not push it straight back over the decision boundary (as in the authors' code)
+SWITCH_MARGIN = 0.05
+
+
+def without_component(a: Any, b: Any) -> Any:
+    """Per sample, `a` minus its projection onto `b` (flattened): the part of `a` orthogonal to `b`."""
+    n = ops.shape(a)[0]
+    flat_a, flat_b = ops.reshape(a, (n, -1)), ops.reshape(b, (n, -1))
+    scale = ops.sum(flat_a * flat_b, axis=1) / (ops.sum(flat_b * flat_b, axis=1) + 1e-20)
+    return a - per_image(scale) * b
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OrthogonalPGD(OnJointModel, GradientSignAttack):
+    """Orthogonal PGD on a `joint_model` (`SelectivePGD`: the same without the projections).
+
+    eps, norm, steps, step_size / rel_stepsize (default 2.5 * eps / steps), random_start, restarts:
+    as for PGD (runtime budgets as there). threshold: the detector rejects scores above it.
+    loss: the classifier's loss, "ce" (cross-entropy, the authors' choice), "margin" or "dlr"."""
+
+    name = "orthogonal_pgd"
+    budgets: ClassVar[tuple[str, ...]] = ("eps", "step_size", "rel_stepsize")
+    threshold: float
+    score_scale: float = 1.0
+    steps: int = 100
+    selective: ClassVar[bool] = False
+    momentum: float = dataclasses.field(default=0.0, init=False)
+    early_stop: bool = dataclasses.field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("ce", "margin", "dlr"):
+            raise ValueError(f"loss must be 'ce', 'margin' or 'dlr', got {self.loss!r}")
+        self._check_detector_terms()
+        super().__post_init__()
+
+    def _objective(self) -> DetectorAware:
+        # uncapped for the margin and DLR: the switch, not a cap, hands over to the detector
+        return DetectorAware(self.threshold, self.score_scale, self.loss, float("inf"))
+
+    def _plan(self) -> Plan:
+        return dataclasses.replace(super()._plan(), keep_best=True)
+
+    def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool, *,
+               eps: Any, step: Any, momentum: Any) -> tuple:
+        plan, selective = self._plan(), self.selective
+        objective, n = plan.objective, ops.shape(x)[0]
+        radius, step = per_image(ops.cast(eps, x.dtype)), per_image(ops.cast(step, x.dtype))
+        unweighted = ops.zeros((n,), x.dtype)
+
+        def classifier_term(z: Any) -> tuple[Any, tuple]:
+            """The classifier's loss, or (selective, once misclassified) minus the score; with the
+            iterate's rank and shortfall, and whether it is misclassified past the margin."""
+            outputs = ops.cast(forward(z), x.dtype)
+            loss, rank, shortfall = objective.evaluate(outputs, y, targeted, None, unweighted)
+            fooled = logit_margin(outputs[:, :-1], y, targeted) > SWITCH_MARGIN
+            value = ops.where(fooled, -outputs[:, -1], loss) if selective else loss
+            return value, (rank, shortfall, fooled)
+
+        def score_term(z: Any) -> tuple[Any, Any]:
+            score = ops.cast(forward(z), x.dtype)[:, -1]
+            return -score, score
+
+        def one_step(x_adv: Any, *best: Any) -> tuple:
+            _, (rank, shortfall, fooled), grad = value_and_grad(classifier_term, x_adv)
+            best = keep_better(best, x_adv, rank, shortfall)
+            if not selective:
+                _, _, lower = value_and_grad(score_term, x_adv)
+                grad = ops.where(per_image(fooled), without_component(lower, grad), without_component(grad, lower))
+            return (steepest_step(x, x_adv, grad, radius, step, plan.norm, plan.clip), *best)
+
+        def restart(r: Any, best: tuple) -> tuple:
+            start = x if noise is None else project(x, x + radius * ops.take(noise, r, axis=1), eps=radius,
+                                                    norm=plan.norm, clip=plan.clip)
+            last, *best = repeat(one_step, (start, *best), plan.steps)
+            _, (rank, shortfall, _) = classifier_term(last)
+            return keep_better(tuple(best), last, rank, shortfall)
+
+        x_adv, success = over_restarts(restart, x, plan.restarts, objective.levels, stop_when_all_succeed=False)
+        return (x_adv, success, *perturbation_norms(x, x_adv))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SelectivePGD(OrthogonalPGD):
+    """Selective PGD: the classifier's loss while the input is classified correctly, else the
+    detector's score, one at a time and without projections (one gradient per step)."""
+
+    name = "selective_pgd"
+    selective: ClassVar[bool] = True
