@@ -1,13 +1,28 @@
 """The attacker who knows the detector: for each L-p budget (eps, norm) among the evaluated gradient
-attacks, `AdaptivePGD` runs on the classifier joined to a differentiable stand-in of the detector
-(`detector.differentiable`), and the real detector judges the result.
+attacks, a suite of adaptive attacks runs on the classifier joined to a differentiable stand-in of
+the detector (`detector.differentiable`: the score itself, BPDA, or a surrogate), and the real
+detector and classifier judge every result. The suite (`SUITE`):
 
-A detector whose guarded accuracy under this attack stays within `masking_margin` of its accuracy
-under the strongest non-adaptive attack at the same budget is flagged (`gradient_masking_check`):
-an attack that knows the detector should do clearly better, so either the detector is robust there
-or the attack's gradients are masked; a sceptic checks before believing the number. The adaptive
-attack is untargeted (any misclassification that gets through counts), also when the evaluated
-attacks are targeted.
+- `adaptive_pgd`: PGD on the classifier's loss minus lambda x the detector's margin, swept over
+  lambda (Carlini & Wagner 2017; `attacks.adaptive.AdaptivePGD`);
+- `apgd_ce`, `apgd_dlr`: APGD-CE and APGD-DLR (Croce & Hein 2020) on the joint objective
+  min(classifier margin, lambda x detector margin), random restarts per lambda (`AdaptiveAPGD`);
+- `apgd_dlr_targeted`: the same APGD-DLR targeted at each of the classifier's `target_classes`
+  most likely other classes in turn (an input broken for one target is not attacked again);
+- `orthogonal_pgd`, `selective_pgd`: Bryniarski et al. 2022 (`attacks.orthogonal`), one objective
+  at a time, the other's gradient projected out (orthogonal) or not (selective).
+
+The report's adaptive row per budget, `adaptive_worst_case@eps=...`, is the worst case per input
+over the suite: an input counts as broken when any attack found a point within the budget that the
+real classifier misclassifies and the real detector lets through; its example is the one that
+evades with the lowest score. Beside it, each attack's own guarded accuracy, its parameters and how
+many inputs it won (broke, with the lowest score among the attacks that broke it).
+
+A detector whose worst-case guarded accuracy stays within `masking_margin` of its accuracy under
+the strongest non-adaptive attack at the same budget is flagged (`gradient_masking_check`): either
+the detector is robust there or the attacks' gradients are masked; a sceptic checks before believing
+the number. The attacks are untargeted in what they count (any misclassification that gets through),
+also when the evaluated attacks are targeted.
 """
 from __future__ import annotations
 
@@ -18,40 +33,65 @@ from typing import Any
 import keras
 import numpy as np
 
-from attacks.adaptive import AdaptivePGD, joint_model
+from attacks.adaptive import AdaptiveAPGD, AdaptivePGD, joint_model
 from attacks.base import Attack, AttackResult, check_integer
+from attacks.orthogonal import OrthogonalPGD, SelectivePGD
 from detector.base import Detector
 from detector.differentiable import stand_in
 from detector.metrics import attack_row, flagged
 
+SUITE = ("adaptive_pgd", "apgd_ce", "apgd_dlr", "apgd_dlr_targeted", "orthogonal_pgd", "selective_pgd")
+
+
+def _weights(name: str, values: Sequence[float]) -> tuple[float, ...]:
+    weights = tuple(float(v) for v in values)
+    if not weights or any(not np.isfinite(v) or v < 0 for v in weights):
+        raise ValueError(f"{name} must be one or more finite numbers >= 0, got {list(values)}")
+    return weights
+
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveSettings:
-    """steps: PGD steps per lambda. lambdas: weights of the detector term, swept.
-    loss: the classifier term, "margin" (C&W logit margin), "dlr" or "ce" (see `attacks.adaptive`).
-    max_inputs: the adaptive attack runs on the first this many inputs (None: all); the
-        non-adaptive guarded accuracy it is compared with is taken on the same inputs.
+    """steps: iterations of each attack of the suite (per lambda and restart).
+    lambdas: weights of the detector term swept by adaptive_pgd. loss: its classifier term,
+        "margin" (C&W logit margin), "dlr" or "ce" (see `attacks.adaptive`).
+    apgd_lambdas: weights of the detector margin in APGD's joint objective, each with `restarts`
+        random starts. restarts: random starts of the APGD, orthogonal and selective attacks (at 1,
+        orthogonal and selective start at the input).
+    target_classes: how many of the classifier's most likely other classes apgd_dlr_targeted aims at.
+    suite: which attacks run (a subset of `SUITE`, in that order).
+    max_inputs: the attacks run on the first this many inputs (None: all); the non-adaptive guarded
+        accuracy they are compared with is taken on the same inputs.
     surrogate_epochs: training of a surrogate stand-in, when one is needed.
-    masking_margin: adaptive guarded accuracy within this of the non-adaptive one is flagged."""
+    masking_margin: worst-case guarded accuracy within this of the non-adaptive one is flagged."""
 
     steps: int = 40
     lambdas: tuple[float, ...] = (0.1, 1.0, 10.0)
     loss: str = "margin"
+    apgd_lambdas: tuple[float, ...] = (0.1, 1.0)
+    restarts: int = 1
+    target_classes: int = 9
+    suite: tuple[str, ...] = SUITE
     max_inputs: int | None = 1000
     surrogate_epochs: int = 10
     masking_margin: float = 0.05
 
     def __post_init__(self) -> None:
         check_integer("adaptive steps", self.steps)
+        check_integer("adaptive restarts", self.restarts)
+        check_integer("target_classes", self.target_classes)
         check_integer("surrogate_epochs", self.surrogate_epochs)
         if self.max_inputs is not None:
             check_integer("adaptive max_inputs", self.max_inputs)
-        lambdas = tuple(float(v) for v in self.lambdas)
-        if not lambdas or any(not np.isfinite(v) or v < 0 for v in lambdas):
-            raise ValueError(f"lambdas must be one or more finite numbers >= 0, got {list(self.lambdas)}")
-        object.__setattr__(self, "lambdas", lambdas)
+        object.__setattr__(self, "lambdas", _weights("lambdas", self.lambdas))
+        object.__setattr__(self, "apgd_lambdas", _weights("apgd_lambdas", self.apgd_lambdas))
         if self.loss not in ("margin", "ce", "dlr"):
             raise ValueError(f"the adaptive loss must be 'margin', 'ce' or 'dlr', got {self.loss!r}")
+        suite = tuple(self.suite) if not isinstance(self.suite, str) else (self.suite,)
+        unknown = sorted(set(suite) - set(SUITE))
+        if not suite or unknown:
+            raise ValueError(f"the adaptive suite must be one or more of {list(SUITE)}, got {list(suite)}")
+        object.__setattr__(self, "suite", tuple(name for name in SUITE if name in suite))
         if not 0.0 <= self.masking_margin < 1.0:
             raise ValueError(f"masking_margin must lie in [0, 1), got {self.masking_margin}")
 
@@ -71,17 +111,107 @@ def budgets(attacks: Sequence[Attack]) -> list[Attack]:
 
 
 def _key(attack: Attack) -> str:
-    return f"adaptive_pgd@eps={attack.eps:g}" + ("" if attack.norm == "inf" else f",norm={attack.norm}")
+    return f"adaptive_worst_case@eps={attack.eps:g}" + ("" if attack.norm == "inf" else f",norm={attack.norm}")
+
+
+def suite(template: Attack, settings: AdaptiveSettings, threshold: float, score_scale: float) -> dict[str, Attack]:
+    """The adaptive attacks of `settings.suite` at the budget (eps, norm, clip, seed) of `template`."""
+    common = {"eps": template.eps, "norm": template.norm, "threshold": threshold, "score_scale": score_scale,
+              "clip": template.clip, "seed": template.seed, "steps": settings.steps}
+    again = {"restarts": settings.restarts}
+    apgd = again | {"lambdas": settings.apgd_lambdas}
+    every = {
+        "adaptive_pgd": lambda: AdaptivePGD(**common, lambdas=settings.lambdas, loss=settings.loss),
+        "apgd_ce": lambda: AdaptiveAPGD(**common, **apgd, loss="ce"),
+        "apgd_dlr": lambda: AdaptiveAPGD(**common, **apgd, loss="dlr"),
+        "apgd_dlr_targeted": lambda: AdaptiveAPGD(**common, **apgd, loss="dlr"),
+        "orthogonal_pgd": lambda: OrthogonalPGD(**common, **again, random_start=settings.restarts > 1),
+        "selective_pgd": lambda: SelectivePGD(**common, **again, random_start=settings.restarts > 1),
+    }
+    return {name: every[name]() for name in settings.suite}
+
+
+FIELDS = ("x_adv", "linf", "l2", "misclassified", "scores", "rejected")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One attack's examples on every input, judged by the real classifier and detector."""
+
+    x_adv: np.ndarray
+    linf: np.ndarray
+    l2: np.ndarray
+    misclassified: np.ndarray
+    scores: np.ndarray
+    rejected: np.ndarray
+
+    @property
+    def broken(self) -> np.ndarray:
+        """Misclassified and let through by the detector."""
+        return self.misclassified & ~self.rejected
+
+
+def _judge(classifier: keras.Model, detector: Detector, result: AttackResult, y: np.ndarray, batch_size: int) -> Outcome:
+    predicted = np.argmax(classifier.predict(result.x_adv, batch_size=batch_size, verbose=0), axis=-1)
+    scores = np.asarray(detector.score(result.x_adv), np.float64)
+    return Outcome(np.asarray(result.x_adv), np.asarray(result.linf), np.asarray(result.l2), predicted != y, scores,
+                   flagged(scores, detector.threshold))
+
+
+def _targeted(attack: Attack, classifier: keras.Model, detector: Detector, joint: keras.Model, x: np.ndarray,
+              y: np.ndarray, count: int, batch_size: int, progress: bool) -> tuple[Outcome | None, int]:
+    """Targeted runs at each input's `count` most likely other classes in turn, each on the inputs
+    no earlier target broke, and how many targets ran; (None, 0) for fewer than 4 classes (targeted
+    DLR needs 4)."""
+    logits = classifier.predict(x, batch_size=batch_size, verbose=0)
+    classes = logits.shape[-1]
+    if classes < 4:
+        return None, 0
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    others = np.stack([row[row != label] for row, label in zip(order, y, strict=True)])
+    outcome, tried = None, 0
+    for rank in range(min(count, classes - 1)):
+        rows = np.arange(len(x)) if outcome is None else np.flatnonzero(~outcome.broken)
+        if not len(rows):
+            break
+        result = attack(joint, x[rows], y[rows], targets=others[rows, rank], index=rows, batch_size=batch_size,
+                        progress=progress)
+        judged, tried = _judge(classifier, detector, result, y[rows], batch_size), rank + 1
+        if outcome is None:
+            outcome = judged
+            continue
+        for name in FIELDS:
+            getattr(outcome, name)[rows[judged.broken]] = getattr(judged, name)[judged.broken]
+    return outcome, tried
+
+
+def _worst_case(outcomes: dict[str, Outcome]) -> tuple[np.ndarray, Outcome]:
+    """Per input, which attack's example is kept (an index into `outcomes`): among those that broke
+    it, the one with the lowest score; where none did, the lowest score of all."""
+    names = list(outcomes)
+    broken = np.stack([outcomes[k].broken for k in names])
+    scores = np.stack([np.nan_to_num(outcomes[k].scores, nan=np.inf) for k in names])
+    choice = np.lexsort((scores, ~broken), axis=0)[0]  # broken first, then the lowest score
+    rows = np.arange(broken.shape[1])
+    return choice, Outcome(*(np.stack([getattr(outcomes[k], f) for k in names])[choice, rows] for f in FIELDS))
 
 
 def _masking_note(row: dict[str, Any], baseline_key: str, method: str, margin: float) -> str:
     return (
-        f"Guarded accuracy under the adaptive attack ({row['guarded_accuracy']:.3f}) is within "
+        f"Worst-case guarded accuracy under the adaptive attacks ({row['guarded_accuracy']:.3f}) is within "
         f"{margin * 100:g} points of the strongest non-adaptive attack at this budget ({baseline_key}: "
         f"{row['non_adaptive_guarded_accuracy']:.3f}). An attacker who knows the detector should do clearly "
         f"better: either the detector is robust here, or gradients through it (stand-in: {method}) are "
-        "masked. Check with more steps, larger lambdas, a surrogate stand-in and transfer attacks."
+        "masked. Check with more steps and restarts, a surrogate stand-in and transfer attacks."
     )
+
+
+def _suite_row(attack: Attack, outcome: Outcome, won: int, targets: int | None) -> dict[str, Any]:
+    """One attack's own figures within a worst-case row."""
+    params = attack.params()
+    row = {"guarded_accuracy": float(1.0 - outcome.broken.mean()), "success_rate": float(outcome.broken.mean()),
+           "won": won, "steps": params["steps"], "restarts": attack._plan().restarts, "params": params}
+    return row if targets is None else row | {"target_classes": targets}
 
 
 def evaluate_adaptive(
@@ -118,25 +248,42 @@ def evaluate_adaptive(
     section: dict[str, Any] = {
         "stand_in": {"method": standin.method, "n_checked": len(x_fit),
                      "decision_agreement": float(np.mean(flagged(real, threshold) == flagged(approximate, threshold)))},
-        "settings": dataclasses.asdict(settings) | {"lambdas": list(settings.lambdas)},
+        "settings": jsonable_settings(settings),
         "attacks": {},
     }
     curves = {}
     count = len(x) if settings.max_inputs is None else min(settings.max_inputs, len(x))
     x, y = x[:count], y[:count]
     for template in chosen:
-        attack = AdaptivePGD(eps=template.eps, norm=template.norm, threshold=threshold, score_scale=spread if spread > 0 else 1.0,
-                             lambdas=settings.lambdas, steps=settings.steps, loss=settings.loss, clip=template.clip,
-                             seed=template.seed)
-        result = attack(joint, x, y, batch_size=batch_size, progress=progress)
-        predicted = np.argmax(classifier.predict(result.x_adv, batch_size=batch_size, verbose=0), axis=-1)
-        scores = detector.score(result.x_adv)
-        key = _key(attack)
-        row, curves[key] = attack_row(clean_scores, threshold, scores, result, predicted != y)
+        attacks = suite(template, settings, threshold, spread if spread > 0 else 1.0)
+        outcomes: dict[str, Outcome] = {}
+        tried: dict[str, int] = {}
+        for name, attack in attacks.items():
+            if name == "apgd_dlr_targeted":
+                outcome, tried[name] = _targeted(attack, classifier, detector, joint, x, y, settings.target_classes,
+                                                 batch_size, progress)
+                if outcome is not None:
+                    outcomes[name] = outcome
+                continue
+            result = attack(joint, x, y, batch_size=batch_size, progress=progress)
+            outcomes[name] = _judge(classifier, detector, result, y, batch_size)
+        if not outcomes:
+            raise ValueError("the adaptive suite holds only apgd_dlr_targeted, which needs 4 or more classes")
+        choice, kept = _worst_case(outcomes)
+        names = list(outcomes)
+        won = np.bincount(choice[kept.broken], minlength=len(names))
+        key = _key(template)
+        result = AttackResult(kept.x_adv, kept.broken, kept.linf, kept.l2)
+        row, curves[key] = attack_row(clean_scores, threshold, kept.scores, result, kept.misclassified)
         same = [k for k, (a, _) in keyed.items() if getattr(a, "eps", None) == template.eps and getattr(a, "norm", None) == template.norm]
         baseline = min(same, key=lambda k: handled[k][:count].mean())  # the strongest on the same inputs
         row |= {
-            "eps": attack.eps, "norm": attack.norm, "n": count, "params": attack.params(),
+            "eps": template.eps, "norm": template.norm, "n": count,
+            "params": {"attack": "adaptive_worst_case", "eps": template.eps, "norm": template.norm,
+                       "steps": settings.steps, "restarts": settings.restarts, "suite": names},
+            "suite": {name: _suite_row(attacks[name], outcomes[name], int(won[i]), tried.get(name))
+                      for i, name in enumerate(names)},
+            "strongest": max(names, key=lambda name: outcomes[name].broken.mean()),  # the lowest guarded accuracy
             "non_adaptive_attack": baseline,
             "non_adaptive_guarded_accuracy": float(handled[baseline][:count].mean()),
         }
@@ -147,3 +294,8 @@ def evaluate_adaptive(
             row["note"] = _masking_note(row, baseline, standin.method, settings.masking_margin)
         section["attacks"][key] = row
     return section, curves
+
+
+def jsonable_settings(settings: AdaptiveSettings) -> dict[str, Any]:
+    """The settings as the report records them (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}

@@ -6,7 +6,8 @@ adversarial examples sit beside them (`*_all`). AUROC comes from scikit-learn; T
 are read at the detector's calibrated threshold, never a per-attack one, and TPR at 1% / 5% FPR off
 the test ROC curve. Guarded accuracy counts an input as handled when it is rejected or classified
 correctly: for targeted attacks "correctly" means the true label, not "missed the target".
-By default an adaptive attack that knows the detector runs too (`detector.adaptive_evaluation`).
+By default adaptive attacks that know the detector run too (`detector.adaptive_evaluation`): their
+row per budget is the worst case per input over the suite, each attack's own figures beside it.
 """
 from __future__ import annotations
 
@@ -198,14 +199,17 @@ def format_table(report: dict[str, Any]) -> str:
         (f"detector: {det['kind']}  threshold {det['threshold']:.4g}  target FPR {det['target_fpr']:.3f}"
          f"  clean FPR {det['clean_fpr']:.4f} [{det['clean_fpr_interval'][0]:.4f}, {det['clean_fpr_interval'][1]:.4f}]"),
         "",
-        f"{'attack':<24}{'eps':>8}{'success':>10}{'AUROC':>9}{'TPR':>9}{'guarded acc':>13}",
+        f"{'attack':<30}{'eps':>8}{'success':>10}{'AUROC':>9}{'TPR':>9}{'guarded acc':>13}",
     ]
     adaptive = report.get("adaptive") or {"attacks": {}}
     for name, row in [*report["attacks"].items(), *adaptive["attacks"].items()]:
         eps = "n/a" if row["eps"] is None else f"{row['eps']:.4g}"
         flag = "  <- gradient masking check" if row.get("gradient_masking_check") else ""
-        lines.append(f"{name:<24}{eps:>8}{row['success_rate']:>10.4f}{_cell(row['auroc'])}{_cell(row['tpr'])}"
+        lines.append(f"{name:<30}{eps:>8}{row['success_rate']:>10.4f}{_cell(row['auroc'])}{_cell(row['tpr'])}"
                      f"{row['guarded_accuracy']:>13.4f}{flag}")
+        for attack, own in row.get("suite", {}).items():  # the worst case's attacks, each alone
+            lines.append(f"{'  ' + attack:<30}{eps:>8}{own['success_rate']:>10.4f}{'':>18}{own['guarded_accuracy']:>13.4f}"
+                         f"  won {own['won']}")
     if report.get("adaptive"):
         lines.append(f"adaptive attacks: detector stand-in {adaptive['stand_in']['method']} "
                      f"(decision agreement {adaptive['stand_in']['decision_agreement']:.4f})")

@@ -9,13 +9,14 @@ import pytest
 from keras import ops
 
 from attacks import FGSM, PGD
-from attacks.adaptive import AdaptivePGD, joint_model
+from attacks.adaptive import AdaptiveAPGD, AdaptivePGD, joint_model
+from attacks.orthogonal import OrthogonalPGD, SelectivePGD
 from attacks.backend import value_and_grad
 from detector import Detector, EnsembleDetector, InputDetector
-from detector.adaptive_evaluation import AdaptiveSettings
+from detector.adaptive_evaluation import SUITE, AdaptiveSettings
 from detector.calibration import Calibration
 from detector.differentiable import stand_in
-from detector.evaluation import evaluate
+from detector.evaluation import evaluate, format_table
 from training.detector import make_detector
 
 from doubles import SyntheticDetector
@@ -42,16 +43,17 @@ def test_images(digits) -> tuple[np.ndarray, np.ndarray]:
     return digits.x_test[:N_TEST], digits.y_test[:N_TEST]
 
 
-def test_adaptive_attack_lowers_guarded_accuracy_of_an_input_detector(digits_classifier, input_detector, test_images):
+def test_adaptive_worst_case_lowers_guarded_accuracy_of_an_input_detector(digits_classifier, input_detector, test_images):
     x, y = test_images
-    settings = AdaptiveSettings(steps=10, lambdas=(1.0, 10.0))
+    settings = AdaptiveSettings(steps=10, lambdas=(1.0, 10.0), target_classes=2)
     report = evaluate(digits_classifier, input_detector, x, y, [PGD(eps=EPS, steps=10)], data="d", adaptive=settings,
                       taylor_inputs=0, progress=False)
     plain = report["attacks"]["pgd"]
     assert plain["guarded_accuracy"] > 0.9  # the detector catches PGD that does not know it
     section = report["adaptive"]
     assert section["stand_in"] == {"method": "white-box", "n_checked": 2 * N_TEST, "decision_agreement": 1.0}
-    row = section["attacks"]["adaptive_pgd@eps=0.3"]
+    assert list(section["attacks"]) == ["adaptive_worst_case@eps=0.3"]
+    row = section["attacks"]["adaptive_worst_case@eps=0.3"]
     assert row["guarded_accuracy"] < plain["guarded_accuracy"] - 0.4, row["guarded_accuracy"]
     assert row["non_adaptive_attack"] == "pgd" and row["non_adaptive_guarded_accuracy"] == plain["guarded_accuracy"]
     assert row["guarded_accuracy_drop"] == pytest.approx(plain["guarded_accuracy"] - row["guarded_accuracy"])
@@ -59,7 +61,32 @@ def test_adaptive_attack_lowers_guarded_accuracy_of_an_input_detector(digits_cla
     assert row["gradient_masking_check"] is False and "note" not in row
     assert report["detector"]["gradient_masking_check"] is False
     assert row["mean_linf"] <= EPS + 1e-6
-    assert "adaptive_pgd@eps=0.3" in report["curves"]
+    assert "adaptive_worst_case@eps=0.3" in report["curves"]
+    # the worst case per input: no better than any attack alone, each broken input won by one attack
+    suite = row["suite"]
+    assert list(suite) == list(SUITE)
+    for name, own in suite.items():
+        assert row["guarded_accuracy"] <= own["guarded_accuracy"] + 1e-12, name
+        assert own["guarded_accuracy"] == pytest.approx(1.0 - own["success_rate"])
+        assert own["steps"] == 10 and own["params"]["eps"] == EPS
+    assert sum(own["won"] for own in suite.values()) == round(row["success_rate"] * N_TEST)
+    assert row["guarded_accuracy"] == pytest.approx(1.0 - row["success_rate"])
+    assert row["strongest"] == min(suite, key=lambda k: suite[k]["guarded_accuracy"])
+    assert (suite["adaptive_pgd"]["restarts"], suite["apgd_ce"]["restarts"], suite["orthogonal_pgd"]["restarts"]) == (2, 2, 1)
+    assert suite["apgd_dlr_targeted"]["target_classes"] <= 2
+    assert row["params"] | {"suite": None} == {"attack": "adaptive_worst_case", "eps": EPS, "norm": "inf", "steps": 10,
+                                                "restarts": 1, "suite": None}
+    table = format_table(report)
+    assert "adaptive_worst_case@eps=0.3" in table and "  orthogonal_pgd" in table and "won" in table
+
+
+def test_the_suite_can_be_narrowed(digits_classifier, input_detector, test_images):
+    x, y = test_images[0][:30], test_images[1][:30]
+    report = evaluate(digits_classifier, input_detector, x, y, [FGSM(eps=EPS)], data="d", taylor_inputs=0, progress=False,
+                      adaptive=AdaptiveSettings(steps=3, suite=("selective_pgd", "apgd_ce")))
+    row = report["adaptive"]["attacks"]["adaptive_worst_case@eps=0.3"]
+    assert list(row["suite"]) == ["apgd_ce", "selective_pgd"]  # in the suite's order
+    assert report["adaptive"]["settings"]["suite"] == ["apgd_ce", "selective_pgd"]
 
 
 @pytest.mark.parametrize("loss", ["margin", "ce", "dlr"])
@@ -98,6 +125,32 @@ def test_adaptive_pgd_succeeds_only_when_misclassified_and_under_the_threshold(l
 def test_adaptive_pgd_validates_its_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdaptivePGD(**({"eps": EPS, "threshold": 0.0} | kwargs))
+
+
+@pytest.mark.parametrize("cls", [AdaptiveAPGD, OrthogonalPGD, SelectivePGD])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"threshold": float("inf")}, "threshold"),
+        ({"score_scale": -1.0}, "score_scale"),
+        ({"eps": 1.5}, "eps must lie"),
+        ({"norm": "1"}, "unknown norm"),
+        ({"loss": "hinge"}, "loss must be"),
+        ({"steps": 0}, "steps must be"),
+        ({"restarts": 0}, "restarts must be"),
+    ],
+)
+def test_the_suites_attacks_validate_their_parameters(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**({"eps": EPS, "threshold": 0.0} | kwargs))
+
+
+def test_apgd_on_the_joint_model_validates_its_lambdas():
+    for lambdas in ((), (1.0, -0.5), (float("nan"),)):
+        with pytest.raises(ValueError, match="lambdas"):
+            AdaptiveAPGD(eps=EPS, threshold=0.0, lambdas=lambdas)
+    with pytest.raises(ValueError, match="loss must be"):
+        AdaptiveAPGD(eps=EPS, threshold=0.0, loss="margin")  # APGD-CE and APGD-DLR only
 
 
 def test_joint_model_needs_logits_from_somewhere(input_detector):
@@ -147,8 +200,9 @@ def test_no_drop_under_the_adaptive_attack_is_flagged_for_gradient_masking(digit
     report = evaluate(digits_classifier, detector, x, y, [FGSM(eps=EPS)], data="d", taylor_inputs=0, progress=False,
                       adaptive=AdaptiveSettings(steps=3, lambdas=(1.0,), surrogate_epochs=1, max_inputs=25))
     assert report["adaptive"]["stand_in"]["method"] == "surrogate"  # a NumPy score: a trained mimic stands in
-    row = report["adaptive"]["attacks"]["adaptive_pgd@eps=0.3"]
+    row = report["adaptive"]["attacks"]["adaptive_worst_case@eps=0.3"]
     assert row["guarded_accuracy"] == row["non_adaptive_guarded_accuracy"] == 1.0
+    assert all(own["won"] == 0 and own["guarded_accuracy"] == 1.0 for own in row["suite"].values())
     assert row["n"] == 25 and report["attacks"]["fgsm"]["n_successful"] > 25  # the first 25 inputs only
     assert row["gradient_masking_check"] is True and "masked" in row["note"]
     assert report["detector"]["gradient_masking_check"] is True
@@ -156,6 +210,7 @@ def test_no_drop_under_the_adaptive_attack_is_flagged_for_gradient_masking(digit
 
 def test_adaptive_settings_are_validated():
     for kwargs in ({"steps": 0}, {"lambdas": ()}, {"lambdas": (float("inf"),)}, {"masking_margin": 1.5},
-                   {"loss": "hinge"}, {"max_inputs": 0}):
+                   {"loss": "hinge"}, {"max_inputs": 0}, {"restarts": 0}, {"target_classes": 0}, {"apgd_lambdas": (-1.0,)},
+                   {"apgd_lambdas": ()}, {"suite": ()}, {"suite": ("pgd",)}, {"suite": ("apgd_ce", "cw")}):
         with pytest.raises(ValueError):
             AdaptiveSettings(**kwargs)

@@ -57,12 +57,12 @@ def test_evaluate_writes_json_markdown_figures_and_html(saved, digits, tmp_path)
     params = report["attacks"]["pgd"]["params"]
     assert params["step_size"] is None and params["rel_stepsize"] == pytest.approx(2.5 / 5)  # follows the new eps
     assert report["attacks"]["pgd@eps=0.3"]["params"]["eps"] == 0.3
-    assert set(report["adaptive"]["attacks"]) == {"adaptive_pgd@eps=0.1", "adaptive_pgd@eps=0.3"}
+    assert set(report["adaptive"]["attacks"]) == {"adaptive_worst_case@eps=0.1", "adaptive_worst_case@eps=0.3"}
     assert report["cross_attack"]["train"] == list(report["attacks"])
-    assert set(eps_groups(report)) == {"fgsm", "pgd", "adaptive_pgd"}
+    assert set(eps_groups(report)) == {"fgsm", "pgd", "adaptive_worst_case"}
 
     text = (out / "report.md").read_text()
-    for heading in ("## Summary", "## Attacks (non-adaptive)", "## Adaptive attacks", "## Cross-attack matrix",
+    for heading in ("## Summary", "## Attacks (non-adaptive)", "## Adaptive attacks", "## Adaptive suite", "## Cross-attack matrix",
                     "## Reproducibility", "## Figures"):
         assert heading in text, heading
     table_rows = [line for line in text.splitlines() if line.startswith("| ")]
@@ -75,7 +75,9 @@ def test_evaluate_writes_json_markdown_figures_and_html(saved, digits, tmp_path)
         image = cv2.imread(str(path))
         assert image is not None and image.shape[0] > 100 and image.shape[1] > 100, name
     page = (out / "report.html").read_text()
-    assert page.count("<table>") == 5 and page.count("data:image/png;base64,") == 5
+    suite_rows = [line for line in table_rows if line.startswith("| adaptive_worst_case@eps=0.3 | orthogonal_pgd |")]
+    assert len(suite_rows) == 1  # each attack of the suite on its own row, per budget
+    assert page.count("<table>") == 6 and page.count("data:image/png;base64,") == 5
     assert not [p for p in out.rglob(".*")]  # no temporary files left behind
 
 
