@@ -56,8 +56,8 @@ class AdaptiveSettings:
     lambdas: weights of the detector term swept by adaptive_pgd. loss: its classifier term,
         "margin" (C&W logit margin), "dlr" or "ce" (see `attacks.adaptive`).
     apgd_lambdas: weights of the detector margin in APGD's joint objective, each with `restarts`
-        random starts. restarts: random starts of the APGD, orthogonal and selective attacks (at 1,
-        orthogonal and selective start at the input).
+        random starts. restarts: starts of the APGD, orthogonal and selective attacks (orthogonal and
+        selective start at the input first, then at random points).
     target_classes: how many of the classifier's most likely other classes apgd_dlr_targeted aims at.
     suite: which attacks run (a subset of `SUITE`, in that order).
     max_inputs: the attacks run on the first this many inputs (None: all); the non-adaptive guarded
@@ -65,7 +65,7 @@ class AdaptiveSettings:
     surrogate_epochs: training of a surrogate stand-in, when one is needed.
     masking_margin: worst-case guarded accuracy within this of the non-adaptive one is flagged."""
 
-    steps: int = 40
+    steps: int = 60
     lambdas: tuple[float, ...] = (0.1, 1.0, 10.0)
     loss: str = "margin"
     apgd_lambdas: tuple[float, ...] = (0.1, 1.0)
@@ -209,7 +209,7 @@ def _masking_note(row: dict[str, Any], baseline_key: str, method: str, margin: f
 def _suite_row(attack: Attack, outcome: Outcome, won: int, targets: int | None) -> dict[str, Any]:
     """One attack's own figures within a worst-case row."""
     params = attack.params()
-    row = {"guarded_accuracy": float(1.0 - outcome.broken.mean()), "success_rate": float(outcome.broken.mean()),
+    row = {"guarded_accuracy": float(np.mean(~outcome.broken)), "success_rate": float(np.mean(outcome.broken)),
            "won": won, "steps": params["steps"], "restarts": attack._plan().restarts, "params": params}
     return row if targets is None else row | {"target_classes": targets}
 

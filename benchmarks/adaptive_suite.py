@@ -1,0 +1,99 @@
+"""The adaptive suite (`detector.adaptive_evaluation`) against two guards whose answer is known; prints JSON.
+
+- `mnist-input`: the reference CNN trained briefly on MNIST and a plain `input` detector trained on
+  its FGSM and PGD examples (eps 0.3): a broken defence. Every attack of the suite alone should
+  bring guarded accuracy to 5% or less on the first --n test images.
+- `robust-digits`: the reference CNN adversarially trained on digits with PGD-10 at eps 0.3 (30
+  epochs, batch 64, eps warm-up over 3 epochs: clean accuracy about 86%), and an `input` detector on
+  its FGSM and PGD examples. The worst case over the suite should be at most the
+  classifier's own robust accuracy plus what the detector adds, and no more than an independent
+  suite found (18% or less); the classifier alone is measured with `robustness_report`.
+
+    python benchmarks/adaptive_suite.py                        # both settings, default suite
+    python benchmarks/adaptive_suite.py --setting mnist-input --n 1000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras
+import numpy as np
+
+from attacks import FGSM, PGD
+from detector import InputDetector
+from detector.adaptive_evaluation import AdaptiveSettings
+from detector.evaluation import evaluate
+from training.adversarial import robustness_report, training_attack
+from training.classifier import accuracy, train_adversarial, train_classifier
+from training.data import load_dataset
+
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist_keras_arrays.npz"
+EPS = 0.3
+
+
+def input_detector(classifier: keras.Model, x: np.ndarray, y: np.ndarray, calibration: np.ndarray, epochs: int) -> InputDetector:
+    """An input detector on FGSM and PGD-10 examples of (x, y) against `classifier`, at 5% FPR."""
+    adversarial = np.concatenate([a(classifier, x, y).x_adv for a in (FGSM(eps=EPS), PGD(eps=EPS, steps=10))])
+    return InputDetector(epochs=epochs).fit(np.concatenate([x, x]), adversarial, verbose=0).calibrate(calibration, 0.05)
+
+
+def mnist_input(n: int) -> tuple[keras.Model, InputDetector, np.ndarray, np.ndarray, dict[str, Any]]:
+    data = load_dataset(str(MNIST))
+    classifier = train_classifier(data.x_train[:20_000], data.y_train[:20_000], 10, epochs=3, verbose=0)
+    detector = input_detector(classifier, data.x_train[:5000], data.y_train[:5000], data.x_train[20_000:22_000], epochs=3)
+    return classifier, detector, data.x_test[:n], data.y_test[:n], {}
+
+
+def robust_digits(n: int) -> tuple[keras.Model, InputDetector, np.ndarray, np.ndarray, dict[str, Any]]:
+    data = load_dataset("digits")
+    classifier = train_adversarial(data.x_train, data.y_train, data.num_classes, training_attack(f"pgd:eps={EPS},steps=10", EPS),
+                                   epochs=30, batch_size=64, warmup_epochs=3.0, verbose=0)
+    detector = input_detector(classifier, data.x_train[:1100], data.y_train[:1100], data.x_train[1100:], epochs=10)
+    x, y = data.x_test[:n], data.y_test[:n]
+    alone = robustness_report(classifier, x, y, eps=EPS, cw_n=0)
+    return classifier, detector, x, y, {"classifier_alone_robust_accuracy": alone["robust_accuracy"],
+                                        "classifier_alone_strongest": alone["strongest"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=("mnist-input", "robust-digits"), nargs="+", default=["robust-digits", "mnist-input"])
+    parser.add_argument("--n", type=int, default=1000, help="test images (digits has 360)")
+    parser.add_argument("--steps", type=int, default=AdaptiveSettings.steps)
+    parser.add_argument("--restarts", type=int, default=AdaptiveSettings.restarts)
+    args = parser.parse_args()
+    settings = AdaptiveSettings(steps=args.steps, restarts=args.restarts, max_inputs=None)
+    out: dict[str, Any] = {"backend": keras.backend.backend(), "eps": EPS, "settings": vars(args)}
+    for name in args.setting:
+        began = time.perf_counter()
+        classifier, detector, x, y, extra = (mnist_input if name == "mnist-input" else robust_digits)(args.n)
+        setup_s = time.perf_counter() - began
+        began = time.perf_counter()
+        report = evaluate(classifier, detector, x, y, [PGD(eps=EPS, steps=40)], data=name, adaptive=settings,
+                          taylor_inputs=0, progress=False)
+        (key, row), = report["adaptive"]["attacks"].items()
+        out[name] = {
+            "n": len(x), "clean_accuracy": accuracy(classifier, x, y), **extra,
+            "guarded_clean_accuracy": report["detector"]["guarded_clean_accuracy"],
+            "pgd_guarded_accuracy": report["attacks"]["pgd"]["guarded_accuracy"],
+            key: row["guarded_accuracy"], "strongest": row["strongest"],
+            "suite": {k: {"guarded_accuracy": r["guarded_accuracy"], "won": r["won"], "steps": r["steps"],
+                          "restarts": r["restarts"]} | ({"target_classes": r["target_classes"]} if "target_classes" in r else {})
+                      for k, r in row["suite"].items()},
+            "setup_seconds": round(setup_s, 1), "evaluation_seconds": round(time.perf_counter() - began, 1),
+        }
+        print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
