@@ -13,7 +13,7 @@ detector and classifier judge every result. The suite (`SUITE`):
   at a time, the other's gradient projected out (orthogonal) or not (selective).
 
 The report's adaptive row per budget, `adaptive_worst_case@eps=...`, is the worst case per input
-over the suite: an input counts as broken when any attack found a point within the budget that the
+over the suite and the evaluated (detector-unaware) attacks at the same budget: an input counts as broken when any attack found a point within the budget that the
 real classifier misclassifies and the real detector lets through; its example is the one that
 evades with the lowest score. Beside it, each attack's own guarded accuracy, its parameters and how
 many inputs it won (broke, with the lowest score among the attacks that broke it).
@@ -209,8 +209,10 @@ def _masking_note(row: dict[str, Any], baseline_key: str, method: str, margin: f
 def _suite_row(attack: Attack, outcome: Outcome, won: int, targets: int | None) -> dict[str, Any]:
     """One attack's own figures within a worst-case row."""
     params = attack.params()
+    plan = getattr(attack, "_plan", None)
     row = {"guarded_accuracy": float(np.mean(~outcome.broken)), "success_rate": float(np.mean(outcome.broken)),
-           "won": won, "steps": params["steps"], "restarts": attack._plan().restarts, "params": params}
+           "won": won, "steps": params.get("steps"), "restarts": plan().restarts if plan else params.get("restarts", 1),
+           "params": params}
     return row if targets is None else row | {"target_classes": targets}
 
 
@@ -269,18 +271,24 @@ def evaluate_adaptive(
             outcomes[name] = _judge(classifier, detector, result, y, batch_size)
         if not outcomes:
             raise ValueError("the adaptive suite holds only apgd_dlr_targeted, which needs 4 or more classes")
+        same = [k for k, (a, _) in keyed.items() if getattr(a, "eps", None) == template.eps and getattr(a, "norm", None) == template.norm]
+        for name in same:  # the evaluated attacks at this budget join the worst case per input: an example
+            attack, result = keyed[name]  # made without the detector that gets through counts the same
+            attacks[name] = attack
+            outcomes[name] = _judge(classifier, detector, AttackResult(result.x_adv[:count], np.zeros(count, bool),
+                                                                       result.linf[:count], result.l2[:count]), y, batch_size)
         choice, kept = _worst_case(outcomes)
         names = list(outcomes)
         won = np.bincount(choice[kept.broken], minlength=len(names))
         key = _key(template)
         result = AttackResult(kept.x_adv, kept.broken, kept.linf, kept.l2)
         row, curves[key] = attack_row(clean_scores, threshold, kept.scores, result, kept.misclassified)
-        same = [k for k, (a, _) in keyed.items() if getattr(a, "eps", None) == template.eps and getattr(a, "norm", None) == template.norm]
         baseline = min(same, key=lambda k: handled[k][:count].mean())  # the strongest on the same inputs
         row |= {
             "eps": template.eps, "norm": template.norm, "n": count,
             "params": {"attack": "adaptive_worst_case", "eps": template.eps, "norm": template.norm,
-                       "steps": settings.steps, "restarts": settings.restarts, "suite": names},
+                       "steps": settings.steps, "restarts": settings.restarts,
+                       "suite": [attacks[name].name if name in same else name for name in names]},
             "suite": {name: _suite_row(attacks[name], outcomes[name], int(won[i]), tried.get(name))
                       for i, name in enumerate(names)},
             "strongest": max(names, key=lambda name: outcomes[name].broken.mean()),  # the lowest guarded accuracy

@@ -9,6 +9,8 @@ from typing import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXIT_USAGE = 2
+ADAPTIVE_SUITE = ("adaptive_pgd", "apgd_ce", "apgd_dlr", "apgd_dlr_targeted", "orthogonal_pgd", "selective_pgd")  # detector.adaptive_evaluation.SUITE
+ADAPTIVE_STEPS = 60  # AdaptiveSettings.steps
 FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "ensemble", "joint")  # detector.FAMILIES
 DEFAULT_MEMBERS = ("input", "safetynet", "squeeze")  # training.detector.DEFAULT_MEMBERS
 
@@ -159,9 +161,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eps-sweep", nargs="+", type=_fraction, metavar="EPS",
                           help="run every attack that has an eps at each of these values, e.g. 0.1 0.2 0.3 or 4/255 8/255")
     evaluate.add_argument("--no-adaptive", action="store_true", help="skip the adaptive attacks (which know the detector)")
-    evaluate.add_argument("--adaptive-steps", type=int, default=40, help="adaptive PGD steps per lambda (default 40)")
+    evaluate.add_argument("--adaptive-steps", type=int, default=ADAPTIVE_STEPS,
+                          help=f"iterations of each adaptive attack, per lambda and restart (default {ADAPTIVE_STEPS})")
+    evaluate.add_argument("--adaptive-restarts", type=int, default=1, help="random restarts of the APGD, orthogonal and selective attacks")
+    evaluate.add_argument("--adaptive-targets", type=int, default=9,
+                          help="the targeted APGD-DLR aims at this many of the most likely other classes (default 9)")
+    evaluate.add_argument("--adaptive-suite", nargs="+", choices=ADAPTIVE_SUITE, default=list(ADAPTIVE_SUITE),
+                          help="which adaptive attacks run (default all; the row is the worst case per input over them)")
     evaluate.add_argument("--lambdas", nargs="+", type=float, default=[0.1, 1.0, 10.0],
-                          help="weights of the detector term swept by the adaptive attack (default 0.1 1 10)")
+                          help="weights of the detector term swept by adaptive_pgd (default 0.1 1 10)")
     evaluate.add_argument("--adaptive-n", type=int, default=1000,
                           help="run the adaptive attacks on the first N test images (default 1000)")
     evaluate.add_argument("--adaptive-loss", choices=("margin", "ce"), default="margin",
@@ -278,7 +286,8 @@ def _run(args: argparse.Namespace) -> int:
             args.model, args.detector, args.data, args.out,
             attacks=args.attacks, n=args.n, batch_size=args.batch_size, targets=args.targets, eps_sweep=args.eps_sweep,
             adaptive=None if args.no_adaptive else AdaptiveSettings(
-                steps=args.adaptive_steps, lambdas=tuple(args.lambdas), loss=args.adaptive_loss, max_inputs=args.adaptive_n),
+                steps=args.adaptive_steps, lambdas=tuple(args.lambdas), loss=args.adaptive_loss, max_inputs=args.adaptive_n,
+                restarts=args.adaptive_restarts, target_classes=args.adaptive_targets, suite=tuple(args.adaptive_suite)),
             cross_attack=args.cross_attack, cross_attack_n=args.cross_attack_n,
             cross_attack_epochs=args.cross_attack_epochs, html=args.html, seed=args.seed, command=sys.argv,
         )

@@ -157,12 +157,17 @@ def test_retrain_on_a_new_attack_keeps_the_old_ones_and_writes_a_new_version(qui
     assert main(["retrain", "--detector", str(detector), "--adversarial", str(tmp_path / "pgd-l2"), "--out", str(new)]) == 2
 
 
-def test_the_cli_lists_the_real_families_and_members():
+def test_the_cli_mirrors_the_library_names_and_defaults():
     from safetynet import cli
     from detector import FAMILIES
     from training.detector import DEFAULT_MEMBERS
 
     assert set(cli.FAMILIES) == set(FAMILIES) and tuple(cli.DEFAULT_MEMBERS) == tuple(DEFAULT_MEMBERS)
+    from detector.adaptive_evaluation import DEFAULT_ADAPTIVE, SUITE
+
+    assert cli.ADAPTIVE_SUITE == SUITE and cli.ADAPTIVE_STEPS == DEFAULT_ADAPTIVE.steps
+    parsed = cli._parser().parse_args(["evaluate", "--model", "m", "--detector", "d", "--out", "o"])
+    assert (parsed.adaptive_restarts, parsed.adaptive_targets) == (DEFAULT_ADAPTIVE.restarts, DEFAULT_ADAPTIVE.target_classes)
 
 
 @pytest.mark.parametrize("family", ["activations", "safetynet", "mahalanobis", "squeeze", "ensemble"])
