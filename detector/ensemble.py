@@ -14,10 +14,9 @@ from typing import Any, ClassVar, Sequence
 
 import keras
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from detector.base import Detector
-from detector.features import load_arrays, save_arrays
+from detector.features import fit_linear_rule, load_arrays, save_arrays
 
 ARRAYS_FILE = "stacker.npz"
 _ARRAYS = ("score_mean", "score_scale", "coef", "intercept")
@@ -59,17 +58,9 @@ class EnsembleDetector(Detector):
 
     def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> "EnsembleDetector":
         """Fit the stacker on clean (0) vs adversarial (1) images, ideally ones no member was trained on."""
-        if len(x_clean) < 2 or len(x_adversarial) < 2:
-            raise ValueError(f"fitting needs at least 2 clean and 2 adversarial images, got {len(x_clean)} and {len(x_adversarial)}")
-        scores = np.concatenate([self.member_scores(x_clean), self.member_scores(x_adversarial)])
-        if not np.isfinite(scores).all():
-            raise ValueError("a member returned NaN or infinite scores on the training images")
-        mean, scale = scores.mean(axis=0), np.maximum(scores.std(axis=0), 1e-12)
-        labels = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adversarial))]
-        regression = LogisticRegression(C=self.C, class_weight="balanced", max_iter=1000, random_state=self.seed)
-        regression.fit((scores - mean) / scale, labels)
-        self.arrays = {"score_mean": mean, "score_scale": scale,
-                       "coef": regression.coef_.astype(np.float64), "intercept": regression.intercept_.astype(np.float64)}
+        mean, scale, coef, intercept = fit_linear_rule(self.member_scores, x_clean, x_adversarial, C=self.C, seed=self.seed,
+                                                       what="a member")
+        self.arrays = {"score_mean": mean, "score_scale": scale, "coef": coef, "intercept": intercept}
         if verbose:
             weights = np.round(self.arrays["coef"][0], 3).tolist()
             print("ensemble: weights " + ", ".join(f"{m.kind}={w}" for m, w in zip(self.members, weights)))

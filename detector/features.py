@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from attacks.models import logits_model
 from attacks.storage import model_fingerprint, read_json
@@ -160,6 +161,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, np.float64)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
+
+
+def fit_linear_rule(features: Callable[[np.ndarray], np.ndarray], x_clean: np.ndarray, x_adversarial: np.ndarray, *,
+                    C: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A balanced logistic regression, clean (0) vs adversarial (1), on standardised `features` of
+    the images: (mean, scale, coef, intercept). `what` names the source of the features in errors."""
+    if len(x_clean) < 2 or len(x_adversarial) < 2:
+        raise ValueError(f"fitting needs at least 2 clean and 2 adversarial images, got {len(x_clean)} and {len(x_adversarial)}")
+    values = np.concatenate([features(x_clean), features(x_adversarial)])
+    if not np.isfinite(values).all():
+        raise ValueError(f"{what} returned NaN or infinite scores on the training images")
+    mean, scale = values.mean(axis=0), np.maximum(values.std(axis=0), 1e-12)
+    labels = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adversarial))]
+    regression = LogisticRegression(C=C, class_weight="balanced", max_iter=1000, random_state=seed)
+    regression.fit((values - mean) / scale, labels)
+    return mean, scale, regression.coef_.astype(np.float64), regression.intercept_.astype(np.float64)
 
 
 def save_arrays(path: Path, **arrays: np.ndarray) -> None:

@@ -19,11 +19,10 @@ from typing import Any, ClassVar
 import keras
 import numpy as np
 from keras import ops
-from sklearn.linear_model import LogisticRegression
 
 from attacks.models import logits_model
 from detector.base import Detector
-from detector.features import load_arrays, predict, require_classifier, save_arrays
+from detector.features import fit_linear_rule, load_arrays, predict, require_classifier, save_arrays
 
 ARRAYS_FILE = "rule.npz"
 MEMBER_DIRECTORY = "member"
@@ -66,17 +65,9 @@ class JointDetector(Detector):
     def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> "JointDetector":
         """Fit the rule on clean (0) vs adversarial (1) images the member was NOT trained on (its
         scores on its own training images are over-confident)."""
-        if len(x_clean) < 2 or len(x_adversarial) < 2:
-            raise ValueError(f"fitting needs at least 2 clean and 2 adversarial images, got {len(x_clean)} and {len(x_adversarial)}")
-        features = np.concatenate([self.features(x_clean), self.features(x_adversarial)])
-        if not np.isfinite(features).all():
-            raise ValueError("the member returned NaN or infinite scores on the training images")
-        mean, scale = features.mean(axis=0), np.maximum(features.std(axis=0), 1e-12)
-        labels = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adversarial))]
-        regression = LogisticRegression(C=self.C, class_weight="balanced", max_iter=1000, random_state=self.seed)
-        regression.fit((features - mean) / scale, labels)
-        self.arrays = {"feature_mean": mean, "feature_scale": scale,
-                       "coef": regression.coef_.astype(np.float64), "intercept": regression.intercept_.astype(np.float64)}
+        mean, scale, coef, intercept = fit_linear_rule(self.features, x_clean, x_adversarial, C=self.C, seed=self.seed,
+                                                       what="the member")
+        self.arrays = {"feature_mean": mean, "feature_scale": scale, "coef": coef, "intercept": intercept}
         if verbose:
             weights = np.round(self.arrays["coef"][0], 3).tolist()
             print(f"joint rule: weights {self.member.kind} score={weights[0]}, logit-gap deficit={weights[1]}")

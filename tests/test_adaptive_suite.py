@@ -39,10 +39,10 @@ def test_each_attack_alone_breaks_the_plain_input_detector(name, broken_guard, m
                       adaptive=AdaptiveSettings(suite=(name,), max_inputs=None))
     assert report["attacks"]["fgsm"]["guarded_accuracy"] > 0.85  # the detector stops an attacker who ignores it
     row = report["adaptive"]["attacks"]["adaptive_worst_case@eps=0.3"]
-    assert list(row["suite"]) == [name]
+    assert list(row["suite"]) == [name, "fgsm"]  # the evaluated attack at the same budget joins the worst case
     own = row["suite"][name]
     assert own["guarded_accuracy"] <= 0.05, own["guarded_accuracy"]
-    assert row["guarded_accuracy"] == own["guarded_accuracy"] and own["won"] == round(own["success_rate"] * N_TEST)
+    assert row["guarded_accuracy"] <= own["guarded_accuracy"] and own["won"] <= round(own["success_rate"] * N_TEST)
     assert row["mean_linf"] <= EPS + 1e-6
 
 

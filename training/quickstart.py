@@ -100,7 +100,7 @@ def quickstart(
     if paths.robust is None:
         return paths
     settings = hardening or HardenSettings(
-        eps=robust_eps(data.input_shape, eps), epochs=30, validation_n=min(500, len(data.x_train) // 5),
+        eps=robust_eps(data.input_shape, eps), epochs=60, patience=10, validation_n=min(500, len(data.x_train) // 5),
         n_attack=n_attack, detector_epochs=detector_epochs, target_fpr=target_fpr, seed=seed)
     log(f"[5/{steps}] robust guard (harden: adversarial fine-tuning at eps {settings.eps:g}, joint detector)")
     hardened = harden(paths.classifier, data, paths.robust, settings, n_eval=n_eval, log=log)
