@@ -198,17 +198,18 @@ def format_table(report: dict[str, Any]) -> str:
         f"classifier clean accuracy: {report['classifier']['clean_accuracy']:.4f}",
         (f"detector: {det['kind']}  threshold {det['threshold']:.4g}  target FPR {det['target_fpr']:.3f}"
          f"  clean FPR {det['clean_fpr']:.4f} [{det['clean_fpr_interval'][0]:.4f}, {det['clean_fpr_interval'][1]:.4f}]"),
-        "",
-        f"{'attack':<30}{'eps':>8}{'success':>10}{'AUROC':>9}{'TPR':>9}{'guarded acc':>13}",
     ]
     adaptive = report.get("adaptive") or {"attacks": {}}
-    for name, row in [*report["attacks"].items(), *adaptive["attacks"].items()]:
+    rows = [*report["attacks"].items(), *adaptive["attacks"].items()]
+    width = max(30, *(len(name) + 2 for name, _ in rows))  # a long key (eps 8/255 printed in full) keeps its column
+    lines += ["", f"{'attack':<{width}}{'eps':>8}{'success':>10}{'AUROC':>9}{'TPR':>9}{'guarded acc':>13}"]
+    for name, row in rows:
         eps = "n/a" if row["eps"] is None else f"{row['eps']:.4g}"
         flag = "  <- gradient masking check" if row.get("gradient_masking_check") else ""
-        lines.append(f"{name:<30}{eps:>8}{row['success_rate']:>10.4f}{_cell(row['auroc'])}{_cell(row['tpr'])}"
+        lines.append(f"{name:<{width}}{eps:>8}{row['success_rate']:>10.4f}{_cell(row['auroc'])}{_cell(row['tpr'])}"
                      f"{row['guarded_accuracy']:>13.4f}{flag}")
         for attack, own in row.get("suite", {}).items():  # the worst case's attacks, each alone
-            lines.append(f"{'  ' + attack:<30}{eps:>8}{own['success_rate']:>10.4f}{'':>18}{own['guarded_accuracy']:>13.4f}"
+            lines.append(f"{'  ' + attack:<{width}}{eps:>8}{own['success_rate']:>10.4f}{'':>18}{own['guarded_accuracy']:>13.4f}"
                          f"  won {own['won']}")
     if report.get("adaptive"):
         lines.append(f"adaptive attacks: detector stand-in {adaptive['stand_in']['method']} "

@@ -234,6 +234,10 @@ def test_format_table_lists_attacks_and_accuracy(recorded_report):
     for name, row in report["attacks"].items():
         line = next(line for line in lines if line.startswith(name))
         assert f"{row['auroc']:.4f}" in line and f"{row['success_rate']:.4f}" in line
+    long_key = "pgd@eps=0.0313725490196078,norm=2"  # keys may be longer than the default column: columns stay aligned
+    widened = format_table(report | {"attacks": {**report["attacks"], long_key: next(iter(report["attacks"].values()))}})
+    rows = [line for line in widened.splitlines() if line.split()[:1] and line.split()[0] in report["attacks"] | {long_key: 0}]
+    assert len({len(line) for line in rows}) == 1 and all(line[len(long_key)] == " " for line in rows)
 
 
 def test_write_report_round_trip(recorded_report, tmp_path):
