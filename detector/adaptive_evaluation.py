@@ -275,7 +275,7 @@ def evaluate_adaptive(
         for name in same:  # the evaluated attacks at this budget join the worst case per input: an example
             attack, result = keyed[name]  # made without the detector that gets through counts the same
             attacks[name] = attack
-            outcomes[name] = _judge(classifier, detector, AttackResult(result.x_adv[:count], np.zeros(count, bool),
+            outcomes[name] = _judge(classifier, detector, AttackResult(result.x_adv[:count], result.success[:count],
                                                                        result.linf[:count], result.l2[:count]), y, batch_size)
         choice, kept = _worst_case(outcomes)
         names = list(outcomes)

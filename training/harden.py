@@ -30,7 +30,7 @@ from detector import load_detector
 from serving.guard import Guard
 from training.adversarial import training_attack
 from training.classifier import LearningRate, accuracy, train_adversarial
-from training.workflow import Data, Log, _loaded, attack_stage, default_attacks, default_eps, evaluate_stage, train_detector_stage
+from training.workflow import Data, Log, as_dataset, attack_stage, default_attacks, default_eps, evaluate_stage, train_detector_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,7 @@ def harden(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty: choose another --out or delete it")
-    data = _loaded(data)
+    data = as_dataset(data)
     classifier = load_model(model_path)
     eps = default_eps(data.input_shape) if settings.eps is None else settings.eps
     attack = training_attack(settings.attack, eps)
@@ -163,8 +163,9 @@ def harden(
     clean_accuracy = accuracy(classifier, data.x_test, data.y_test)
     log(f"hardened classifier saved to {classifier_path}: clean test accuracy {clean_accuracy:.4f}")
     log("[2/4] adversarial datasets against the hardened classifier")
-    datasets = [out / "datasets" / a.name for a in default_attacks(data.input_shape, attack.eps)]
-    for spec, path in zip(default_attacks(data.input_shape, attack.eps), datasets, strict=True):
+    detector_attacks = default_attacks(data.input_shape, attack.eps)
+    datasets = [out / "datasets" / a.name for a in detector_attacks]
+    for spec, path in zip(detector_attacks, datasets, strict=True):
         attack_stage(classifier_path, data, spec, path, split="train", n=settings.n_attack, log=log)
     log(f"[3/4] joint rule: {settings.family} detector + the classifier's logit gap, one threshold at FPR {settings.target_fpr}")
     detector_path = out / "detector"

@@ -40,8 +40,9 @@ def robust_eps(input_shape: tuple[int, ...], eps: float | None) -> float:
 def worst_case(report: dict[str, Any]) -> tuple[float, str]:
     """The lowest guarded accuracy over every attack in the report, adaptive rows included, and its row."""
     rows = {**report["attacks"], **(report.get("adaptive") or {}).get("attacks", {})}
-    name = min(rows, key=lambda k: rows[k].get("worst_case_guarded_accuracy", rows[k]["guarded_accuracy"]))
-    return float(rows[name].get("worst_case_guarded_accuracy", rows[name]["guarded_accuracy"])), name
+    guarded = {name: row.get("worst_case_guarded_accuracy", row["guarded_accuracy"]) for name, row in rows.items()}
+    name = min(guarded, key=guarded.__getitem__)
+    return float(guarded[name]), name
 
 
 def summary_table(reports: dict[str, dict[str, Any]]) -> str:

@@ -43,7 +43,7 @@ def _fit_verbosity() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def _loaded(data: Data) -> ImageDataset:
+def as_dataset(data: Data) -> ImageDataset:
     """Stages take a data spec or an already loaded dataset (quickstart loads it once)."""
     return data if isinstance(data, ImageDataset) else load_dataset(data)
 
@@ -100,7 +100,7 @@ def train_classifier_stage(
     accuracy on `robust_n` test images (default 1000 when either is given, else none) is printed and
     written beside the model (`training.adversarial.robustness_path`).
     """
-    data = _loaded(data)
+    data = as_dataset(data)
     if adversarial is not None and adversarial_data:
         raise ValueError("train against an attack (adversarial) or on stored datasets (adversarial_data), not both")
     attack = None if adversarial is None else training_attack(adversarial, default_eps(data.input_shape))
@@ -157,7 +157,7 @@ def attack_stage(
     """
     model = load_model(model_path)
     crafting_model = model if surrogate is None else load_model(surrogate)
-    data = _loaded(data)
+    data = as_dataset(data)
     attack = resolve_attack(attack, data, {k: v for k, v in (params or {}).items() if v is not None})
     x, y, index = select(data, split, n)
     manifest = generate_dataset(
@@ -333,7 +333,7 @@ def evaluate_stage(
     model = load_model(model_path)
     detector = load_detector(detector_dir, classifier=model)
     check_match(model, detector)
-    data = _loaded(data)
+    data = as_dataset(data)
     attacks = [resolve_attack(a, data) for a in attacks] if attacks else trained_attacks(detector_dir)
     if not attacks:
         raise ValueError("no attacks to evaluate: name them, or use a detector whose manifest lists its attacks")
