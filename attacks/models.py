@@ -9,6 +9,7 @@ code) and saved as `.keras` files atomically.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import keras
@@ -59,11 +60,24 @@ def load_model(path: str | os.PathLike) -> keras.Model:
         raise FileNotFoundError(f"classifier model not found: {path}")
     if path.suffix not in (".keras", ".h5"):
         raise ValueError(f"classifier must be a .keras or .h5 file, got {path.name}")
+    if not _has_model_signature(path):
+        kind = "zip archive" if path.suffix == ".keras" else "HDF5 file"
+        raise ValueError(f"{path} is not a Keras model: a {path.suffix} model is a {kind}, and this file is not one")
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load classifier {path}: {error}") from None
     return logits_model(model)
+
+
+def _has_model_signature(path: Path) -> bool:
+    """Whether the file starts as its suffix says (.keras: a zip archive, .h5: HDF5), so that another
+    file gets an error naming the problem rather than Keras's "File not found" or h5py's signature error."""
+    if path.suffix == ".keras":
+        return zipfile.is_zipfile(path)
+    with path.open("rb") as stream:  # HDF5's signature sits at byte 0 (or 512, 1024, ... after a user block)
+        head = stream.read(1 << 16)
+    return any(head[offset:offset + 8] == b"\x89HDF\r\n\x1a\n" for offset in (0, 512, 1024, 2048, 4096, 8192, 16384, 32768))
 
 
 def save_model(model: keras.Model, path: str | os.PathLike) -> Path:

@@ -78,6 +78,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(temp, 0o777 & ~_UMASK)  # mkdtemp's 0700 would hide results from a server under another user
     try:
         yield temp
         if path.exists():

@@ -57,8 +57,14 @@ def test_loading_is_safe_and_bad_files_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"\.keras or \.h5"):
         load_model(tmp_path / "model.pt")
     (tmp_path / "corrupt.keras").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="cannot load classifier"):
+    with pytest.raises(ValueError, match=r"corrupt\.keras is not a Keras model: a \.keras model is a zip archive"):
         load_model(tmp_path / "corrupt.keras")
+    (tmp_path / "random.h5").write_bytes(np.random.default_rng(0).bytes(2048))
+    with pytest.raises(ValueError, match=r"random\.h5 is not a Keras model: a \.h5 model is a HDF5 file"):
+        load_model(tmp_path / "random.h5")
+    model.save(tmp_path / "lambda.h5")  # a real HDF5 model passes the signature check and reaches Keras
+    with pytest.raises(ValueError, match="cannot load classifier"):
+        load_model(tmp_path / "lambda.h5")
     with pytest.raises(ValueError, match=r"\.keras files"):
         save_model(model, tmp_path / "model.h5")
 
@@ -82,3 +88,16 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_atomic_directories_get_ordinary_permissions(tmp_path):
+    """mkdtemp creates 0700 folders; a detector, guard or export must be readable by a server under another user."""
+    import os
+
+    from attacks.storage import atomic_directory
+
+    with atomic_directory(tmp_path / "detector") as temp:
+        (temp / "manifest.json").write_text("{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "detector").stat().st_mode & 0o777 == 0o777 & ~mask
