@@ -300,7 +300,7 @@ def _run(args: argparse.Namespace) -> int:
             quarantine_export.export_quarantine(args.store, args.out, include=args.include, since=args.since, model=args.model)
             workflow.dataset_info(args.out)
     elif args.command == "serve":
-        from serving.http import serve
+        from serving.server import serve
 
         serve(
             args.guard, host=args.host, port=args.port, upstream=args.upstream, token=args.token,
