@@ -328,6 +328,32 @@ def test_undecodable_image_names_the_file(tmp_path: Path) -> None:
         load_dataset(str(tmp_path))
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_truncated_image_is_refused_not_trained_on(tmp_path: Path, suffix: str) -> None:
+    """OpenCV decodes a truncated file with only libjpeg's warning; the loader must refuse it."""
+    _write_images(tmp_path / "a", BLUE_BGR, [(16, 16)] * 5)
+    _write_images(tmp_path / "b", RED_BGR, [(16, 16)] * 4)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    ok, encoded = cv2.imencode(suffix, image)
+    assert ok
+    (tmp_path / "b" / f"whole{suffix}").write_bytes(encoded.tobytes())
+    assert load_dataset(str(tmp_path), image_size=(16, 16)).x_train.shape[0] > 0
+    (tmp_path / "b" / f"cut{suffix}").write_bytes(encoded.tobytes()[: len(encoded) // 2])
+    with pytest.raises(ValueError, match=rf"image file .*cut\{suffix} is truncated"):
+        load_dataset(str(tmp_path), image_size=(16, 16))
+
+
+def test_failed_keras_download_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline() -> None:
+        raise Exception("URL fetch failure on https://storage.googleapis.com/mnist.npz: None -- [Errno -3] "
+                        "Temporary failure in name resolution\nmore lines")
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(ValueError, match=r"cannot load 'mnist': .*URL fetch failure.*resolution\); offline, pass a local copy") as error:
+        load_dataset("mnist")
+    assert "\n" not in str(error.value)
+
+
 def test_empty_image_folder(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("no class folders here")
     with pytest.raises(ValueError, match="is empty: expected one sub-folder per class"):

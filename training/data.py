@@ -38,6 +38,7 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,
 }
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
@@ -136,7 +137,14 @@ def _load_keras(name: str) -> Split:
     """A keras.datasets loader (downloads on first use)."""
     import keras  # lazy: importing keras loads TensorFlow, which only these datasets need
 
-    (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, name).load_data()
+    try:
+        (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, name).load_data()
+    except Exception as error:  # keras.utils.get_file raises a bare Exception on a failed download
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"cannot load {name!r}: keras.datasets downloads it on first use and that failed ({reason}); "
+            "offline, pass a local copy instead, e.g. --data path/to/mnist.npz (arrays x_train, y_train, x_test, y_test)"
+        ) from error
     return x_train, y_train, x_test, y_test
 
 
@@ -244,7 +252,10 @@ def _decode_images(paths: list[Path], size: tuple[int, int] | None) -> np.ndarra
     """
     decoded = []
     for path in paths:
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        data = path.read_bytes()
+        if not _is_complete(data):
+            raise ValueError(f"image file {path} is truncated (no end marker): re-copy or remove it")
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if image is None:
             raise ValueError(f"cannot decode image file {path}")
         decoded.append(image)
@@ -256,6 +267,21 @@ def _decode_images(paths: list[Path], size: tuple[int, int] | None) -> np.ndarra
             image = cv2.cvtColor(image, _TO_RGB[1 if image.ndim == 2 else image.shape[2]])
         out[i] = _resize_image(_to_unit_float(image, str(paths[i])), size)
     return out
+
+
+def _is_complete(data: bytes) -> bool:
+    """False for a PNG without its IEND chunk or a JPEG without an end marker after its first scan:
+    OpenCV decodes those with a warning and grey filler, and the image would train silently."""
+    if data.startswith(_PNG_SIGNATURE):
+        return data.find(b"IEND", 33) >= 0
+    if not data.startswith(b"\xff\xd8"):
+        return True  # other formats: OpenCV's decoder is the check
+    position = 2  # walk the marker segments (an EXIF thumbnail inside APP1 has its own scan and end)
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        if data[position + 1] == 0xDA:  # start of scan; the end marker cannot occur in entropy-coded data
+            return data.find(b"\xff\xd9", position) >= 0
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+    return False
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Split:
