@@ -157,6 +157,20 @@ def test_retrain_on_a_new_attack_keeps_the_old_ones_and_writes_a_new_version(qui
     assert main(["retrain", "--detector", str(detector), "--adversarial", str(tmp_path / "pgd-l2"), "--out", str(new)]) == 2
 
 
+def test_retrain_names_the_next_free_version(tmp_path):
+    from training.workflow import next_version
+
+    (tmp_path / "detector").mkdir()
+    assert next_version(tmp_path / "detector", 1) == (2, tmp_path / "detector.v2")
+    (tmp_path / "detector.v2").mkdir()
+    (tmp_path / "detector.v2-notes").mkdir()  # not a version
+    assert next_version(tmp_path / "detector", 1) == (3, tmp_path / "detector.v3")  # was "detector.v2 already exists"
+    assert next_version(tmp_path / "detector.v2", 2) == (3, tmp_path / "detector.v3")  # was detector.v2.v3
+    assert next_version(tmp_path / "detector.v2/", 2) == (3, tmp_path / "detector.v3")
+    (tmp_path / "detector.v7").mkdir()
+    assert next_version(tmp_path / "detector.v2", 2) == (8, tmp_path / "detector.v8")
+
+
 def test_the_cli_mirrors_the_library_names_and_defaults():
     from safetynet import cli
     from detector import FAMILIES

@@ -201,11 +201,13 @@ def retrain_input_detector(
     learning_rate: float = 3e-4,
     seed: int = 0,
     verbose: int | str = 2,
+    version: int | None = None,
 ) -> tuple[InputDetector, dict[str, Any]]:
     """Fine-tune on new attacks mixed with replayed earlier data, recalibrate at the same target
     FPR, and report detection on every attack before and after. The given detector is unchanged.
 
-    Returns the new detector (its `info.version` one higher) and the before/after report.
+    Returns the new detector (its `info.version` is `version`, default one higher) and the
+    before/after report.
     """
     if not new:
         raise ValueError("retraining needs at least one new adversarial dataset")
@@ -228,7 +230,7 @@ def retrain_input_detector(
     retrained.info = {
         **detector.info,
         "trained_on": detector.info.get("trained_on", []) + _describe(new, paths[: len(new)] if paths else None),
-        "version": int(detector.info.get("version", 1)) + 1,
+        "version": int(detector.info.get("version", 1)) + 1 if version is None else version,
         "retrained_with_replay": _describe(replay, paths[len(new):] if paths else None),
     }
     after = detection_rates(retrained, split, names)

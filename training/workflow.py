@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -247,8 +248,8 @@ def retrain_stage(
     detector = load_detector(detector_dir)
     if not isinstance(detector, InputDetector):
         raise ValueError(f"retraining supports the 'input' family; {detector_dir} is {detector.kind!r}")
-    version = int(detector.info.get("version", 1)) + 1
-    out = Path(out) if out else Path(f"{Path(detector_dir).as_posix().rstrip('/')}.v{version}")
+    version, default_out = next_version(detector_dir, int(detector.info.get("version", 1)))
+    out = Path(out) if out else default_out
     if out.exists():
         raise FileExistsError(f"{out} already exists: retraining never overwrites a detector")
     if replay is None:
@@ -257,7 +258,7 @@ def retrain_stage(
     replay_sets = [load_adversarial_dataset(p) for p in replay]
     retrained, report = retrain_input_detector(
         detector, new_sets, replay_sets, paths=[str(Path(p).resolve()) for p in [*adversarial, *replay]],
-        epochs=epochs, seed=seed, verbose=_fit_verbosity(),
+        epochs=epochs, seed=seed, verbose=_fit_verbosity(), version=version,
     )
     retrained.save(out)
     log(f"{'held-out TPR':<32}{'before':>10}{'after':>10}")
@@ -265,6 +266,19 @@ def retrain_stage(
         log(f"{name:<32}{report['before'][name]:>10.4f}{report['after'][name]:>10.4f}")
     log(f"threshold {report['threshold_before']:.4g} -> {report['threshold_after']:.4g}; version {version} saved to {out}")
     return report | {"out": str(out)}
+
+
+def next_version(detector_dir: str | os.PathLike, version: int) -> tuple[int, Path]:
+    """The retrained detector's version number and default folder, DETECTOR.vN beside the others:
+    N is one past both `version` (the detector's own) and every sibling version already written, so
+    retraining detector.v2 writes detector.v3 (not detector.v2.v3), and retraining detector again
+    after detector.v2 exists writes detector.v3 instead of failing."""
+    path = Path(detector_dir).resolve()
+    base = re.sub(r"\.v\d+$", "", path.name)
+    pattern = re.compile(rf"{re.escape(base)}\.v(\d+)")
+    taken = [int(match.group(1)) for sibling in path.parent.iterdir() if (match := pattern.fullmatch(sibling.name))]
+    number = max([version, *taken]) + 1
+    return number, Path(detector_dir).parent / f"{base}.v{number}"
 
 
 def trained_attacks(detector_dir: str | os.PathLike) -> list[Attack]:
