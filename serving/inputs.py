@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import struct
 
 import cv2
@@ -17,6 +18,7 @@ import numpy as np
 import orjson
 
 MAX_IMAGE_PIXELS = 40_000_000  # per uploaded image, read from its header before decoding (no pixel bombs)
+MAX_NPY_HEADER = 10_000  # bytes of a .npy header (numpy's own default limit)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NOT_NUMBERS = {"b": "booleans", "U": "strings", "O": "values that are not numbers (null, objects or huge integers)"}
 
@@ -65,20 +67,34 @@ def parse_instances(body: bytes, max_batch: int) -> np.ndarray:
 
 def parse_npy(body: bytes, max_batch: int) -> np.ndarray:
     """A `:predict` body sent as one `.npy` array (Content-Type application/x-npy): NHWC floats with no
-    JSON to parse, for large images where parsing text costs more than the model. Never unpickles."""
+    JSON to parse, for large images where parsing text costs more than the model. The header (shape,
+    dtype, order) is checked against the body before any allocation: the array is a view of the
+    body's bytes, so a header claiming terabytes costs nothing. Never unpickles."""
+    stream = io.BytesIO(body)
     try:
-        x = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+        version = np.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream, max_header_size=MAX_NPY_HEADER)
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as error:
         raise InputError(f"the body is not a .npy array: {error}") from None
-    if not np.issubdtype(x.dtype, np.floating):
-        raise InputError(f"the .npy array must hold floating point pixels, got dtype {x.dtype}")
-    if x.ndim != 4:
-        raise InputError(f"the .npy array must be a batch of HxWxC images (rank 4), got shape {x.shape}")
-    if len(x) == 0:
+    if dtype.hasobject:
+        raise InputError("the .npy array holds Python objects (a pickle): only float pixel arrays are accepted")
+    if dtype.kind != "f" or dtype.fields is not None or dtype.subdtype is not None:
+        raise InputError(f"the .npy array must hold floating point pixels, got dtype {dtype}")
+    if len(shape) != 4 or min(shape) < 0:
+        raise InputError(f"the .npy array must be a batch of HxWxC images (rank 4), got shape {shape}")
+    if shape[0] == 0:
         raise InputError("empty batch: send at least one instance")
-    if len(x) > max_batch:
-        raise InputError(f"batch of {len(x)} instances is over the limit of {max_batch}")
-    return x
+    if shape[0] > max_batch:
+        raise InputError(f"batch of {shape[0]} instances is over the limit of {max_batch}")
+    declared, available = math.prod(shape) * dtype.itemsize, len(body) - stream.tell()
+    if declared != available:
+        raise InputError(f"the .npy header declares shape {shape} of {dtype} ({declared} bytes) but the body "
+                         f"carries {available} bytes of data")
+    x = np.frombuffer(body, dtype, math.prod(shape), stream.tell())
+    return x.reshape(shape[::-1]).transpose() if fortran_order else x.reshape(shape)
 
 
 def _numbers_only(body: bytes, names: list) -> bool:

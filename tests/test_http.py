@@ -204,6 +204,13 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _npy_header(shape: tuple, descr: str = "<f4", data: bytes = b"") -> bytes:
+    """A .npy header claiming `shape` (whatever the data that follows holds)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + data
+
+
 def _instance(shape=(8, 8, 1), value=0.5) -> list:
     return np.full(shape, value).tolist()
 
@@ -254,7 +261,14 @@ BAD_PREDICTS = [
     pytest.param(b"\x93NUMPY garbage", NPY, 400, "not a .npy array", id="npy-garbage"),
     pytest.param(_npy(np.zeros((2, 8, 8, 1), np.int64)), NPY, 400, "floating point", id="npy-int"),
     pytest.param(_npy(np.zeros((8, 8, 1), np.float32)), NPY, 400, "rank 4", id="npy-rank3"),
-    pytest.param(_npy(np.array([{"a": 1}], dtype=object)), NPY, 400, "not a .npy array", id="npy-pickle"),
+    pytest.param(_npy(np.array([{"a": 1}], dtype=object)), NPY, 400, "pickle", id="npy-pickle"),
+    pytest.param(_npy_header((4, 2**20, 2**18, 1)), NPY, 400, "declares shape", id="npy-claims-4tib"),
+    pytest.param(_npy_header((1, 2**17, 2**17, 1), "<f4", b"\0" * 64), NPY, 400, "declares shape", id="npy-claims-64gib"),
+    pytest.param(_npy_header((1, 8, 8, 1), "<f4", b"\0" * 255), NPY, 400, "carries 255 bytes", id="npy-short-data"),
+    pytest.param(_npy_header((1, 8, 8, 1), "<f4", b"\0" * 300), NPY, 400, "carries 300 bytes", id="npy-extra-data"),
+    pytest.param(_npy_header((1, -8, 8, 1)), NPY, 400, "rank 4", id="npy-negative-size"),
+    pytest.param(_npy_header((1, 8, 8, 1), "|O"), NPY, 400, "pickle", id="npy-object-header"),
+    pytest.param(_npy_header((1, 8, 8, 1), "<f4")[:-20], NPY, 400, "not a .npy array", id="npy-cut-header"),
     pytest.param(_npy(np.full((1, 8, 8, 1), np.nan, np.float32)), NPY, 400, "NaN", id="npy-nan"),
     pytest.param(_npy(np.zeros((0, 8, 8, 1), np.float32)), NPY, 400, "empty", id="npy-empty"),
 ]
