@@ -1,0 +1,224 @@
+"""Stateful query-attack detection: a client that sends many near-identical images is running a
+query attack (Square, HopSkipJump, Boundary: each step queries a small change of the last point).
+
+The match rule follows Blacklight (Li et al., USENIX Security 2022). An image's fingerprint: quantise
+its pixels (`step`, a fraction of the clip range), slide a window of `window` values (default: one
+image row) over the flattened image (`stride`), hash each window with a keyed 64-bit hash, and keep
+the `top_k` largest distinct hashes. Two queries match when their fingerprints share at least `threshold` hashes; a
+query matches when it matches any of the client's recent queries (`history` of them, at most
+`ttl_seconds` old) or an earlier query of the same request. Resending the very same image is not a
+match: it teaches an attacker nothing. Clean images share few windows (different content), while an
+attack's consecutive queries differ in a few pixels, so most windows and hashes stay.
+
+State (fingerprints, blocks) lives in a backend: `MemoryBackend` in this process, or
+`serving.stateful_redis.RedisBackend` shared by several replicas. The policy decides what a match
+does: "flag" (counted and quarantined only), "reject" (the matching inputs are rejected) or "block"
+(rejected, and every request of the client is refused for `block_seconds`).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import secrets
+import threading
+import time
+from typing import Protocol
+
+import numpy as np
+
+POLICIES = ("flag", "reject", "block")
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchRule:
+    """The fingerprint and match parameters. Blacklight's are a step of 50/255, windows of 20 values,
+    stride 1, the top 50 hashes, threshold 25; the step here is finer and the window one image row
+    (None), chosen on query traces of Square and HopSkipJump and on augmented clean images of MNIST
+    and digits (clean pairs share at most ~15 hashes, attack queries 25 within a few queries; see
+    docs/benchmarks.md)."""
+
+    step: float = 0.1
+    window: int | None = None
+    stride: int = 1
+    top_k: int = 50
+    threshold: int = 25
+    history: int = 1000
+    ttl_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.step <= 1:
+            raise ValueError(f"step must be in (0, 1] (a fraction of the clip range), got {self.step}")
+        for name in ("window", "stride", "top_k", "threshold", "history"):
+            value = getattr(self, name)
+            if name == "window" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.threshold > self.top_k:
+            raise ValueError(f"threshold ({self.threshold}) cannot exceed top_k ({self.top_k})")
+        if self.ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be > 0, got {self.ttl_seconds}")
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads every input bit over the 64-bit hash."""
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
+def fingerprints(x: np.ndarray, clip: tuple[float, float], rule: MatchRule, key: bytes) -> np.ndarray:
+    """One row per image of `x` (N, ...): column 0 a digest of the exact image, then the `top_k`
+    largest distinct window hashes in descending order (0 pads an image with fewer windows).
+    `key` seeds the window hash, so an attacker cannot tell which windows count."""
+    window = rule.window or (int(np.prod(x.shape[2:])) if x.ndim > 2 else x.shape[-1])  # one row of NHWC
+    x = np.ascontiguousarray(x, np.float32).reshape(len(x), -1)
+    if x.shape[1] < window:
+        raise ValueError(f"images of {x.shape[1]} values are smaller than the match window ({window})")
+    low, high = clip
+    levels = np.floor((np.clip(x, low, high) - low) / ((high - low) * rule.step)).astype(np.uint64)
+    windows = np.lib.stride_tricks.sliding_window_view(levels, window, axis=1)[:, :: rule.stride]
+    seed = np.random.default_rng(list(hashlib.blake2b(key).digest())).integers(
+        0, np.iinfo(np.uint64).max, window + 1, np.uint64, endpoint=True)
+    with np.errstate(over="ignore"):
+        hashes = _mix((windows * (seed[1:] | np.uint64(1))).sum(axis=2, dtype=np.uint64) ^ seed[0])
+    hashes[hashes == 0] = 1  # 0 is the padding
+    rows = np.zeros((len(x), rule.top_k + 1), np.uint64)
+    for i, image_hashes in enumerate(hashes):
+        top = np.unique(image_hashes)[::-1][: rule.top_k]
+        rows[i, 1 : 1 + len(top)] = top
+        rows[i, 0] = int.from_bytes(hashlib.blake2b(x[i].tobytes(), key=key[:64], digest_size=8).digest(), "little")
+    return rows
+
+
+def overlaps(queries: np.ndarray, history: np.ndarray) -> np.ndarray:
+    """(len(queries), len(history)) counts of hashes each query shares with each earlier query
+    (fingerprint rows); 0 where the two are the very same image (same digest)."""
+    if not len(history) or not len(queries):
+        return np.zeros((len(queries), len(history)), np.int64)
+    flat = history[:, 1:].ravel()
+    owners = np.repeat(np.arange(len(history)), history.shape[1] - 1)
+    order = np.argsort(flat, kind="stable")
+    flat, owners = flat[order], owners[order]
+    wanted = queries[:, 1:].ravel()
+    left, right = np.searchsorted(flat, wanted, "left"), np.searchsorted(flat, wanted, "right")
+    lengths = np.where(wanted == 0, 0, right - left)
+    total = int(lengths.sum())
+    starts = np.repeat(left - np.cumsum(lengths) + lengths, lengths)
+    owner = owners[starts + np.arange(total)]
+    query = np.repeat(np.arange(len(queries)).repeat(queries.shape[1] - 1), lengths)
+    counts = np.bincount(query * len(history) + owner, minlength=len(queries) * len(history))
+    counts = counts.reshape(len(queries), len(history))
+    counts[queries[:, :1] == history[:, 0]] = 0
+    return counts
+
+
+def best_matches(queries: np.ndarray, history: np.ndarray) -> np.ndarray:
+    """Per query, the most hashes it shares with any history row or any EARLIER query of `queries`."""
+    earlier = overlaps(queries, np.concatenate([history, queries]))
+    earlier[:, len(history):][np.triu_indices(len(queries))] = 0
+    return earlier.max(axis=1, initial=0)
+
+
+class Backend(Protocol):
+    """Where fingerprints and blocks live (in this process, or shared through Redis)."""
+
+    def key(self) -> bytes: ...
+    def history(self, client: str) -> np.ndarray: ...
+    def append(self, client: str, rows: np.ndarray) -> None: ...
+    def blocked_for(self, client: str) -> float: ...
+    def block(self, client: str, seconds: float) -> None: ...
+
+
+class MemoryBackend:
+    """State in this process: per client the last `history` fingerprints (at most `ttl_seconds`
+    old), for at most `max_clients` clients (the least recently seen are dropped first)."""
+
+    def __init__(self, rule: MatchRule, max_clients: int = 10_000) -> None:
+        if max_clients < 1:
+            raise ValueError(f"max_clients must be >= 1, got {max_clients}")
+        self.rule = rule
+        self.max_clients = max_clients
+        self._key = secrets.token_bytes(32)
+        self._clients: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._blocks: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def key(self) -> bytes:
+        return self._key
+
+    def history(self, client: str) -> np.ndarray:
+        with self._lock:
+            rows = self._clients.get(client)
+            cutoff = time.monotonic() - self.rule.ttl_seconds
+            while rows and rows[0][0] < cutoff:
+                rows.popleft()
+            if not rows:
+                return np.zeros((0, self.rule.top_k + 1), np.uint64)
+            return np.stack([row for _, row in rows])
+
+    def append(self, client: str, rows: np.ndarray) -> None:
+        now = time.monotonic()
+        with self._lock:
+            kept = self._clients.pop(client, None) or collections.deque(maxlen=self.rule.history)
+            kept.extend((now, row) for row in rows)
+            self._clients[client] = kept
+            while len(self._clients) > self.max_clients:
+                self._clients.popitem(last=False)
+
+    def blocked_for(self, client: str) -> float:
+        with self._lock:
+            left = self._blocks.get(client, 0.0) - time.monotonic()
+            if left <= 0:
+                self._blocks.pop(client, None)
+            return max(left, 0.0)
+
+    def block(self, client: str, seconds: float) -> None:
+        with self._lock:
+            self._blocks[client] = time.monotonic() + seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Per input: the most hashes shared with an earlier query, and whether that is a match; the
+    inputs to reject under the policy; and whether the client got blocked by this request."""
+
+    shared: np.ndarray
+    matched: np.ndarray
+    rejected: np.ndarray
+    blocked: bool
+
+
+class QueryAttackDetector:
+    """The match rule and the policy over a backend. `check` is thread-safe (the backend locks)."""
+
+    def __init__(self, backend: Backend, rule: MatchRule, clip: tuple[float, float], *, policy: str = "block",
+                 block_seconds: float = 600.0) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown query-attack policy {policy!r}; choose one of {list(POLICIES)}")
+        if block_seconds <= 0:
+            raise ValueError(f"block_seconds must be > 0, got {block_seconds}")
+        self.backend = backend
+        self.rule = rule
+        self.clip = clip
+        self.policy = policy
+        self.block_seconds = block_seconds
+
+    def blocked_for(self, client: str) -> float:
+        """Seconds the client stays blocked (0: not blocked)."""
+        return self.backend.blocked_for(client)
+
+    def check(self, client: str, x: np.ndarray) -> Verdict:
+        """Fingerprint the batch, match it against the client's history, remember it, apply the policy."""
+        rows = fingerprints(x, self.clip, self.rule, self.backend.key())
+        shared = best_matches(rows, self.backend.history(client))
+        self.backend.append(client, rows)
+        matched = shared >= self.rule.threshold
+        rejected = matched if self.policy != "flag" else np.zeros_like(matched)
+        blocked = self.policy == "block" and bool(matched.any())
+        if blocked:
+            self.backend.block(client, self.block_seconds)
+        return Verdict(shared, matched, rejected, blocked)
