@@ -49,9 +49,12 @@ except ImportError as error:  # pragma: no cover
 from attacks.storage import model_fingerprint
 from serving.asgi import ApiError, Gate, error_response
 from serving.batcher import Batcher
+from serving.clients import ClientIdentity
 from serving.guard import Guard, GuardResult
 from serving.inputs import InputError
 from serving.metrics import ServiceMetrics
+from serving.query_gate import ClientGate, QueryAttackMetrics, screen
+from serving.stateful import QueryAttackDetector
 from serving.upstream import checked_upstream_url, forward
 from serving.validation import classify_batch, predict_batch
 
@@ -90,6 +93,8 @@ def create_app(
     max_batch: int = 64,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     upstream_timeout: float = 10.0,
+    clients: ClientIdentity | None = None,
+    query_detector: QueryAttackDetector | None = None,
 ) -> FastAPI:
     """The service for one guard (served under `guard.name`). `quarantine`: a `serving.quarantine.Quarantine`
     (or anything with its `record`) that receives every guarded batch with its verdicts."""
@@ -102,6 +107,7 @@ def create_app(
     if upstream is not None:
         upstream = checked_upstream_url(upstream)
     metrics = ServiceMetrics(guard, max_batch)
+    query_metrics = None if query_detector is None else QueryAttackMetrics(metrics.registry, query_detector.rule.top_k)
     fingerprint = model_fingerprint(guard.classifier) if guard.classifier is not None else guard.detector.classifier_fingerprint
     resources: dict[str, Any] = {}  # made in the server's event loop, at startup
 
@@ -116,6 +122,8 @@ def create_app(
             tasks.cancel_scope.cancel()
 
     app = FastAPI(title="safetynet", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    # added before Gate, so it runs inside it: Gate sets the request id that ClientGate's refusals carry
+    app.add_middleware(ClientGate, clients=clients or ClientIdentity(), detector=query_detector, metrics=query_metrics)
     app.add_middleware(Gate, token=token, max_body_bytes=max_body_bytes, metrics=metrics)
 
     @app.exception_handler(ApiError)
@@ -138,6 +146,8 @@ def create_app(
         """Guard the checked batch, hand it to the quarantine, ask the upstream about the accepted inputs."""
         request_id = request.state.request_id
         result = await resources["batcher"].predict(x)
+        if query_detector is not None:  # a query attack: near copies of this client's recent queries
+            result = await screen(query_detector, query_metrics, request.state.client, x, result, request_id)
         metrics.observe_result(result)
         if quarantine is not None:
             try:

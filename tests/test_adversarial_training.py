@@ -27,6 +27,7 @@ from training.adversarial import (
     training_attack,
 )
 from training.classifier import (
+    accuracy,
     compile_classifier,
     train_adversarial,
     train_on_adversarial_data,
@@ -221,6 +222,19 @@ def test_collapsed_adversarial_training_stops_and_says_what_to_change(digits):
     with pytest.raises(TrainingCollapsed, match=r"collapsed: clean accuracy .* after epoch 2 \(chance 10%\); .*--eps-warmup 5.*"
                                                  r"lower the learning rate \(2 -> 0.67\); or a smaller eps"):
         train_adversarial(digits.x_train, digits.y_train, 10, attack, epochs=4, batch_size=16, learning_rate=2.0, verbose=0)
+
+
+@pytest.mark.slow
+def test_pgd_training_without_warmup_collapses_and_stops(mnist):
+    """The setting that collapsed on a GPU (MNIST, PGD at eps 0.3 from the first step, no eps
+    warm-up), on 4,000 images: clean accuracy sits at chance, and training stops at the first two
+    judged epochs with advice; the same run with the advised warm-up learns instead."""
+    x, y = mnist.x_train[:4000], mnist.y_train[:4000]
+    attack = training_attack("pgd:eps=0.3,steps=10", 0.3)
+    with pytest.raises(TrainingCollapsed, match=r"clean accuracy 1\d\.\d% after epoch 3 \(chance 10%\); ramp eps up .*--eps-warmup 5"):
+        train_adversarial(x, y, 10, attack, epochs=6, batch_size=128, verbose=0)
+    model = train_adversarial(x, y, 10, attack, epochs=3, batch_size=128, warmup_epochs=5.0, verbose=0)
+    assert accuracy(model, mnist.x_test[:1000], mnist.y_test[:1000]) > 0.8
 
 
 class ScriptedCheck(CollapseCheck):
