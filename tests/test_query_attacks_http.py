@@ -1,0 +1,106 @@
+"""Query-attack detection in the HTTP service (real uvicorn on localhost): near copies from one client
+are rejected and the client blocked (429 with Retry-After), other clients are not, identity comes
+from per-client tokens and never from X-Forwarded-For, and /metrics counts it all."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from attacks import FGSM
+from attacks.storage import model_fingerprint
+from detector import InputDetector
+from serving.clients import ClientIdentity
+from serving.guard import Guard
+from serving.http import create_app
+from serving.stateful import MatchRule, MemoryBackend, QueryAttackDetector
+
+PREDICT = "/v1/models/digits:predict"
+TOKENS = {"alice": "alice-token", "bob": "bob-token-"}
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", proxy_headers=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def guard(digits, digits_classifier) -> Guard:
+    x, y = digits.x_train[:500], digits.y_train[:500]
+    detector = InputDetector(epochs=1).fit(x, FGSM(eps=0.3)(digits_classifier, x, y).x_adv, verbose=0)
+    detector.calibrate(digits.x_train[500:], 0.05)
+    detector.classifier_fingerprint = model_fingerprint(digits_classifier)
+    return Guard(digits_classifier, detector, name="digits")
+
+
+def app_for(guard: Guard, policy: str, **identity):
+    rule = MatchRule()
+    detector = QueryAttackDetector(MemoryBackend(rule), rule, guard.clip, policy=policy, block_seconds=60)
+    return create_app(guard, clients=ClientIdentity(**identity), query_detector=detector)
+
+
+def post(url: str, images: np.ndarray, **headers: str) -> httpx.Response:
+    return httpx.post(url + PREDICT, json={"instances": images.tolist()}, headers=headers, timeout=30)
+
+
+def metric(url: str, name: str) -> float:
+    families = text_string_to_metric_families(httpx.get(url + "/metrics").text)
+    return sum(s.value for f in families for s in f.samples if s.name == name)
+
+
+def test_near_copies_get_a_client_blocked_and_no_one_else(guard, digits):
+    x = digits.x_test[:1]
+    alice, bob = ({"Authorization": f"Bearer {TOKENS[n]}"} for n in ("alice", "bob"))
+    with running(app_for(guard, "block", tokens=TOKENS)) as url:
+        assert not post(url, x, **alice).json()["predictions"][0]["rejected"]
+        answer = post(url, np.clip(x + 0.02, 0, 1), **alice).json()["predictions"][0]
+        assert answer["rejected"] and answer["probabilities"] is None
+        refused = post(url, digits.x_test[1:2], **alice)
+        assert refused.status_code == 429 and 0 < int(refused.headers["retry-after"]) <= 60
+        assert "blocked" in refused.json()["error"] and refused.json()["request_id"]
+        assert post(url, x, **bob).status_code == 200  # bob is not alice
+        assert post(url, x, Authorization="Bearer mallory-token").status_code == 401
+        assert metric(url, "safetynet_query_attack_blocks_total") == 1
+        assert metric(url, "safetynet_query_attack_matched_inputs_total") == 1
+        assert metric(url, "safetynet_query_attack_refused_requests_total") == 1
+        assert metric(url, "safetynet_http_requests_total") >= 5
+
+
+def test_a_forged_forwarded_address_does_not_make_a_new_client(guard, digits):
+    x = digits.x_test[2:3]
+    with running(app_for(guard, "reject")) as url:
+        assert post(url, x, **{"X-Forwarded-For": "1.1.1.1"}).status_code == 200
+        answer = post(url, np.clip(x + 0.02, 0, 1), **{"X-Forwarded-For": "2.2.2.2"}).json()["predictions"][0]
+        assert answer["rejected"]  # the same peer, whatever it claims
+        assert post(url, digits.x_test[3:4]).status_code == 200  # "reject" blocks nobody
+
+
+def test_flag_policy_counts_but_rejects_nothing_for_it(guard, digits):
+    x = digits.x_test[4:5]
+    with running(app_for(guard, "flag")) as url:
+        first = post(url, x).json()["predictions"][0]
+        second = post(url, np.clip(x + 0.02, 0, 1)).json()["predictions"][0]
+        assert second["rejected"] == first["rejected"]
+        assert metric(url, "safetynet_query_attack_matched_inputs_total") == 1
+        assert metric(url, "safetynet_query_attack_rejected_inputs_total") == 0
