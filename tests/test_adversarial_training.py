@@ -139,6 +139,18 @@ def test_robustness_report_has_pgd_and_cw(digits, robust_model):
     assert report["robust_accuracy"] < report["clean_accuracy"] and report["strongest"] in suite
     assert "worst case over the suite" in format_robustness(report)
     assert report["cw"]["robust_accuracy"] <= 1 and json.dumps(report)
+    assert report["apgd_dlr_targeted"]["target_classes"] == 9 and "targeted-10 at 9 classes" in format_robustness(report)
+
+
+def test_robustness_report_targets_each_likely_class_in_turn(digits, robust_model):
+    """Targeted APGD-DLR at more of the likely other classes breaks at least as many inputs as at
+    the most likely one alone, and strictly more on this model (as the adaptive suite's targeting)."""
+    x, y = digits.x_test[:120], digits.y_test[:120]
+    one, three = (robustness_report(robust_model, x, y, eps=EPS, steps=10, restarts=1, target_classes=k, cw_n=0)
+                  for k in (1, 3))
+    assert three["apgd_dlr_targeted"]["robust_accuracy"] < one["apgd_dlr_targeted"]["robust_accuracy"]
+    with pytest.raises(ValueError, match="target_classes must be an integer >= 1, got 0"):
+        robustness_report(robust_model, x, y, eps=EPS, target_classes=0)
 
 
 def test_training_on_a_stored_adversarial_dataset(digits, stored_pgd):
