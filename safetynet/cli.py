@@ -44,6 +44,14 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
 
 
+def _id_range(text: str) -> list[int]:
+    """A record id (7) or an inclusive range of them (10-20)."""
+    first, dash, last = text.partition("-")
+    if not (first.isdigit() and (not dash or last.isdigit())) or (dash and int(last) < int(first)):
+        raise argparse.ArgumentTypeError(f"not a record id or range such as 7 or 10-20: {text!r}")
+    return list(range(int(first), int(last or first) + 1))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safetynet", description="Detect adversarial examples in front of Keras classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +202,31 @@ def _parser() -> argparse.ArgumentParser:
                                    help="rejected inputs only (default), or sampled accepted ones too")
     quarantine_export.add_argument("--since", metavar="ISO", help="only records from this UTC time on, e.g. 2024-05-01T00:00:00Z")
     quarantine_export.add_argument("--model", help="only records of this guard name")
+    quarantine_export.add_argument("--include-unreviewed", action="store_true",
+                                   help="export records nobody reviewed too (default: only those marked adversarial; "
+                                   "records marked clean or unsure are never exported)")
+    quarantine_list = quarantine_commands.add_parser("list", help="list quarantined records (no images)")
+    quarantine_list.add_argument("--store", required=True, help="quarantine directory (serve --quarantine)")
+    quarantine_list.add_argument("--review", choices=("adversarial", "clean", "unsure", "unreviewed"),
+                                 help="only records with this review")
+    quarantine_list.add_argument("--verdict", choices=("rejected", "accepted"), help="only records with this verdict")
+    quarantine_list.add_argument("--limit", type=int, default=50, help="most records to list (default 50)")
+    quarantine_list.add_argument("--after-id", type=int, default=0, metavar="ID", help="list records after this id")
+    quarantine_show = quarantine_commands.add_parser("show", help="print one record's fields, optionally write its image")
+    quarantine_show.add_argument("--store", required=True, help="quarantine directory (serve --quarantine)")
+    quarantine_show.add_argument("--id", type=int, required=True, help="record id (from quarantine list)")
+    quarantine_show.add_argument("--png", metavar="FILE", help="write the image as a PNG here")
+    quarantine_show.add_argument("--clip", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                                 help="the guard's pixel range, mapped to 0..255 in the PNG (default 0 1)")
+    quarantine_mark = quarantine_commands.add_parser(
+        "mark", help="mark records adversarial, clean (a false positive: never exported) or unsure")
+    quarantine_mark.add_argument("--store", required=True, help="quarantine directory (serve --quarantine)")
+    quarantine_mark.add_argument("--id", type=_id_range, nargs="+", required=True, metavar="ID",
+                                 help="record ids or ranges, e.g. 3 7 10-20")
+    quarantine_mark.add_argument("--as", dest="review", choices=("adversarial", "clean", "unsure"), required=True)
+    quarantine_verify = quarantine_commands.add_parser(
+        "verify", help="check the store's SQLite integrity and every image against its sha256")
+    quarantine_verify.add_argument("--store", required=True, help="quarantine directory (serve --quarantine)")
 
     serve = commands.add_parser("serve", help="serve a guard over HTTP (TF-Serving-style REST, metrics, quarantine)")
     serve.add_argument("--guard", required=True, metavar="DIR", help="guard directory (Guard.save)")
@@ -206,6 +239,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=64, metavar="N", help="most instances per request (default 64)")
     serve.add_argument("--max-body-mb", type=float, default=32.0, metavar="M", help="largest request body in MiB (default 32)")
     serve.add_argument("--policy", choices=("reject", "flag"), help="override the guard's saved policy")
+    serve.add_argument("--scores-for-rejected", action="store_true",
+                       help="answer the detector's score for rejected inputs too (trusted callers only: it guides attacks)")
+    serve.add_argument("--probability-decimals", type=int, metavar="D", help="round answered probabilities to D decimals")
+    serve.add_argument("--top-k", type=int, metavar="K", help="answer only the K largest probabilities (the rest 0)")
+    serve.add_argument("--head-timeout", type=float, default=10.0, metavar="S",
+                       help="seconds for a request line and headers to arrive (default 10)")
+    serve.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                       help="seconds for a request body to arrive (default 30)")
+    serve.add_argument("--keep-alive", type=float, default=5.0, metavar="S", help="idle keep-alive timeout (default 5)")
+    serve.add_argument("--max-head-kb", type=float, default=16.0, metavar="K",
+                       help="largest request line plus headers in KiB (default 16; 414/431 beyond)")
 
     guard = commands.add_parser("guard", help="write a guard directory (classifier + detector + policy) for serve, export and demo")
     guard.add_argument("--model", help=".keras or .h5 classifier (leave out for a detector that does not read it, "
@@ -292,20 +336,37 @@ def _run(args: argparse.Namespace) -> int:
             cross_attack_epochs=args.cross_attack_epochs, html=args.html, seed=args.seed, command=sys.argv,
         )
     elif args.command == "quarantine":
-        from serving import quarantine_export
+        from serving import quarantine_export, quarantine_index, quarantine_review
 
         if args.quarantine_command == "info":
             print("\n".join(quarantine_export.describe_quarantine(args.store)))
+        elif args.quarantine_command == "list":
+            records = quarantine_review.list_records(args.store, review=args.review, verdict=args.verdict,
+                                                     limit=args.limit, after_id=args.after_id)
+            print("\n".join(quarantine_review.describe_records(records)))
+        elif args.quarantine_command == "show":
+            print("\n".join(quarantine_review.describe_record(args.store, args.id, args.png, tuple(args.clip))))
+        elif args.quarantine_command == "mark":
+            marked = quarantine_review.mark_records(args.store, [i for ids in args.id for i in ids], args.review)
+            print(f"marked {marked} records {args.review}")
+        elif args.quarantine_command == "verify":
+            print(f"ok: {quarantine_index.verify_store(args.store)['records']} records verified")
         else:
-            quarantine_export.export_quarantine(args.store, args.out, include=args.include, since=args.since, model=args.model)
+            manifest = quarantine_export.export_quarantine(args.store, args.out, include=args.include, since=args.since,
+                                                           model=args.model, unreviewed=args.include_unreviewed)
             workflow.dataset_info(args.out)
+            print(quarantine_export.describe_left_out(manifest))
     elif args.command == "serve":
+        from serving.answers import AnswerPolicy
         from serving.server import serve
 
         serve(
             args.guard, host=args.host, port=args.port, upstream=args.upstream, token=args.token,
             quarantine_dir=args.quarantine, sample_accepted=args.sample_accepted, max_batch=args.max_batch,
             max_body_mb=args.max_body_mb, policy=args.policy,
+            answers=AnswerPolicy(args.scores_for_rejected, args.probability_decimals, args.top_k),
+            head_timeout=args.head_timeout, body_timeout=args.body_timeout, keep_alive=args.keep_alive,
+            max_head_kb=args.max_head_kb,
         )
     elif args.command == "guard":
         from serving.guard import Guard

@@ -3,6 +3,7 @@ size limit, request metrics, a catch-all for unexpected exceptions) and the JSON
 refusal shares: {"error": message, "request_id": id}."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -18,15 +19,20 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """A refusal: answered with HTTP `status` and {"error": message}."""
+    """A refusal: answered with HTTP `status`, {"error": message} and any extra `headers`."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyTooSlow(Exception):
     pass
 
 
@@ -44,12 +50,14 @@ def endpoint_label(path: str) -> str:
 
 class Gate:
     """ASGI middleware around the app: request ids, the bearer token, the body size limit (from
-    Content-Length and while reading), request metrics, and a catch-all that logs an unexpected
-    exception and answers 500 without its trace."""
+    Content-Length and while reading), a deadline for the whole body (`body_timeout` seconds from
+    the request head: 408), request metrics, and a catch-all that logs an unexpected exception and
+    answers 500 without its trace."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], *, token: str | None, max_body_bytes: int,
-                 metrics: ServiceMetrics) -> None:
+                 metrics: ServiceMetrics, body_timeout: float = 30.0) -> None:
         self.app = app
+        self.body_timeout = body_timeout
         self.token = None if token is None else token.encode()
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -79,16 +87,26 @@ class Gate:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        more_body = True
+
         async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, more_body
+            if not more_body:  # the body is in: only a disconnect can follow, no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), started + self.body_timeout - time.perf_counter())
+            except asyncio.TimeoutError:
+                raise _BodyTooSlow from None
+            more_body = message.get("more_body", False) and message["type"] == "http.request"
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
                 raise _BodyTooLarge
             return message
 
         async def answer(code: int, message: str) -> None:
-            headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
+            headers = {"WWW-Authenticate": "Bearer"} if code == 401 else {}
+            if code in (408, 413):  # the rest of the body is not worth reading: close after the answer
+                headers["Connection"] = "close"
             await error_response(code, message, request_id, headers)(scope, receive, send_with_id)
 
         try:
@@ -99,6 +117,8 @@ class Gate:
                 await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
             await answer(413, f"the request body is over the limit of {self.max_body_bytes} bytes")
+        except _BodyTooSlow:
+            await answer(408, f"the request body did not arrive within {self.body_timeout} s")
         except ClientDisconnect:
             status = 499  # the client left; nobody to answer
         except Exception:

@@ -27,9 +27,9 @@ are answered with 4xx. `serving.server` runs the app under uvicorn.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import math
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -48,13 +48,15 @@ except ImportError as error:  # pragma: no cover
 
 from attacks.storage import model_fingerprint
 from serving.asgi import ApiError, Gate, error_response
+from serving.answers import AnswerPolicy, prediction_rows
 from serving.batcher import Batcher
 from serving.clients import ClientIdentity
-from serving.guard import Guard, GuardResult
+from serving.guard import Guard
 from serving.inputs import InputError
 from serving.metrics import ServiceMetrics
 from serving.query_gate import ClientGate, QueryAttackMetrics, screen
 from serving.stateful import QueryAttackDetector
+from serving.quarantine import QuarantineFull
 from serving.upstream import checked_upstream_url, forward
 from serving.validation import classify_batch, predict_batch
 
@@ -63,25 +65,6 @@ MERGE_IMAGES = 256  # most inputs of concurrent requests merged into one guard c
 MODEL_VERSION = "1"
 
 log = logging.getLogger(__name__)
-
-
-def _predictions(result: GuardResult, probabilities: np.ndarray | None) -> list[dict[str, Any]]:
-    """The response rows; `probabilities` has a row per input (rows of rejected inputs are withheld)."""
-    rows = labels = None
-    if probabilities is not None:
-        rows, labels = probabilities.tolist(), probabilities.argmax(axis=1).tolist()
-    return [
-        {
-            "probabilities": rows[i] if rows is not None and not rejected else None,
-            "label": labels[i] if labels is not None and not rejected else None,
-            "adversarial_score": score if math.isfinite(score) else None,
-            "flagged": flagged,
-            "rejected": rejected,
-        }
-        for i, (score, flagged, rejected) in enumerate(
-            zip(result.scores.tolist(), result.flagged.tolist(), result.rejected.tolist(), strict=True)
-        )
-    ]
 
 
 def create_app(
@@ -95,9 +78,15 @@ def create_app(
     upstream_timeout: float = 10.0,
     clients: ClientIdentity | None = None,
     query_detector: QueryAttackDetector | None = None,
+    answers: AnswerPolicy = AnswerPolicy(),
+    quarantine_wait: float = 10.0,
+    body_timeout: float = 30.0,
 ) -> FastAPI:
     """The service for one guard (served under `guard.name`). `quarantine`: a `serving.quarantine.Quarantine`
-    (or anything with its `record`) that receives every guarded batch with its verdicts."""
+    that receives every guarded batch with its verdicts; an answer waits (up to `quarantine_wait`
+    seconds) until its records are committed, so every answered reject is stored. `answers`: what
+    the response rows carry (`serving.answers`). A body must arrive within `body_timeout` seconds
+    of the request head (408)."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     if max_body_bytes < 1:
@@ -106,7 +95,10 @@ def create_app(
         raise ValueError("token must be a non-empty string (or None for no authentication)")
     if upstream is not None:
         upstream = checked_upstream_url(upstream)
-    metrics = ServiceMetrics(guard, max_batch)
+    for name, seconds in (("quarantine_wait", quarantine_wait), ("body_timeout", body_timeout)):
+        if not seconds > 0:
+            raise ValueError(f"{name} must be > 0 seconds, got {seconds}")
+    metrics = ServiceMetrics(guard, max_batch, quarantine)
     query_metrics = None if query_detector is None else QueryAttackMetrics(metrics.registry, query_detector.rule.top_k)
     fingerprint = model_fingerprint(guard.classifier) if guard.classifier is not None else guard.detector.classifier_fingerprint
     resources: dict[str, Any] = {}  # made in the server's event loop, at startup
@@ -121,26 +113,44 @@ def create_app(
             yield
             tasks.cancel_scope.cancel()
 
-    app = FastAPI(title="safetynet", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    # redirect_slashes off: Starlette's redirect for /healthz/ would echo the client's Host header
+    app = FastAPI(title="safetynet", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
+                  redirect_slashes=False)
     # added before Gate, so it runs inside it: Gate sets the request id that ClientGate's refusals carry
     app.add_middleware(ClientGate, clients=clients or ClientIdentity(), detector=query_detector, metrics=query_metrics)
-    app.add_middleware(Gate, token=token, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(Gate, token=token, max_body_bytes=max_body_bytes, metrics=metrics, body_timeout=body_timeout)
 
     @app.exception_handler(ApiError)
     @app.exception_handler(HTTPException)
     @app.exception_handler(InputError)
     async def refuse(request: Request, error: Exception) -> JSONResponse:
+        headers = None
         if isinstance(error, ApiError):
-            status, message = error.status, error.message
+            status, message, headers = error.status, error.message, error.headers
         elif isinstance(error, InputError):
             status, message = 400, str(error)
         else:
             status, message = error.status_code, error.detail
-        return error_response(status, message, request.state.request_id)
+        return error_response(status, message, request.state.request_id, headers)
 
     def check_name(name: str) -> None:
         if name != guard.name:
             raise ApiError(404, f"model {name!r} not found; this server serves {guard.name!r}")
+
+    async def store(x: np.ndarray, result: Any, request_id: str) -> None:
+        """Quarantine the batch and wait for the commit; 503 (retry) when the writer is behind."""
+        try:
+            # flagged, not rejected: under --policy flag the quarantine still collects the suspects
+            committed = quarantine.record(x, result.scores, result.flagged, request_id=request_id, model=guard.name,
+                                          classifier_fingerprint=fingerprint)
+        except QuarantineFull as error:
+            log.warning("request %s: %s", request_id, error)
+            raise ApiError(503, "the quarantine is behind: retry in a second", {"Retry-After": "1"}) from None
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(committed)), quarantine_wait)
+        except Exception:  # the quarantine is for review later: never fail the answer over it
+            log.exception("request %s: the quarantine did not store the batch", request_id)
+            metrics.quarantine_errors.inc()
 
     async def respond(request: Request, x: np.ndarray) -> Response:
         """Guard the checked batch, hand it to the quarantine, ask the upstream about the accepted inputs."""
@@ -150,13 +160,7 @@ def create_app(
             result = await screen(query_detector, query_metrics, request.state.client, x, result, request_id)
         metrics.observe_result(result)
         if quarantine is not None:
-            try:
-                # flagged, not rejected: under --policy flag the quarantine still collects the suspects
-                quarantine.record(x, result.scores, result.flagged, request_id=request_id, model=guard.name,
-                                  classifier_fingerprint=fingerprint)
-            except Exception:  # the quarantine is for review later: never fail the answer over it
-                log.exception("request %s: the quarantine refused the batch", request_id)
-                metrics.quarantine_errors.inc()
+            await store(x, result, request_id)
         probabilities = result.probabilities
         if upstream is not None:
             accepted = ~result.rejected
@@ -165,7 +169,8 @@ def create_app(
                 scores = await forward(resources["upstream"], upstream, x[accepted], request_id, metrics)
                 probabilities = np.zeros((len(x), scores.shape[1]))
                 probabilities[accepted] = scores
-        return Response(orjson.dumps({"predictions": _predictions(result, probabilities)}), media_type="application/json")
+        rows = prediction_rows(result, probabilities, answers)
+        return Response(orjson.dumps({"predictions": rows}), media_type="application/json")
 
     @app.post("/v1/models/{name}:predict")
     async def predict(name: str, request: Request) -> Response:
@@ -185,7 +190,7 @@ def create_app(
         return {"model_version_status": [{"version": MODEL_VERSION, "state": "AVAILABLE",
                                           "status": {"error_code": "OK", "error_message": ""}}]}
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 

@@ -3,6 +3,7 @@ process, as in the tests, never share or clash over counters)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from prometheus_client import (
@@ -43,11 +44,33 @@ class _GuardCollector(Collector):
                                 value=self.guard.detector.threshold)
 
 
+class _QuarantineCollector(Collector):
+    """The quarantine's counters (`Quarantine.stats`), read at scrape time: a reject counts as stored
+    only once its transaction committed, so after a crash the store holds at least that many."""
+
+    def __init__(self, quarantine: Any) -> None:
+        self.quarantine = quarantine
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.quarantine.stats()
+        stored = CounterMetricFamily("safetynet_quarantine_stored", "Records committed to the quarantine store, "
+                                     "by verdict", labels=["verdict"])
+        for verdict in ("rejected", "accepted"):
+            stored.add_metric([verdict], stats[f"stored_{verdict}"])
+        yield stored
+        yield GaugeMetricFamily("safetynet_quarantine_queue_depth", "Records queued, not yet committed",
+                                value=stats["queue_depth"])
+        for name, text in (("dropped", "Records lost: a failed write, or recorded after close"),
+                           ("refused", "Records turned away with 503 because the queue was full"),
+                           ("commits", "Quarantine transactions committed")):
+            yield CounterMetricFamily(f"safetynet_quarantine_{name}", text, value=stats[name])
+
+
 class ServiceMetrics:
     """Requests by endpoint and status code, latency, batch sizes, detector scores, upstream and
-    quarantine failures, and the guard's own counts."""
+    quarantine failures, the quarantine's counters and the guard's own counts."""
 
-    def __init__(self, guard: Guard, max_batch: int) -> None:
+    def __init__(self, guard: Guard, max_batch: int, quarantine: Any | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("safetynet_http_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "code"], registry=self.registry)
@@ -62,9 +85,12 @@ class ServiceMetrics:
                                 registry=self.registry)
         self.upstream_errors = Counter("safetynet_upstream_errors", "Failed calls to the upstream model server",
                                        registry=self.registry)
-        self.quarantine_errors = Counter("safetynet_quarantine_errors", "Batches the quarantine refused",
+        self.quarantine_errors = Counter("safetynet_quarantine_errors", "Answered batches the quarantine did not "
+                                         "confirm as stored (a write error or a commit slower than the wait)",
                                          registry=self.registry)
         self.registry.register(_GuardCollector(guard))
+        if quarantine is not None:
+            self.registry.register(_QuarantineCollector(quarantine))
         ProcessCollector(registry=self.registry)  # memory, CPU and open files of the server process
 
     def observe_request(self, endpoint: str, code: int, seconds: float) -> None:

@@ -1,113 +1,47 @@
 """The quarantine: inputs the guard rejected (and a sample of those it accepted), kept for review
 and for retraining the detector on what production traffic actually sends.
 
-A store directory holds:
+`record` filters and queues a request's records and returns a future that completes when they are
+committed; a writer thread commits whatever is queued in one SQLite transaction (WAL, synchronous
+FULL: one fsync per batch, images inside the database, `serving.quarantine_index`), so under load
+many requests share a commit. What was committed survives a SIGKILL or power loss whole; what was
+queued but not yet committed is lost, and those are exactly the records whose futures had not
+completed and that `stats()["stored"]` had not counted. When `max_queue` records wait, `record`
+refuses the whole batch with `QuarantineFull` (the HTTP service answers 503 with Retry-After)
+instead of dropping records silently.
 
-    index.sqlite    SQLite (WAL) table `records`: id, request_id, model, time (UTC ISO), score
-                    (NULL when the detector failed), verdict ("rejected"/"accepted"), image (file
-                    name), sha256, shape (JSON), classifier_fingerprint; `user_version` = format
-    images/         one lossless float32 `.npy` per record
-    lock            flock: shared by every open Quarantine, exclusive only for startup cleanup
-
-`record` only queues: a background writer thread does all disk work, writing each image file
-(atomically) before committing its row, so a crash never leaves a row without its file. Files
-without a row (a crash between the two) are invisible to readers and deleted by the next
-Quarantine that opens the store while no other one has it open.
-
-Reading the store back (export as a dataset, summaries) lives in `serving.quarantine_export`.
+Reading the store back lives in `serving.quarantine_export` (export, summary) and
+`serving.quarantine_review` (list, show, mark).
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import fcntl
-import hashlib
-import io
-import json
+import collections
 import logging
 import os
-import queue
 import sqlite3
 import threading
-import uuid
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from attacks.storage import atomic_write
+from serving.quarantine_index import COLUMNS, VERDICTS, connect, create_or_migrate, encode_image, open_index, utc_now
 
-INDEX = "index.sqlite"
-IMAGES = "images"
-LOCK = "lock"
-FORMAT_VERSION = 1
-VERDICTS = ("rejected", "accepted")
 INCLUDE = {"rejected": ("rejected",), "all": VERDICTS}
-_COLUMNS = "request_id, model, time, score, verdict, image, sha256, shape, classifier_fingerprint"
-_SCHEMA = (
-    """CREATE TABLE records (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        request_id TEXT NOT NULL,
-        model TEXT NOT NULL,
-        time TEXT NOT NULL,
-        score REAL,
-        verdict TEXT NOT NULL CHECK (verdict IN ('rejected', 'accepted')),
-        image TEXT NOT NULL UNIQUE,
-        sha256 TEXT NOT NULL,
-        shape TEXT NOT NULL,
-        classifier_fingerprint TEXT
-    )""",
-    "CREATE INDEX records_time ON records (time)",
-    f"PRAGMA user_version = {FORMAT_VERSION}",
-)
-_BATCH = 256  # records per transaction at most
-_STOP = object()
-UTC = dt.timezone.utc  # noqa: UP017 - datetime.UTC is Python 3.11+, safetynet supports 3.10
+_BATCH = 1024  # records per transaction at most
 
 log = logging.getLogger(__name__)
 
 
-def utc_now() -> str:
-    return dt.datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def utc_iso(moment: str | dt.datetime) -> str:
-    """A time in the index's format (UTC, microseconds), so ISO strings compare as times; naive = UTC."""
-    if not isinstance(moment, dt.datetime):
-        try:  # Python 3.10's fromisoformat does not read "Z"
-            moment = dt.datetime.fromisoformat(str(moment).replace("Z", "+00:00"))  # noqa: FURB162
-        except ValueError:
-            raise ValueError(f"since must be an ISO 8601 time such as 2024-05-01T00:00:00Z, got {moment!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _connect(directory: Path) -> sqlite3.Connection:
-    """A connection to the index in autocommit mode (transactions are explicit), waiting on locks."""
-    connection = sqlite3.connect(directory / INDEX, timeout=30.0, isolation_level=None)
-    connection.execute("PRAGMA synchronous = FULL")  # a committed row survives power loss too
-    return connection
-
-
-def open_index(directory: str | os.PathLike) -> sqlite3.Connection:
-    """A connection to an existing store's index, checked for its format version."""
-    directory = Path(directory)
-    if not (directory / INDEX).is_file():
-        raise FileNotFoundError(f"quarantine store not found: {directory} (no {INDEX})")
-    connection = _connect(directory)
-    version = connection.execute("PRAGMA user_version").fetchone()[0]
-    if version != FORMAT_VERSION:
-        connection.close()
-        raise ValueError(f"quarantine store {directory} has format version {version}; this safetynet reads {FORMAT_VERSION}")
-    return connection
+class QuarantineFull(RuntimeError):
+    """The writer is behind by `max_queue` records: the batch was not queued (retry later)."""
 
 
 class Quarantine:
     """Stores rejected inputs (and a `sample_accepted` fraction of accepted ones) in `directory`.
 
-    Thread-safe; `record` never blocks: when `max_queue` records wait for the writer, further ones
-    are dropped and counted. Use as a context manager, or call `close`, so queued records land.
+    Thread-safe; `record` never blocks on the disk. Use as a context manager, or call `close`, so
+    queued records land.
     """
 
     def __init__(
@@ -124,51 +58,18 @@ class Quarantine:
             raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
         self.directory = Path(directory)
         self.sample_accepted = float(sample_accepted)
-        (self.directory / IMAGES).mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            self._open_store()
-        except BaseException:
-            os.close(self._lock_fd)
-            raise
+        self.max_queue = max_queue
+        create_or_migrate(self.directory)
         self._rng = np.random.default_rng(seed)
-        self._queue: queue.Queue[Any] = queue.Queue(max_queue)
         self._lock = threading.Lock()
-        self._written = threading.Condition(self._lock)
-        self._queued = self._done = self._dropped = 0
+        self._changed = threading.Condition(self._lock)
+        self._pending: collections.deque[tuple[list[tuple[np.ndarray, tuple]], Future]] = collections.deque()
+        self._depth = self._queued = self._done = 0
+        self._stored = dict.fromkeys(VERDICTS, 0)
+        self._dropped = self._refused = self._commits = 0
         self._closed = False
         self._thread = threading.Thread(target=self._write_loop, name=f"quarantine:{self.directory}", daemon=True)
         self._thread.start()
-
-    def _open_store(self) -> None:
-        """Create or check the index; delete orphan files when no other Quarantine has the store open."""
-        connection = _connect(self.directory)
-        try:
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("BEGIN IMMEDIATE")
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in _SCHEMA:  # not executescript: it would commit first, ending the lock
-                    connection.execute(statement)
-            elif version != FORMAT_VERSION:
-                raise ValueError(f"quarantine store {self.directory} has format version {version}; "
-                                 f"this safetynet reads {FORMAT_VERSION}")
-            connection.execute("COMMIT")
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another process writes here: its in-flight files are not orphans
-                pass
-            else:
-                indexed = {name for (name,) in connection.execute("SELECT image FROM records")}
-                orphans = [p for p in (self.directory / IMAGES).iterdir() if p.name not in indexed]
-                for path in orphans:
-                    path.unlink()
-                if orphans:
-                    log.warning("quarantine %s: removed %d image files left without a record by a crash",
-                                self.directory, len(orphans))
-            fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
-        finally:
-            connection.close()
 
     def record(
         self,
@@ -179,10 +80,12 @@ class Quarantine:
         request_id: str,
         model: str,
         classifier_fingerprint: str | None = None,
-    ) -> None:
-        """Queue the rejected inputs (and a `sample_accepted` fraction of accepted ones) for storage;
-        returns at once (never blocks the response; if the queue is full, drop and count)."""
-        images = np.asarray(images, np.float32)
+        reason: str | None = None,
+    ) -> Future:
+        """Queue the rejected inputs (and a `sample_accepted` fraction of accepted ones); the future
+        gives the number of records committed once they are (or the write error). Raises
+        `QuarantineFull` when the writer is `max_queue` records behind; after `close`, drops and counts."""
+        images = np.array(images, np.float32)  # a copy: the caller's arrays may change once this returns
         scores = np.asarray(scores, np.float64).reshape(-1)
         rejected = np.asarray(rejected, bool).reshape(-1)
         if images.ndim < 2 or not len(images) == len(scores) == len(rejected):
@@ -194,93 +97,107 @@ class Quarantine:
         keep = rejected if draws is None else rejected | (draws < self.sample_accepted)
         items = [
             (image, (str(request_id), str(model), time, float(score), VERDICTS[0] if is_rejected else VERDICTS[1],
-                     classifier_fingerprint))
+                     reason, classifier_fingerprint))
             for image, score, is_rejected in zip(images[keep], scores[keep], rejected[keep], strict=True)
         ]
+        future: Future = Future()
         with self._lock:
-            for item in items:
-                if self._closed:
-                    self._drop("the quarantine is closed")
-                    continue
-                try:
-                    self._queue.put_nowait(item)
-                except queue.Full:
-                    self._drop("its queue is full")
-                    continue
-                self._queued += 1
+            if self._closed:
+                self._drop(len(items), "the quarantine is closed")
+                future.set_result(0)
+                return future
+            if not items:
+                future.set_result(0)
+                return future
+            if self._depth + len(items) > self.max_queue:
+                self._refused += len(items)
+                raise QuarantineFull(f"quarantine {self.directory}: {self._depth} records wait for the disk "
+                                     f"(at most {self.max_queue})")
+            self._pending.append((items, future))
+            self._depth += len(items)
+            self._queued += len(items)
+            self._changed.notify_all()
+        return future
 
-    def _drop(self, why: str) -> None:
-        if not self._dropped:
-            log.warning("quarantine %s drops records: %s (counted in count()['dropped'])", self.directory, why)
-        self._dropped += 1
+    def _drop(self, count: int, why: str) -> None:
+        if count and not self._dropped:
+            log.warning("quarantine %s drops records: %s (counted in stats()['dropped'])", self.directory, why)
+        self._dropped += count
 
     def _write_loop(self) -> None:
-        """The writer thread: takes batches off the queue and stores them until `close`."""
-        connection = _connect(self.directory)
+        """The writer thread: commits everything queued, a transaction at a time, until `close`."""
+        connection = connect(self.directory)
         try:
             while True:
-                batch = [self._queue.get()]
-                with contextlib.suppress(queue.Empty):
-                    while len(batch) < _BATCH:
-                        batch.append(self._queue.get_nowait())
-                items = [item for item in batch if item is not _STOP]
-                failed = False
+                with self._changed:
+                    self._changed.wait_for(lambda: self._pending or self._closed)
+                    if not self._pending:
+                        return
+                    batch = [self._pending.popleft()]
+                    size = len(batch[0][0])
+                    while self._pending and size + len(self._pending[0][0]) <= _BATCH:
+                        batch.append(self._pending.popleft())
+                        size += len(batch[-1][0])
+                items = [item for part, _ in batch for item in part]
+                error = None
                 try:
                     self._store(connection, items)
-                except Exception:  # keep serving: a full disk must not stop the guard
+                except Exception as caught:  # keep serving: a full disk must not stop the guard
                     log.exception("quarantine %s failed to store %d records", self.directory, len(items))
-                    failed = True
-                with self._written:
+                    error = caught
+                with self._changed:
+                    self._depth -= len(items)
                     self._done += len(items)
-                    if failed:
-                        self._dropped += len(items)
-                    self._written.notify_all()
-                if len(items) < len(batch):
-                    return
+                    if error is None:
+                        self._commits += 1
+                        for _, (_, _, _, _, verdict, _, _) in items:
+                            self._stored[verdict] += 1
+                    else:
+                        self._drop(len(items), "a write failed")
+                    self._changed.notify_all()
+                for part, future in batch:
+                    if future.cancelled():
+                        continue
+                    if error is None:
+                        future.set_result(len(part))
+                    else:
+                        future.set_exception(error)
         finally:
             connection.close()
 
     def _store(self, connection: sqlite3.Connection, items: list[tuple[np.ndarray, tuple]]) -> None:
-        """Write each image file, then commit all their rows in one transaction (or leave no file)."""
-        rows, files = [], []
+        """Commit the records, images included, in one transaction (all or none)."""
+        rows = []
+        for image, (request_id, model, time, score, verdict, reason, fingerprint) in items:
+            pixels, digest = encode_image(image)
+            rows.append((request_id, model, time, score, verdict, reason, pixels, digest,
+                         f"[{', '.join(map(str, image.shape))}]", fingerprint))
         try:
-            for image, (request_id, model, time, score, verdict, fingerprint) in items:
-                buffer = io.BytesIO()
-                np.save(buffer, image, allow_pickle=False)
-                data = buffer.getvalue()
-                path = atomic_write(self.directory / IMAGES / f"{uuid.uuid4().hex}.npy",
-                                    lambda temp, data=data: temp.write_bytes(data))
-                files.append(path)
-                rows.append((request_id, model, time, score, verdict, path.name, hashlib.sha256(data).hexdigest(),
-                             json.dumps(list(image.shape)), fingerprint))
             connection.execute("BEGIN IMMEDIATE")
-            connection.executemany(f"INSERT INTO records ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            connection.executemany(f"INSERT INTO records ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            for path in files:
-                path.unlink(missing_ok=True)
             raise
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every record queued so far is committed (or counted as dropped on a write
         error); raise TimeoutError after `timeout` seconds."""
-        with self._written:
+        with self._changed:
             target = self._queued
-            if not self._written.wait_for(lambda: self._done >= target, timeout):
+            if not self._changed.wait_for(lambda: self._done >= target, timeout):
                 raise TimeoutError(f"quarantine {self.directory}: {target - self._done} records not yet written "
                                    f"after {timeout} s")
 
     def close(self) -> None:
-        """Flush, stop the writer thread and release the store (later records are dropped)."""
-        with self._lock:
+        """Commit what is queued, stop the writer thread (later records are dropped and counted)."""
+        with self._changed:
             if self._closed:
                 return
             self._closed = True
-        self._queue.put(_STOP)  # blocks only until the writer makes room
+            self._changed.notify_all()
         self._thread.join()
-        os.close(self._lock_fd)
 
     def __enter__(self) -> Quarantine:  # noqa: PYI034 - typing.Self is Python 3.11+
         return self
@@ -288,9 +205,17 @@ class Quarantine:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def stats(self) -> dict[str, int]:
+        """This instance's counters: records committed by verdict ('stored_rejected', 'stored_accepted'),
+        'queue_depth' (queued, not yet committed), 'dropped' (write errors, or after close), 'refused'
+        (turned away by `QuarantineFull`) and 'commits' (transactions)."""
+        with self._lock:
+            return {**{f"stored_{verdict}": n for verdict, n in self._stored.items()}, "queue_depth": self._depth,
+                    "dropped": self._dropped, "refused": self._refused, "commits": self._commits}
+
     def count(self) -> dict[str, int]:
         """Stored records by verdict (all of the store, earlier runs included), plus 'dropped'
-        (records this instance could not store: queue full, closed, or a write error)."""
+        (records this instance could not store: a write error, or recorded after close)."""
         connection = open_index(self.directory)
         try:
             counts = dict(connection.execute("SELECT verdict, COUNT(*) FROM records GROUP BY verdict").fetchall())

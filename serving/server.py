@@ -1,4 +1,5 @@
-"""`safetynet serve`: load a guard directory and run its HTTP app (`serving.http`) under uvicorn."""
+"""`safetynet serve`: load a guard directory and run its HTTP app (`serving.http`) under uvicorn, with
+the protocol that fails cleanly (`serving.protocol`) and its limits on time and head size."""
 from __future__ import annotations
 
 import gc
@@ -7,15 +8,31 @@ import os
 
 import numpy as np
 import uvicorn
+from fastapi import FastAPI
 
+from serving.answers import AnswerPolicy
 from serving.guard import Guard, GuardStats
 from serving.http import DEFAULT_MAX_BODY_BYTES, create_app
 from serving.inputs import quiet_decoder
+from serving.protocol import DEFAULT_HEAD_BYTES, protocol_class
 from serving.quarantine import Quarantine
 
 TOKEN_ENV = "SAFETYNET_TOKEN"
 
 log = logging.getLogger(__name__)
+
+
+def uvicorn_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8501, head_timeout: float = 10.0,
+                   keep_alive: float = 5.0, max_head_bytes: int = DEFAULT_HEAD_BYTES,
+                   log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's settings for the service: JSON errors for malformed HTTP, a request line plus headers
+    of at most `max_head_bytes` (414/431 beyond), `head_timeout` seconds for a request head to
+    arrive, idle keep-alive connections closed after `keep_alive` seconds."""
+    if max_head_bytes < 1024:
+        raise ValueError(f"max_head_bytes must be >= 1024, got {max_head_bytes}")
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol_class(head_timeout),
+                          timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=max_head_bytes,
+                          server_header=False, proxy_headers=False)  # client identity: serving.clients, not X-Forwarded-For
 
 
 def _warm_up(guard: Guard) -> None:
@@ -41,6 +58,11 @@ def serve(
     max_batch: int = 64,
     max_body_mb: float = DEFAULT_MAX_BODY_BYTES / 2**20,
     policy: str | None = None,
+    answers: AnswerPolicy = AnswerPolicy(),
+    head_timeout: float = 10.0,
+    body_timeout: float = 30.0,
+    keep_alive: float = 5.0,
+    max_head_kb: float = DEFAULT_HEAD_BYTES / 1024,
 ) -> None:
     """Load a guard directory and serve it with uvicorn until stopped (Ctrl-C or SIGTERM). The token
     falls back to $SAFETYNET_TOKEN; `policy` overrides the saved one."""
@@ -56,10 +78,12 @@ def serve(
     store = None if quarantine_dir is None else Quarantine(quarantine_dir, sample_accepted=sample_accepted)
     try:
         app = create_app(guard, upstream=upstream, token=token, quarantine=store, max_batch=max_batch,
-                         max_body_bytes=int(max_body_mb * 2**20))
+                         max_body_bytes=int(max_body_mb * 2**20), answers=answers, body_timeout=body_timeout)
+        config = uvicorn_config(app, host=host, port=port, head_timeout=head_timeout, keep_alive=keep_alive,
+                                max_head_bytes=int(max_head_kb * 1024))
         _warm_up(guard)
         quiet_decoder()
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.Server(config).run()
     finally:
         if store is not None:
             store.close()

@@ -30,9 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from attacks import FGSM, PGD
 from attacks.storage import model_fingerprint
 from detector import InputDetector
+from serving.answers import AnswerPolicy
 from serving.guard import Guard
 from serving.http import create_app
 from serving.quarantine import Quarantine
+from serving.server import uvicorn_config
 
 EPS = 0.3
 N_FIT = 1000  # training images the detector is fitted on; the rest calibrate it
@@ -44,12 +46,13 @@ CLASSIFY = f"/v1/models/{NAME}:classify"
 
 
 @contextlib.contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free localhost port in a background thread; yield its URL."""
+def running(app: FastAPI, **limits: float) -> Iterator[str]:
+    """Serve `app` with uvicorn as `safetynet serve` configures it (`limits`: uvicorn_config's), on a
+    free localhost port in a background thread; yield its URL."""
     # proto IPPROTO_TCP, or asyncio leaves Nagle on for accepted connections (40 ms stalls per answer)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", **limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -113,7 +116,8 @@ def assert_matches(predictions: list[dict], guard: Guard, x: np.ndarray) -> None
     assert len(predictions) == len(x)
     np.testing.assert_array_equal([p["rejected"] for p in predictions], expected.rejected)
     np.testing.assert_array_equal([p["flagged"] for p in predictions], expected.flagged)
-    np.testing.assert_array_equal([p["adversarial_score"] for p in predictions], expected.scores)
+    np.testing.assert_array_equal([p["adversarial_score"] for p in predictions],
+                                  np.where(expected.rejected, None, expected.scores))  # no score for rejects
     for p, probabilities, label, rejected in zip(predictions, expected.probabilities, expected.labels,
                                                  expected.rejected, strict=True):
         if rejected:
@@ -151,10 +155,10 @@ def test_concurrent_requests_are_merged_into_one_guard_call_and_split_back(guard
         expected = guard.predict(x)
         predictions = response.json()["predictions"]
         np.testing.assert_array_equal([p["rejected"] for p in predictions], expected.rejected)
-        np.testing.assert_allclose([p["adversarial_score"] for p in predictions], expected.scores, rtol=1e-5, atol=1e-5)
-        for p, probabilities in zip(predictions, expected.probabilities, strict=True):
+        for p, probabilities, score in zip(predictions, expected.probabilities, expected.scores, strict=True):
             if not p["rejected"]:
                 np.testing.assert_allclose(p["probabilities"], probabilities, atol=1e-6)
+                np.testing.assert_allclose(p["adversarial_score"], score, rtol=1e-5, atol=1e-5)
 
 
 def test_flag_policy_answers_flagged_inputs_and_quarantines_them(digits_classifier, detector, pgd, tmp_path):
@@ -394,11 +398,65 @@ def test_quarantine_receives_the_rejected_inputs_with_the_request_id(client, qua
     rejected = np.array([p["rejected"] for p in response.json()["predictions"]])
     quarantine.flush(timeout=10)
     with contextlib.closing(sqlite3.connect(quarantine.directory / "index.sqlite")) as index:
-        rows = index.execute("SELECT verdict, image FROM records WHERE request_id = ?",
+        rows = index.execute("SELECT verdict, pixels FROM records WHERE request_id = ?",
                              (response.headers["x-request-id"],)).fetchall()
     assert len(rows) == rejected.sum() > 0 and {verdict for verdict, _ in rows} == {"rejected"}
-    stored = {np.load(quarantine.directory / "images" / name).tobytes() for _, name in rows}
+    stored = {np.load(io.BytesIO(pixels)).tobytes() for _, pixels in rows}
     assert stored == {x.tobytes() for x in pgd[:16][rejected]}
+
+
+def test_answered_rejects_are_already_committed_and_counted(client, quarantine, pgd):
+    before = metric_values(client)
+    response = post(client, pgd[:24])
+    rejected = sum(p["rejected"] for p in response.json()["predictions"])
+    with contextlib.closing(sqlite3.connect(quarantine.directory / "index.sqlite")) as index:  # no flush
+        (stored,) = index.execute("SELECT COUNT(*) FROM records WHERE request_id = ?",
+                                  (response.headers["x-request-id"],)).fetchone()
+    after = metric_values(client)
+    key = ("safetynet_quarantine_stored_total", (("verdict", "rejected"),))
+    assert stored == rejected > 0 and after[key] - before.get(key, 0.0) == rejected
+    assert after[("safetynet_quarantine_queue_depth", ())] == 0
+    assert after[("safetynet_quarantine_dropped_total", ())] == 0 and after[("safetynet_quarantine_commits_total", ())] >= 1
+
+
+def test_a_quarantine_that_is_behind_answers_503_with_retry_after(guard, pgd, tmp_path):
+    with Quarantine(tmp_path / "q", max_queue=1) as store, running(create_app(guard, quarantine=store)) as url:
+        response = httpx.post(f"{url}{PREDICT}", json={"instances": pgd[:16].tolist()})
+        metrics = httpx.get(f"{url}/metrics").text
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["request_id"] == response.headers["x-request-id"] and "retry" in response.json()["error"]
+    assert store.count() == {"rejected": 0, "accepted": 0, "dropped": 0}  # refused, not silently dropped
+    refused = {s.name: s.value for family in text_string_to_metric_families(metrics) for s in family.samples}
+    assert refused["safetynet_quarantine_refused_total"] == sum(guard.predict(pgd[:16]).rejected) > 0
+
+
+def test_answer_policy_scores_for_trusted_callers_rounding_and_top_k(guard, digits, pgd):
+    x = np.concatenate([digits.x_test[:8], pgd[:8]])
+    expected = guard.predict(x)
+    answers = AnswerPolicy(scores_for_rejected=True, decimals=2, top_k=3)
+    with running(create_app(guard, answers=answers)) as url:
+        predictions = httpx.post(f"{url}{PREDICT}", json={"instances": x.tolist()}).json()["predictions"]
+    np.testing.assert_allclose([p["adversarial_score"] for p in predictions], expected.scores, rtol=1e-5, atol=1e-5)
+    for p, probabilities, rejected in zip(predictions, expected.probabilities, expected.rejected, strict=True):
+        if rejected:
+            assert p["probabilities"] is None and p["label"] is None
+            continue
+        kept = np.argsort(probabilities)[-3:]
+        assert np.count_nonzero(p["probabilities"]) <= 3 and all(p["probabilities"][i] == 0 for i in range(10) if i not in kept)
+        np.testing.assert_array_equal([p["probabilities"][i] for i in kept], np.round(probabilities[kept], 2))
+        assert p["label"] == probabilities.argmax()
+    with pytest.raises(ValueError, match="top_k"):
+        AnswerPolicy(top_k=0)
+    with pytest.raises(ValueError, match="decimals"):
+        AnswerPolicy(decimals=-1)
+
+
+def test_health_answers_head_and_no_redirect_echoes_the_host(client):
+    head = client.head("/healthz")
+    assert head.status_code == 200 and head.content == b"" and head.headers["x-request-id"]
+    slash = client.get("/healthz/", headers={"Host": "evil.example"})
+    assert slash.status_code == 404 and "location" not in slash.headers and "evil" not in slash.text
+    assert slash.json()["request_id"] == slash.headers["x-request-id"]
 
 
 def test_token_guards_everything_but_healthz(guard, digits):
@@ -521,3 +579,51 @@ def test_serve_refuses_bad_arguments(tmp_path):
     from safetynet.cli import main
 
     assert main(["serve", "--guard", str(tmp_path / "missing")]) == 2
+
+
+def _raw(url: str, data: bytes, timeout: float = 10.0, then_wait: bool = True) -> tuple[int | None, dict, bytes, float]:
+    """Send raw bytes; return the status, headers and body of the answer (None if the server closed
+    without one) and the seconds until the server answered or closed."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        began = time.monotonic()
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            sock.sendall(data)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+        elapsed = time.monotonic() - began
+    if not received:
+        return None, {}, b"", elapsed
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body, elapsed
+
+
+@pytest.mark.parametrize(("data", "status", "message"), [
+    (b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, "malformed HTTP"),
+    (b"POST " + PREDICT.encode() + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400,
+     "malformed HTTP"),
+    (b"GET /health\xffz HTTP/1.1\r\nHost: x\r\n\r\n", 400, "malformed HTTP"),
+    (b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "request line"),
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n", 431, "request headers"),
+])
+def test_malformed_http_gets_a_json_error_with_a_request_id(client, data, status, message):
+    answer, headers, body, _ = _raw(str(client.base_url), data)
+    assert answer == status, body
+    assert headers["content-type"] == "application/json" and message in json.loads(body)["error"]
+    assert json.loads(body)["request_id"] == headers["x-request-id"]
+
+
+def test_stalled_heads_and_bodies_time_out_with_408(guard):
+    with running(create_app(guard, body_timeout=0.5), head_timeout=0.5) as url:
+        status, _, body, elapsed = _raw(url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # head never ends
+        assert status == 408 and "request head" in json.loads(body)["error"] and elapsed < 5
+        status, _, body, elapsed = _raw(url, b"POST " + PREDICT.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                                        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        assert status == 408 and "request body" in json.loads(body)["error"] and elapsed < 5
+        status, _, _, elapsed = _raw(url, b"")  # connected, silent: closed
+        assert status is None and elapsed < 5
+        assert httpx.get(f"{url}/healthz").status_code == 200

@@ -1,10 +1,13 @@
 """Tests for serving.quarantine: the store (records, sampling, restarts, crashes, threads, a full
-queue), its export as an adversarial-only dataset, retraining a detector on that export, and the
-`safetynet quarantine` commands."""
+queue, the format 1 migration), review marks, its export as an adversarial-only dataset, retraining a
+detector on that export, and the `safetynet quarantine` commands."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import io
+import json
 import os
 import signal
 import sqlite3
@@ -14,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -29,8 +33,10 @@ from attacks.storage import model_fingerprint
 from detector import load_detector
 from safetynet.cli import main
 from serving.guard import Guard
-from serving.quarantine import IMAGES, INDEX, Quarantine
+from serving.quarantine import Quarantine, QuarantineFull
 from serving.quarantine_export import export_quarantine
+from serving.quarantine_index import INDEX, LEGACY_IMAGES, verify_store
+from serving.quarantine_review import list_records, mark_records, show_record
 from training.detector import fit_detector, retrain_input_detector, split_by_source
 from training.workflow import trained_attacks
 
@@ -52,20 +58,18 @@ def _rows(store: Path) -> list[dict]:
 
 
 def _assert_consistent(store: Path) -> None:
-    """Every row has its intact file, no file lacks a row, and SQLite finds the index sound."""
-    rows = _rows(store)
-    for row in rows:
-        data = (store / IMAGES / row["image"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == row["sha256"]
-    assert {p.name for p in (store / IMAGES).iterdir()} == {row["image"] for row in rows}
-    connection = sqlite3.connect(store / INDEX)
-    assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    connection.close()
+    """SQLite finds the index sound and every image matches its sha256 and shape."""
+    assert verify_store(store)["records"] == len(_rows(store))
+    assert not (store / LEGACY_IMAGES).exists()
 
 
-def _record(quarantine: Quarantine, x: np.ndarray, rejected: list[bool], request_id: str, **options) -> None:
+def _image(row: dict) -> np.ndarray:
+    return np.load(io.BytesIO(row["pixels"]), allow_pickle=False)
+
+
+def _record(quarantine: Quarantine, x: np.ndarray, rejected: list[bool], request_id: str, **options):
     scores = np.linspace(-1.0, 1.0, len(x))
-    quarantine.record(x, scores, np.array(rejected), request_id=request_id, model="digits",
+    return quarantine.record(x, scores, np.array(rejected), request_id=request_id, model="digits",
                       classifier_fingerprint=options.pop("classifier_fingerprint", FINGERPRINT), **options)
 
 
@@ -89,7 +93,7 @@ def test_record_stores_rejected_inputs_losslessly_with_scores_and_request_ids(tm
     assert {row["verdict"] for row in rows} == {"rejected"}
     assert {(row["model"], row["classifier_fingerprint"], row["shape"]) for row in rows} == {("digits", FINGERPRINT, "[8, 8, 1]")}
     for row, expected in zip(rows, _images(5)[[1, 2, 4]], strict=True):
-        stored = np.load(tmp_path / "q" / IMAGES / row["image"], allow_pickle=False)
+        stored = _image(row)
         assert stored.dtype == np.float32
         np.testing.assert_array_equal(stored, expected)  # bit for bit
         moment = dt.datetime.fromisoformat(row["time"])
@@ -124,7 +128,7 @@ def test_records_survive_a_restart_and_new_ones_append(tmp_path):
         quarantine.flush()
         assert quarantine.count() == {"rejected": 4, "accepted": 1, "dropped": 0}
     assert [row["id"] for row in _rows(store)] == [1, 2, 3, 4, 5]
-    manifest = export_quarantine(store, tmp_path / "all", include="all")
+    manifest = export_quarantine(store, tmp_path / "all", include="all", unreviewed=True)
     assert manifest["count"] == 5
     np.testing.assert_array_equal(load_adversarial_dataset(tmp_path / "all").x_adv, np.concatenate([_images(3), _images(2, 1)]))
 
@@ -132,53 +136,74 @@ def test_records_survive_a_restart_and_new_ones_append(tmp_path):
 CHILD = """
 import sys
 import numpy as np
-from serving.quarantine import Quarantine
+from serving.quarantine import Quarantine, QuarantineFull
 
 quarantine = Quarantine(sys.argv[1], max_queue=50)
 x = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
-for i in range(20):
-    quarantine.record(x, np.ones(2), np.ones(2, bool), request_id=f"flushed-{i}", model="m", classifier_fingerprint="f" * 64)
-quarantine.flush()
-print("flushed", flush=True)
+committed = []
+
+def report(future, request_id):  # runs once the record's transaction committed
+    print("committed", request_id, flush=True)
+
 i = 0
 while True:  # keep the writer busy until the parent kills this process
-    quarantine.record(x, np.ones(2), np.ones(2, bool), request_id=f"later-{i}", model="m", classifier_fingerprint="f" * 64)
+    try:
+        future = quarantine.record(x, np.ones(2), np.ones(2, bool), request_id=f"r{i}", model="m",
+                                   classifier_fingerprint="f" * 64)
+    except QuarantineFull:
+        continue
+    future.add_done_callback(lambda future, request_id=f"r{i}": report(future, request_id))
     i += 1
 """
 
 
-def test_an_unclean_stop_keeps_flushed_records_and_a_consistent_index(tmp_path):
+def test_a_sigkill_loses_nothing_whose_commit_was_reported_and_the_store_verifies(tmp_path):
     store = tmp_path / "q"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(store)], stdout=subprocess.PIPE, text=True,
                              env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"})
+    reported = []
     try:
-        assert child.stdout.readline().strip() == "flushed"
-        time.sleep(0.5)  # writes of the later records are under way
+        while len(reported) < 200:  # commits under way
+            reported.append(child.stdout.readline().split()[1])
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
-        child.stdout.close()
+    reported += [line.split()[1] for line in child.stdout.read().splitlines() if line.startswith("committed")]
+    child.stdout.close()
     assert child.returncode == -signal.SIGKILL
-    (store / IMAGES / "left-by-a-crash.npy").write_bytes(b"an orphan")  # as if killed between file and row
-    with Quarantine(store) as quarantine:  # removes files without rows: nobody else has the store open
+    with Quarantine(store) as quarantine:  # reopening replays SQLite's write-ahead log
         count = quarantine.count()
-    rows = _rows(store)
-    assert sum(row["request_id"].startswith("flushed-") for row in rows) == 40
-    assert count["rejected"] == len(rows) >= 40
+    stored = [row["request_id"] for row in _rows(store)]
+    assert set(reported) <= set(stored)  # every commit reported before the kill is there
+    assert count["rejected"] == len(stored) == 2 * len(set(stored))  # whole batches only
     _assert_consistent(store)
-    assert export_quarantine(store, tmp_path / "export")["count"] == len(rows)
+    assert export_quarantine(store, tmp_path / "export", unreviewed=True)["count"] == len(stored)
 
 
-def test_orphan_files_are_kept_while_another_quarantine_has_the_store_open(tmp_path):
-    store = tmp_path / "q"
-    with Quarantine(store) as first:
-        orphan = store / IMAGES / "in-flight.npy"  # may be another process's file whose row is coming
-        orphan.write_bytes(b"x")
-        Quarantine(store).close()
-        assert orphan.exists()
-        _record(first, _images(1), [True], "r")
-    with Quarantine(store):
-        assert not orphan.exists()
+def test_a_format_1_store_is_migrated_with_its_image_files(tmp_path):
+    store, x = tmp_path / "q", _images(2)
+    (store / LEGACY_IMAGES).mkdir(parents=True)
+    connection = sqlite3.connect(store / INDEX)
+    connection.execute("""CREATE TABLE records (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL,
+        model TEXT NOT NULL, time TEXT NOT NULL, score REAL, verdict TEXT NOT NULL, image TEXT NOT NULL UNIQUE,
+        sha256 TEXT NOT NULL, shape TEXT NOT NULL, classifier_fingerprint TEXT)""")
+    connection.execute("CREATE INDEX records_time ON records (time)")
+    for i, image in enumerate(x):
+        buffer = io.BytesIO()
+        np.save(buffer, image)
+        (store / LEGACY_IMAGES / f"{i}.npy").write_bytes(buffer.getvalue())
+        connection.execute("INSERT INTO records (request_id, model, time, score, verdict, image, sha256, shape, "
+                           "classifier_fingerprint) VALUES (?, 'digits', '2024-01-01T00:00:00+00:00', 1.0, "
+                           "'rejected', ?, ?, ?, ?)", (f"old-{i}", f"{i}.npy", hashlib.sha256(buffer.getvalue()).hexdigest(),
+                                                       json.dumps(list(image.shape)), FINGERPRINT))
+    connection.execute("PRAGMA user_version = 1")
+    connection.commit()
+    connection.close()
+    with Quarantine(store) as quarantine:
+        _record(quarantine, _images(1, 5), [True], "new")
+    rows = _rows(store)
+    assert [row["request_id"] for row in rows] == ["old-0", "old-1", "new"] and rows[0]["review"] is None
+    np.testing.assert_array_equal(np.stack([_image(row) for row in rows]), np.concatenate([x, _images(1, 5)]))
     _assert_consistent(store)
 
 
@@ -198,7 +223,6 @@ def test_concurrent_record_calls_lose_nothing(tmp_path):
         assert quarantine.count() == {"rejected": 2 * calls * threads, "accepted": calls * threads, "dropped": 0}
     rows = _rows(tmp_path / "q")
     assert sorted({row["request_id"] for row in rows}) == sorted(f"{w}-{c}" for w in range(threads) for c in range(calls))
-    assert len({row["image"] for row in rows}) == len(rows)
     _assert_consistent(tmp_path / "q")
 
 
@@ -216,50 +240,57 @@ def _hold_writer(quarantine: Quarantine) -> tuple[threading.Event, threading.Eve
     return entered, release
 
 
-def test_a_full_queue_drops_and_counts_without_blocking_and_flush_times_out(tmp_path):
-    quarantine = Quarantine(tmp_path / "q", max_queue=2)
+def test_a_full_queue_refuses_the_whole_batch_without_blocking_and_flush_times_out(tmp_path):
+    quarantine = Quarantine(tmp_path / "q", max_queue=3)
     entered, release = _hold_writer(quarantine)
     try:
-        _record(quarantine, _images(1), [True], "first")
+        first = _record(quarantine, _images(1), [True], "first")
         assert entered.wait(10)  # the writer holds the first record
         began = time.perf_counter()
-        _record(quarantine, _images(5), [True] * 5, "burst")  # 2 fit in the queue, 3 are dropped
+        with pytest.raises(QuarantineFull, match="at most 3"):
+            _record(quarantine, _images(3), [True] * 3, "burst")  # 1 + 3 > 3: none of it queued
         assert time.perf_counter() - began < 0.5
-        assert quarantine.count() == {"rejected": 0, "accepted": 0, "dropped": 3}
+        second = _record(quarantine, _images(2), [True] * 2, "fits")
+        assert quarantine.stats() | {"commits": 0} == {"stored_rejected": 0, "stored_accepted": 0, "queue_depth": 3,
+                                                        "dropped": 0, "refused": 3, "commits": 0}
         with pytest.raises(TimeoutError, match="not yet written"):
             quarantine.flush(timeout=0.1)
+        assert not first.done() and not second.done()
     finally:
         release.set()
         quarantine.close()
-    assert quarantine.count() == {"rejected": 3, "accepted": 0, "dropped": 3}
-    _record(quarantine, _images(1), [True], "after close")  # dropped, never raised
-    assert quarantine.count()["dropped"] == 4
+    assert first.result() == 1 and second.result() == 2
+    assert quarantine.count() == {"rejected": 3, "accepted": 0, "dropped": 0}
+    assert quarantine.stats()["stored_rejected"] == 3 and quarantine.stats()["queue_depth"] == 0
+    assert _record(quarantine, _images(1), [True], "after close").result() == 0  # dropped, never raised
+    assert quarantine.count()["dropped"] == 1
 
 
-def test_a_write_error_drops_the_batch_leaves_no_file_and_the_writer_goes_on(tmp_path, monkeypatch):
+def test_a_write_error_drops_the_batch_fails_its_futures_and_the_writer_goes_on(tmp_path, monkeypatch):
     from serving import quarantine as module
 
-    original, writes = module.atomic_write, []
+    original, encoded = module.encode_image, []
 
-    def failing_write(path, write):  # the second file of the second batch hits a full disk
-        writes.append(path)
-        if len(writes) == 3:
+    def failing_encode(image):  # the second image of the second batch hits a bad disk
+        encoded.append(1)
+        if len(encoded) == 3:
             raise OSError(28, "No space left on device")
-        return original(path, write)
+        return original(image)
 
-    monkeypatch.setattr(module, "atomic_write", failing_write)
+    monkeypatch.setattr(module, "encode_image", failing_encode)
     with Quarantine(tmp_path / "q") as quarantine:
         entered, release = _hold_writer(quarantine)
         _record(quarantine, _images(1), [True], "first")
         assert entered.wait(10)
-        _record(quarantine, _images(3), [True] * 3, "lost")  # queued whole: the writer takes one batch
+        lost = _record(quarantine, _images(3), [True] * 3, "lost")  # queued whole: the writer takes one batch
         release.set()
-        quarantine.flush()
+        with pytest.raises(OSError, match="No space"):
+            lost.result(timeout=10)
         _record(quarantine, _images(1), [True], "kept")
         quarantine.flush()
         assert quarantine.count() == {"rejected": 2, "accepted": 0, "dropped": 3}
     assert [row["request_id"] for row in _rows(tmp_path / "q")] == ["first", "kept"]
-    _assert_consistent(tmp_path / "q")  # the batch's first file was removed again
+    _assert_consistent(tmp_path / "q")
 
 
 def test_bad_arguments(tmp_path):
@@ -293,11 +324,13 @@ def store(tmp_path) -> Path:
 
 
 def test_export_writes_a_verified_adversarial_only_dataset(store, tmp_path):
-    manifest = export_quarantine(store, tmp_path / "out")
+    manifest = export_quarantine(store, tmp_path / "out", unreviewed=True)
     assert verify_dataset(tmp_path / "out").ok
     data = load_adversarial_dataset(tmp_path / "out")
     assert manifest["adversarial_only"] is True and data.manifest == manifest
-    assert manifest["attack"] == {"attack": "quarantine", "include": "rejected", "since": None, "model": None}
+    assert manifest["attack"] == {"attack": "quarantine", "include": "rejected", "since": None, "model": None,
+                                  "unreviewed": True}
+    assert manifest["left_out"] == {"clean": 0, "unsure": 0, "unreviewed": 0}
     assert manifest["source"]["data"] == f"quarantine:{store.resolve()}"
     assert manifest["classifier_fingerprint"] == FINGERPRINT and manifest["image_shape"] == list(SHAPE)
     assert manifest["count"] == 3 and manifest["complete"]
@@ -309,15 +342,15 @@ def test_export_writes_a_verified_adversarial_only_dataset(store, tmp_path):
 
 
 def test_export_filters_by_verdict_time_and_model(store, tmp_path):
-    assert export_quarantine(store, tmp_path / "all", include="all")["count"] == 5
+    assert export_quarantine(store, tmp_path / "all", include="all", unreviewed=True)["count"] == 5
     late = next(row["time"] for row in _rows(store) if row["request_id"] == "late")
     since = dt.datetime.fromisoformat(late).astimezone(dt.timezone(dt.timedelta(hours=2)))  # any zone
-    manifest = export_quarantine(store, tmp_path / "late", include="all", since=since.isoformat())
+    manifest = export_quarantine(store, tmp_path / "late", include="all", since=since.isoformat(), unreviewed=True)
     assert manifest["count"] == 2 and manifest["attack"]["since"] == late
-    assert export_quarantine(store, tmp_path / "z", since=late.replace("+00:00", "Z"))["count"] == 1
+    assert export_quarantine(store, tmp_path / "z", since=late.replace("+00:00", "Z"), unreviewed=True)["count"] == 1
     with pytest.raises(ValueError, match="no quarantined records"):
         export_quarantine(store, tmp_path / "other", model="another-guard")
-    assert export_quarantine(store, tmp_path / "small", include="all", shard_size=2)["shards"][-1]["count"] == 1
+    assert export_quarantine(store, tmp_path / "small", include="all", shard_size=2, unreviewed=True)["shards"][-1]["count"] == 1
     assert verify_dataset(tmp_path / "small").ok
 
 
@@ -342,19 +375,60 @@ def test_export_refuses_records_of_different_or_unknown_classifiers(tmp_path):
         _record(quarantine, _images(1), [True], "a")
         _record(quarantine, _images(1), [True], "b", classifier_fingerprint="e" * 64)
     with pytest.raises(ValueError, match="2 different classifiers"):
-        export_quarantine(tmp_path / "mixed", tmp_path / "out")
+        export_quarantine(tmp_path / "mixed", tmp_path / "out", unreviewed=True)
     with Quarantine(tmp_path / "unknown") as quarantine:
         _record(quarantine, _images(1), [True], "a", classifier_fingerprint=None)
     with pytest.raises(ValueError, match="no classifier fingerprint"):
-        export_quarantine(tmp_path / "unknown", tmp_path / "out")
+        export_quarantine(tmp_path / "unknown", tmp_path / "out", unreviewed=True)
 
 
 def test_export_refuses_a_corrupt_image(store, tmp_path):
-    path = store / IMAGES / _rows(store)[0]["image"]
-    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+    with contextlib.closing(sqlite3.connect(store / INDEX)) as connection:
+        pixels = _rows(store)[0]["pixels"]
+        connection.execute("UPDATE records SET pixels = ? WHERE id = 1", (pixels[:-4] + b"\0\0\0\0",))
+        connection.commit()
     with pytest.raises(ValueError, match="corrupt"):
-        export_quarantine(store, tmp_path / "out")
+        export_quarantine(store, tmp_path / "out", unreviewed=True)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="record 1 is corrupt"):
+        verify_store(store)
+
+
+# --------------------------------------------------------------------------------------------
+# review
+# --------------------------------------------------------------------------------------------
+
+
+def test_export_takes_reviewed_records_and_leaves_out_clean_ones(store, tmp_path):
+    assert [r["id"] for r in list_records(store, review="unreviewed", verdict="rejected")] == [1, 3, 4]
+    assert mark_records(store, [1, 4], "adversarial") == 2 and mark_records(store, [3], "clean") == 1
+    assert mark_records(store, [2], "unsure") == 1
+    manifest = export_quarantine(store, tmp_path / "reviewed")  # default: marked adversarial only
+    assert manifest["count"] == 2 and manifest["left_out"] == {"clean": 1, "unsure": 0, "unreviewed": 0}
+    np.testing.assert_array_equal(load_adversarial_dataset(tmp_path / "reviewed").index, [1, 4])
+    everything = export_quarantine(store, tmp_path / "all", include="all", unreviewed=True)
+    assert everything["count"] == 3 and everything["left_out"] == {"clean": 1, "unsure": 1, "unreviewed": 0}
+    assert [r["id"] for r in list_records(store, review="clean")] == [3]
+    fields, image = show_record(store, 3)
+    assert fields["review"] == "clean" and fields["reviewed_time"] and fields["request_id"] == "early"
+    np.testing.assert_array_equal(image, _images(3)[2])
+
+
+def test_unreviewed_records_are_left_out_by_default_with_a_hint(store, tmp_path):
+    with pytest.raises(ValueError, match=r"'unreviewed': 3.*quarantine mark"):
+        export_quarantine(store, tmp_path / "out")
+
+
+def test_review_refuses_bad_input(store):
+    with pytest.raises(ValueError, match=r"no records \[99\]"):
+        mark_records(store, [1, 99], "clean")
+    assert list_records(store, review="clean") == []  # all or none
+    with pytest.raises(ValueError, match="review must be one of"):
+        mark_records(store, [1], "benign")
+    with pytest.raises(ValueError, match="review must be one of"):
+        list_records(store, review="maybe")
+    with pytest.raises(ValueError, match="no record 42"):
+        show_record(store, 42)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +453,7 @@ def production(digits, digits_classifier, tmp_path_factory):
             result = guard.predict(x[start : start + 32])
             quarantine.record(x[start : start + 32], result.scores, result.rejected, request_id=f"req-{start}",
                               model=guard.name, classifier_fingerprint=model_fingerprint(digits_classifier))
-    export_quarantine(root / "quarantine", root / "export", include="all")
+    export_quarantine(root / "quarantine", root / "export", include="all", unreviewed=True)
     return {"root": root, "fgsm": fgsm, "export": load_adversarial_dataset(root / "export"), "x": x,
             "guard": guard, "attack": attack}
 
@@ -433,9 +507,31 @@ def test_quarantine_commands_info_and_export(store, tmp_path, capsys):
     assert main(["quarantine", "info", "--store", str(store)]) == 0
     info = capsys.readouterr().out
     assert "3 rejected, 2 accepted" in info and "digits (5)" in info and FINGERPRINT[:16] in info
-    assert main(["quarantine", "export", "--store", str(store), "--out", str(tmp_path / "out"), "--include", "all"]) == 0
+    assert main(["quarantine", "export", "--store", str(store), "--out", str(tmp_path / "out"), "--include", "all",
+                 "--include-unreviewed"]) == 0
     assert "examples:   5 in 1 shards" in capsys.readouterr().out
     assert main(["dataset", "verify", str(tmp_path / "out")]) == 0
+
+
+def test_quarantine_review_commands_list_show_mark_verify_and_export(store, tmp_path, capsys):
+    assert main(["quarantine", "list", "--store", str(store), "--review", "unreviewed", "--verdict", "rejected"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed[1:]] == ["1", "3", "4"]
+    assert main(["quarantine", "mark", "--store", str(store), "--id", "1", "3-4", "--as", "adversarial"]) == 0
+    assert main(["quarantine", "mark", "--store", str(store), "--id", "3", "--as", "clean"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["marked 3 records adversarial", "marked 1 records clean"]
+    assert main(["quarantine", "show", "--store", str(store), "--id", "3", "--png", str(tmp_path / "3.png")]) == 0
+    shown = capsys.readouterr().out
+    assert "review:                 clean" in shown and "request_id:             early" in shown
+    assert cv2.imread(str(tmp_path / "3.png"), cv2.IMREAD_UNCHANGED).shape == SHAPE[:2]
+    with pytest.raises(SystemExit, match="2"):
+        main(["quarantine", "mark", "--store", str(store), "--id", "9-3", "--as", "clean"])
+    assert "not a record id or range" in capsys.readouterr().err
+    assert main(["quarantine", "verify", "--store", str(store)]) == 0
+    assert capsys.readouterr().out.strip() == "ok: 5 records verified"
+    assert main(["quarantine", "export", "--store", str(store), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "examples:   2 in 1 shards" in out and "left out:   1 (1 marked clean, 0 unsure, 0 not reviewed)" in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -443,6 +539,9 @@ def test_quarantine_commands_info_and_export(store, tmp_path, capsys):
     (["quarantine", "export", "--store", "{tmp}/missing", "--out", "{tmp}/out"], "quarantine store not found"),
     (["quarantine", "export", "--store", "{tmp}/empty", "--out", "{tmp}/out"], "no quarantined records"),
     (["quarantine", "export", "--store", "{tmp}/empty", "--out", "{tmp}/out", "--since", "soon"], "ISO 8601"),
+    (["quarantine", "mark", "--store", "{tmp}/empty", "--id", "4", "--as", "clean"], "has no records [4]"),
+    (["quarantine", "show", "--store", "{tmp}/empty", "--id", "1"], "has no record 1"),
+    (["quarantine", "list", "--store", "{tmp}/missing"], "quarantine store not found"),
 ])
 def test_quarantine_commands_refuse_bad_input_in_one_line(args, message, tmp_path, capsys):
     Quarantine(tmp_path / "empty").close()
