@@ -65,8 +65,10 @@ def build_guard(data, directory: Path, eps: float, n_train: int, epochs: int) ->
 
 
 def start_server(guard_dir: Path, port: int, max_body_mb: float, log_path: Path) -> subprocess.Popen:
+    # --query-policy off: every client here shares one address and resends clean and PGD versions of the
+    # same images, which query-attack detection would block (benchmarks/query_attacks.py measures that)
     command = [sys.executable, "-m", "safetynet.cli", "serve", "--guard", str(guard_dir), "--port", str(port),
-               "--max-batch", "64", "--max-body-mb", str(max_body_mb)]
+               "--max-batch", "64", "--max-body-mb", str(max_body_mb), "--query-policy", "off"]
     process = subprocess.Popen(command, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

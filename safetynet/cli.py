@@ -250,6 +250,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--keep-alive", type=float, default=5.0, metavar="S", help="idle keep-alive timeout (default 5)")
     serve.add_argument("--max-head-kb", type=float, default=16.0, metavar="K",
                        help="largest request line plus headers in KiB (default 16; 414/431 beyond)")
+    serve.add_argument("--tokens", metavar="FILE", help='per-client tokens, a JSON file {"client name": "token"}: '
+                       "each client's queries are tracked apart (instead of --token)")
+    serve.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDR",
+                       help="a reverse proxy (address or CIDR) whose X-Forwarded-For names the client (repeatable)")
+    serve.add_argument("--query-policy", choices=("block", "reject", "flag", "off"), default="block",
+                       help="query-attack detection: what a client's near copy of a recent query gets (default block: "
+                       "rejected, and the client refused with 429 for --query-block-seconds)")
+    serve.add_argument("--query-block-seconds", type=float, default=600.0, metavar="S", help="default 600")
+    serve.add_argument("--query-state", default="memory", metavar="URL",
+                       help="where query fingerprints live: memory (default, this process) or redis://host:6379/0 "
+                       "(shared by replicas; pip install 'safetynet[redis]')")
 
     guard = commands.add_parser("guard", help="write a guard directory (classifier + detector + policy) for serve, export and demo")
     guard.add_argument("--model", help=".keras or .h5 classifier (leave out for a detector that does not read it, "
@@ -366,7 +377,8 @@ def _run(args: argparse.Namespace) -> int:
             max_body_mb=args.max_body_mb, policy=args.policy,
             answers=AnswerPolicy(args.scores_for_rejected, args.probability_decimals, args.top_k),
             head_timeout=args.head_timeout, body_timeout=args.body_timeout, keep_alive=args.keep_alive,
-            max_head_kb=args.max_head_kb,
+            max_head_kb=args.max_head_kb, tokens_file=args.tokens, trusted_proxies=tuple(args.trusted_proxy),
+            query_policy=args.query_policy, query_state=args.query_state, query_block_seconds=args.query_block_seconds,
         )
     elif args.command == "guard":
         from serving.guard import Guard

@@ -137,17 +137,19 @@ def create_app(
         if name != guard.name:
             raise ApiError(404, f"model {name!r} not found; this server serves {guard.name!r}")
 
-    async def store(x: np.ndarray, result: Any, request_id: str) -> None:
-        """Quarantine the batch and wait for the commit; 503 (retry) when the writer is behind."""
+    async def store(x: np.ndarray, result: Any, request_id: str, query_attack: np.ndarray) -> None:
+        """Quarantine the batch and wait for the commit; 503 (retry) when the writer is behind. Inputs
+        of a query attack are kept with reason "query_attack"."""
         try:
             # flagged, not rejected: under --policy flag the quarantine still collects the suspects
-            committed = quarantine.record(x, result.scores, result.flagged, request_id=request_id, model=guard.name,
-                                          classifier_fingerprint=fingerprint)
+            committed = [quarantine.record(x[rows], result.scores[rows], result.flagged[rows], request_id=request_id,
+                                           model=guard.name, classifier_fingerprint=fingerprint, reason=reason)
+                         for rows, reason in ((~query_attack, None), (query_attack, "query_attack")) if rows.any()]
         except QuarantineFull as error:
             log.warning("request %s: %s", request_id, error)
             raise ApiError(503, "the quarantine is behind: retry in a second", {"Retry-After": "1"}) from None
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(committed)), quarantine_wait)
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*map(asyncio.wrap_future, committed))), quarantine_wait)
         except Exception:  # the quarantine is for review later: never fail the answer over it
             log.exception("request %s: the quarantine did not store the batch", request_id)
             metrics.quarantine_errors.inc()
@@ -156,11 +158,12 @@ def create_app(
         """Guard the checked batch, hand it to the quarantine, ask the upstream about the accepted inputs."""
         request_id = request.state.request_id
         result = await resources["batcher"].predict(x)
+        query_attack = np.zeros(len(x), bool)
         if query_detector is not None:  # a query attack: near copies of this client's recent queries
-            result = await screen(query_detector, query_metrics, request.state.client, x, result, request_id)
+            result, query_attack = await screen(query_detector, query_metrics, request.state.client, x, result, request_id)
         metrics.observe_result(result)
         if quarantine is not None:
-            await store(x, result, request_id)
+            await store(x, result, request_id, query_attack)
         probabilities = result.probabilities
         if upstream is not None:
             accepted = ~result.rejected

@@ -14,11 +14,34 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from serving.asgi import ApiError, error_response
-from serving.clients import ClientIdentity
-from serving.guard import GuardResult
-from serving.stateful import QueryAttackDetector
+from serving.clients import ClientIdentity, read_tokens
+from serving.guard import Guard, GuardResult
+from serving.stateful import POLICIES, MatchRule, MemoryBackend, QueryAttackDetector
 
 log = logging.getLogger(__name__)
+
+
+def query_detection(guard: Guard, *, token: str | None = None, tokens_file: str | None = None,
+                    trusted_proxies: tuple[str, ...] = (), policy: str = "block", state: str = "memory",
+                    block_seconds: float = 600.0) -> tuple[ClientIdentity, QueryAttackDetector | None]:
+    """`safetynet serve`'s client identity and query-attack detector (None for policy "off"); `state`
+    is "memory" (this process) or a redis:// URL shared by replicas."""
+    if policy not in (*POLICIES, "off"):
+        raise ValueError(f"unknown query-attack policy {policy!r}; choose one of {[*POLICIES, 'off']}")
+    clients = ClientIdentity(token=None if tokens_file else token,
+                             tokens=read_tokens(tokens_file) if tokens_file else None, trusted_proxies=trusted_proxies)
+    if policy == "off":
+        return clients, None
+    rule = MatchRule()
+    if state == "memory":
+        backend = MemoryBackend(rule)
+    elif state.startswith(("redis://", "rediss://", "unix://")):
+        from serving.stateful_redis import RedisBackend
+
+        backend = RedisBackend(state, rule)
+    else:
+        raise ValueError(f"query-attack state must be 'memory' or a redis:// URL, got {state!r}")
+    return clients, QueryAttackDetector(backend, rule, guard.clip, policy=policy, block_seconds=block_seconds)
 
 
 class QueryAttackMetrics:
@@ -75,15 +98,16 @@ class ClientGate:
 
 
 async def screen(detector: QueryAttackDetector, metrics: QueryAttackMetrics, client: str, x: np.ndarray,
-                 result: GuardResult, request_id: str) -> GuardResult:
+                 result: GuardResult, request_id: str) -> tuple[GuardResult, np.ndarray]:
     """`result` with the inputs that matched a recent query of `client` flagged (and rejected, unless
-    the policy is "flag"). The guard fails closed: a backend failure answers 503."""
+    the policy is "flag"), and which inputs matched. The guard fails closed: a backend failure
+    answers 503."""
     try:
         verdict = await anyio.to_thread.run_sync(detector.check, client, x)
     except Exception:
         log.exception("request %s: the query-attack state is unavailable", request_id)
         metrics.errors.inc()
-        raise ApiError(503, "the query-attack state is unavailable: retry later") from None
+        raise ApiError(503, "the query-attack state is unavailable: retry later", {"Retry-After": "1"}) from None
     for shared in verdict.shared:
         metrics.shared.observe(int(shared))
     metrics.matched.inc(int(verdict.matched.sum()))
@@ -92,5 +116,5 @@ async def screen(detector: QueryAttackDetector, metrics: QueryAttackMetrics, cli
         metrics.blocks.inc()
         log.warning("request %s: client %s blocked for %g s (a query attack: %d of %d inputs matched)",
                     request_id, client, detector.block_seconds, verdict.matched.sum(), len(x))
-    return dataclasses.replace(result, flagged=result.flagged | verdict.matched,
-                               rejected=result.rejected | verdict.rejected)
+    merged = dataclasses.replace(result, flagged=result.flagged | verdict.matched, rejected=result.rejected | verdict.rejected)
+    return merged, verdict.matched

@@ -16,6 +16,7 @@ from serving.http import DEFAULT_MAX_BODY_BYTES, create_app
 from serving.inputs import quiet_decoder
 from serving.protocol import DEFAULT_HEAD_BYTES, protocol_class
 from serving.quarantine import Quarantine
+from serving.query_gate import query_detection
 
 TOKEN_ENV = "SAFETYNET_TOKEN"
 
@@ -63,9 +64,16 @@ def serve(
     body_timeout: float = 30.0,
     keep_alive: float = 5.0,
     max_head_kb: float = DEFAULT_HEAD_BYTES / 1024,
+    tokens_file: str | os.PathLike | None = None,
+    trusted_proxies: tuple[str, ...] = (),
+    query_policy: str = "block",
+    query_state: str = "memory",
+    query_block_seconds: float = 600.0,
 ) -> None:
     """Load a guard directory and serve it with uvicorn until stopped (Ctrl-C or SIGTERM). The token
-    falls back to $SAFETYNET_TOKEN; `policy` overrides the saved one."""
+    falls back to $SAFETYNET_TOKEN; `policy` overrides the saved one. Query-attack detection
+    (`serving.query_gate.query_detection`): per client (`tokens_file`, else the address, behind
+    `trusted_proxies` the forwarded one), `query_policy` block, reject, flag or off."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if sample_accepted and quarantine_dir is None:
         raise ValueError("--sample-accepted needs --quarantine DIR to store the samples in")
@@ -73,12 +81,17 @@ def serve(
         raise ValueError(f"max_body_mb must be > 0, got {max_body_mb}")
     guard = Guard.load(guard_dir, **({"policy": policy} if policy else {}))
     token = token or os.environ.get(TOKEN_ENV) or None
-    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if token and tokens_file:
+        raise ValueError("--token and --tokens are exclusive: give one shared token or per-client tokens")
+    clients, query_detector = query_detection(guard, token=token, tokens_file=tokens_file, trusted_proxies=trusted_proxies,
+                                              policy=query_policy, state=query_state, block_seconds=query_block_seconds)
+    if token is None and tokens_file is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone who reaches the port can use the model", host)
     store = None if quarantine_dir is None else Quarantine(quarantine_dir, sample_accepted=sample_accepted)
     try:
         app = create_app(guard, upstream=upstream, token=token, quarantine=store, max_batch=max_batch,
-                         max_body_bytes=int(max_body_mb * 2**20), answers=answers, body_timeout=body_timeout)
+                         max_body_bytes=int(max_body_mb * 2**20), answers=answers, body_timeout=body_timeout,
+                         clients=clients, query_detector=query_detector)
         config = uvicorn_config(app, host=host, port=port, head_timeout=head_timeout, keep_alive=keep_alive,
                                 max_head_bytes=int(max_head_kb * 1024))
         _warm_up(guard)

@@ -80,17 +80,27 @@ def fingerprints(x: np.ndarray, clip: tuple[float, float], rule: MatchRule, key:
         raise ValueError(f"images of {x.shape[1]} values are smaller than the match window ({window})")
     low, high = clip
     levels = np.floor((np.clip(x, low, high) - low) / ((high - low) * rule.step)).astype(np.uint64)
-    windows = np.lib.stride_tricks.sliding_window_view(levels, window, axis=1)[:, :: rule.stride]
+    # a polynomial rolling hash mod 2**64 (one pass however wide the window), then splitmix's mixer
     seed = np.random.default_rng(list(hashlib.blake2b(key).digest())).integers(
-        0, np.iinfo(np.uint64).max, window + 1, np.uint64, endpoint=True)
+        0, np.iinfo(np.uint64).max, 2, np.uint64, endpoint=True)
+    base = int(seed[0]) | 1  # odd, so invertible mod 2**64
+    length = levels.shape[1]
     with np.errstate(over="ignore"):
-        hashes = _mix((windows * (seed[1:] | np.uint64(1))).sum(axis=2, dtype=np.uint64) ^ seed[0])
+        powers = np.cumprod(np.full(length, base, np.uint64), dtype=np.uint64) * np.uint64(pow(base, -1, 2**64))
+        inverse = np.cumprod(np.full(length, pow(base, -1, 2**64), np.uint64), dtype=np.uint64) * np.uint64(base)
+        prefix = np.zeros((len(x), length + 1), np.uint64)
+        np.cumsum(levels * powers, axis=1, dtype=np.uint64, out=prefix[:, 1:])
+        windows = (prefix[:, window:] - prefix[:, :-window]) * inverse[: length - window + 1]
+        hashes = _mix(windows[:, :: rule.stride] ^ seed[1])
     hashes[hashes == 0] = 1  # 0 is the padding
+    ordered = np.sort(hashes, axis=1)[:, ::-1]
+    distinct = np.ones(ordered.shape, bool)
+    distinct[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    rank = np.cumsum(distinct, axis=1)  # 1 for the largest hash, 2 for the next distinct one, ...
+    image, column = np.nonzero(distinct & (rank <= rule.top_k))
     rows = np.zeros((len(x), rule.top_k + 1), np.uint64)
-    for i, image_hashes in enumerate(hashes):
-        top = np.unique(image_hashes)[::-1][: rule.top_k]
-        rows[i, 1 : 1 + len(top)] = top
-        rows[i, 0] = int.from_bytes(hashlib.blake2b(x[i].tobytes(), key=key[:64], digest_size=8).digest(), "little")
+    rows[image, rank[image, column]] = ordered[image, column]
+    rows[:, 0] = [int.from_bytes(hashlib.blake2b(row.tobytes(), key=key[:64], digest_size=8).digest(), "little") for row in x]
     return rows
 
 
@@ -101,7 +111,7 @@ def overlaps(queries: np.ndarray, history: np.ndarray) -> np.ndarray:
         return np.zeros((len(queries), len(history)), np.int64)
     flat = history[:, 1:].ravel()
     owners = np.repeat(np.arange(len(history)), history.shape[1] - 1)
-    order = np.argsort(flat, kind="stable")
+    order = np.argsort(flat)
     flat, owners = flat[order], owners[order]
     wanted = queries[:, 1:].ravel()
     left, right = np.searchsorted(flat, wanted, "left"), np.searchsorted(flat, wanted, "right")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -104,3 +105,36 @@ def test_flag_policy_counts_but_rejects_nothing_for_it(guard, digits):
         assert second["rejected"] == first["rejected"]
         assert metric(url, "safetynet_query_attack_matched_inputs_total") == 1
         assert metric(url, "safetynet_query_attack_rejected_inputs_total") == 0
+
+
+def test_query_attack_inputs_are_quarantined_with_their_reason(guard, digits, tmp_path):
+    from serving.quarantine import Quarantine
+
+    store = Quarantine(tmp_path / "q")
+    rule = MatchRule()
+    detector = QueryAttackDetector(MemoryBackend(rule), rule, guard.clip, policy="reject")
+    x = digits.x_test[5:6]
+    try:
+        with running(create_app(guard, quarantine=store, query_detector=detector)) as url:
+            post(url, x)
+            assert post(url, np.clip(x + 0.02, 0, 1)).json()["predictions"][0]["rejected"]
+    finally:
+        store.close()
+    with sqlite3.connect(tmp_path / "q" / "index.sqlite") as db:
+        reasons = [row[0] for row in db.execute("SELECT reason FROM records")]
+    assert "query_attack" in reasons
+
+
+def test_serve_settings(guard, tmp_path):
+    from serving.query_gate import query_detection
+
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text('{"alice": "alice-token"}')
+    clients, detector = query_detection(guard, tokens_file=str(tokens), policy="reject")
+    assert detector.policy == "reject" and isinstance(detector.backend, MemoryBackend)
+    assert clients.identify({"client": ("127.0.0.1", 1), "headers": [(b"authorization", b"Bearer alice-token")]}) == "token:alice"
+    assert query_detection(guard, policy="off")[1] is None
+    with pytest.raises(ValueError, match="must be 'memory' or a redis:// URL"):
+        query_detection(guard, state="memcached://host")
+    with pytest.raises(ValueError, match="unknown query-attack policy 'ban'"):
+        query_detection(guard, policy="ban")
