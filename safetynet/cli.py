@@ -273,6 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a guard as one TensorFlow SavedModel (input and activations detectors)")
     export.add_argument("--guard", required=True, help="guard directory (Guard.save)")
     export.add_argument("--out", required=True, help="output SavedModel directory (replaced whole if it exists)")
+    export.add_argument("--scores-for-rejected", action="store_true",
+                        help="keep adversarial_score on rejected rows (default NaN, as the HTTP service answers null)")
 
     demo = commands.add_parser("demo", help="interactive epsilon demo in the browser (needs the demo extra)")
     demo_source = demo.add_mutually_exclusive_group()
@@ -388,7 +390,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from serving.export import export_guard_directory
 
-        print(f"exported {export_guard_directory(args.guard, args.out)} (signature serving_default)")
+        out = export_guard_directory(args.guard, args.out, scores_for_rejected=args.scores_for_rejected)
+        print(f"exported {out} (signature serving_default)")
     elif args.command == "demo" and args.save_model:
         from serving.demo_engine import save_default_model
 

@@ -16,6 +16,7 @@ from attacks import FGSM
 from attacks.storage import model_fingerprint
 from detector import ActivationDetector, Detector, InputDetector, SqueezeDetector
 from safetynet.cli import main
+from serving.export import export_guard
 from serving.guard import Guard
 
 EPS = 0.3
@@ -186,7 +187,9 @@ def served(tmp_path_factory, detectors, digits_classifier, x_eval) -> dict[str, 
 def test_exported_savedmodel_answers_like_the_guard(name, served, x_eval):
     guard, outputs, _ = served[name]
     expected = guard.predict(x_eval)
-    np.testing.assert_allclose(outputs["adversarial_score"], expected.scores, rtol=1e-5, atol=1e-5)
+    accepted = ~expected.rejected
+    np.testing.assert_allclose(outputs["adversarial_score"][accepted], expected.scores[accepted], rtol=1e-5, atol=1e-5)
+    assert np.isnan(outputs["adversarial_score"][expected.rejected]).all()  # masked, as HTTP nulls it
     np.testing.assert_array_equal(outputs["flagged"], expected.flagged)
     np.testing.assert_array_equal(outputs["rejected"], expected.rejected)
     assert outputs["flagged"].dtype == outputs["rejected"].dtype == bool
@@ -195,11 +198,48 @@ def test_exported_savedmodel_answers_like_the_guard(name, served, x_eval):
         assert set(outputs) == {"adversarial_score", "flagged", "rejected"}
     else:
         assert set(outputs) == OUTPUTS
-        np.testing.assert_allclose(outputs["probabilities"], expected.probabilities, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(outputs["label"], expected.labels)
+        np.testing.assert_allclose(outputs["probabilities"][accepted], expected.probabilities[accepted], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(outputs["label"][accepted], expected.labels[accepted])
+        assert np.isnan(outputs["probabilities"][expected.rejected]).all() and (outputs["label"][expected.rejected] == -1).all()
         assert outputs["label"].dtype == np.int64
     if guard.policy == "flag":
         assert not outputs["rejected"].any()
+
+
+def test_savedmodel_and_http_give_the_same_fields_for_rejected_rows(served, x_eval):
+    """Row by row: HTTP's null is the SavedModel's mask (NaN, label -1); the rest agree."""
+    import httpx
+    from test_http import running
+
+    from serving.http import create_app
+
+    guard, outputs, _ = served["input-reject"]
+    with running(create_app(guard, max_batch=len(x_eval))) as url:
+        response = httpx.post(f"{url}/v1/models/{guard.name}:predict", json={"instances": x_eval.tolist()}, timeout=30)
+    assert response.status_code == 200, response.text
+    rows = response.json()["predictions"]
+    assert any(row["rejected"] for row in rows) and not all(row["rejected"] for row in rows)
+    for i, row in enumerate(rows):
+        assert set(row) == set(outputs) == OUTPUTS
+        assert row["rejected"] == outputs["rejected"][i] and row["flagged"] == outputs["flagged"][i]
+        for name in ("probabilities", "label", "adversarial_score"):
+            masked = outputs[name][i]
+            assert (row[name] is None) == (bool(np.isnan(masked).all()) if name != "label" else masked == -1), name
+        if not row["rejected"]:
+            np.testing.assert_allclose(row["probabilities"], outputs["probabilities"][i], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(row["adversarial_score"], outputs["adversarial_score"][i], rtol=1e-5, atol=1e-5)
+            assert row["label"] == outputs["label"][i]
+
+
+def test_export_keeps_scores_of_rejected_rows_for_trusted_callers(input_detector, digits_classifier, x_eval, tmp_path):
+    import tensorflow as tf
+
+    guard = Guard(digits_classifier, input_detector)
+    export_guard(guard, tmp_path / "trusted", scores_for_rejected=True)
+    outputs = tf.saved_model.load(str(tmp_path / "trusted")).signatures["serving_default"](images=tf.constant(x_eval))
+    expected = guard.predict(x_eval)
+    np.testing.assert_allclose(outputs["adversarial_score"].numpy(), expected.scores, rtol=1e-5, atol=1e-5)
+    assert np.isnan(outputs["probabilities"].numpy()[expected.rejected]).all() and expected.rejected.any()
 
 
 def test_export_records_its_settings(served):

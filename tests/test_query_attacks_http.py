@@ -138,3 +138,9 @@ def test_serve_settings(guard, tmp_path):
         query_detection(guard, state="memcached://host")
     with pytest.raises(ValueError, match="unknown query-attack policy 'ban'"):
         query_detection(guard, policy="ban")
+
+
+def test_uvicorn_never_takes_the_client_from_forwarded_headers(guard):
+    from serving.server import uvicorn_config
+
+    assert uvicorn_config(create_app(guard)).proxy_headers is False

@@ -83,3 +83,13 @@ def test_an_unreachable_server_raises(digits):
 
     with pytest.raises(redis.ConnectionError):
         RedisBackend("redis://127.0.0.1:1/0", MatchRule(), timeout=0.5)
+
+
+def test_serve_builds_its_detector_on_redis(redis_url):
+    from types import SimpleNamespace
+
+    from serving.query_gate import query_detection
+    from serving.stateful_redis import RedisBackend
+
+    _, detector = query_detection(SimpleNamespace(clip=CLIP), state=redis_url, policy="reject")
+    assert isinstance(detector.backend, RedisBackend) and detector.policy == "reject"
