@@ -33,7 +33,8 @@ def uvicorn_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8501, h
         raise ValueError(f"max_head_bytes must be >= 1024, got {max_head_bytes}")
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol_class(head_timeout),
                           timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=max_head_bytes,
-                          server_header=False, proxy_headers=False)  # client identity: serving.clients, not X-Forwarded-For
+                          server_header=False, ws="none",  # no WebSocket: an upgrade request is plain HTTP
+                          proxy_headers=False)  # client identity: serving.clients, not X-Forwarded-For
 
 
 def _warm_up(guard: Guard) -> None:
