@@ -292,11 +292,16 @@ def merge_datasets(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLik
 
 
 def describe(directory: str | os.PathLike) -> Iterator[str]:
-    """Human-readable summary lines of a dataset (for `safetynet dataset info`)."""
+    """Human-readable summary lines of a dataset (for `safetynet dataset info`); "complete" only when
+    every shard is present and matches its sha256, not merely when the manifest says so."""
     manifest = read_manifest(directory, complete=False)
     attack = dict(manifest["attack"])
     name = attack.pop("attack")
-    yield f"dataset:    {directory} ({'complete' if manifest.get('complete') else 'INCOMPLETE'})"
+    problems = verify_dataset(directory).problems
+    state = "complete" if manifest.get("complete") else "INCOMPLETE"
+    if problems:
+        state += f", {len(problems)} of {len(manifest['shards'])} shards missing or corrupt: see `safetynet dataset verify`"
+    yield f"dataset:    {directory} ({state})"
     yield f"attack:     {name} {json.dumps(attack)}"
     yield f"source:     {json.dumps(manifest['source'])}, part {manifest['part'][0]} of {manifest['part'][1]}"
     yield f"examples:   {manifest['count']} in {len(manifest['shards'])} shards, image shape {manifest['image_shape']}"

@@ -11,6 +11,7 @@ row per budget is the worst case per input over the suite, each attack's own fig
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,13 +44,42 @@ def _predict_labels(model: keras.Model, x: np.ndarray, batch_size: int) -> np.nd
     return np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
 
 
-def attack_key(attack: Attack, taken: Sequence[str]) -> str:
-    """The report key of an attack: its name; its eps is added when the name is taken, then a count."""
-    candidates = [attack.name, f"{attack.name}@eps={getattr(attack, 'eps', '?')}"]
-    for key in candidates + [f"{candidates[1]}#{k}" for k in range(2, len(taken) + 3)]:
-        if key not in taken:
-            return key
-    raise AssertionError("unreachable: more candidates than taken keys")
+def attack_label(attack: Attack) -> str:
+    """An attack as its spec without eps: the name and every parameter that differs from the default
+    (`pgd:steps=40`, `pgd:norm=2,steps=20`; the default relative step 2.5 / steps is not shown)."""
+    changed = []
+    for field in dataclasses.fields(attack):
+        if not field.init or field.name in ("eps", "clip") or field.default is dataclasses.MISSING:
+            continue
+        value = getattr(attack, field.name)
+        if field.name == "rel_stepsize" and value is not None and np.isclose(value, 2.5 / getattr(attack, "steps", 1)):
+            continue
+        if value != field.default:
+            changed.append(f"{field.name}={value:g}" if isinstance(value, float) else f"{field.name}={value}")
+    return attack.name + (":" + ",".join(changed) if changed else "")
+
+
+def attack_keys(attacks: Sequence[Attack]) -> list[str]:
+    """The report keys: each attack's name; where names repeat (an eps sweep), every one of them gets
+    its eps (`fgsm@eps=0.1`, `fgsm@eps=0.3`: no bare name that is secretly one of them), then, where
+    still equal, its label with the parameters that differ (`pgd:steps=40@eps=0.3`), then a count."""
+    keys = [attack.name for attack in attacks]
+    for describe in (lambda key, attack: f"{key}@eps={getattr(attack, 'eps', None) or 0:.6g}",
+                     lambda key, attack: attack_label(attack) + key[len(attack.name):]):
+        keys = [describe(key, attack) if keys.count(key) > 1 else key for key, attack in zip(keys, attacks, strict=True)]
+    seen: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            keys[i] = f"{key}#{seen[key]}"
+    return keys
+
+
+def display_name(key: str, row: dict[str, Any]) -> str:
+    """A row's name in the tables: its key with the attack's name spelt as its label, so that
+    `--attacks pgd:steps=40` shows as `pgd:steps=40`, not `pgd`."""
+    name = row.get("params", {}).get("attack", "")
+    return row["label"] + key[len(name):] if "label" in row and key.startswith(name) and not key.startswith(row["label"]) else key
 
 
 def check_match(classifier: keras.Model, detector: Detector) -> None:
@@ -156,14 +186,13 @@ def evaluate(
     keyed: dict[str, tuple[Attack, AttackResult]] = {}
     handled: dict[str, np.ndarray] = {}
     curves: dict[str, Any] = {}
-    for attack, result in zip(attacks, results, strict=True):
-        key = attack_key(attack, list(report["attacks"]))
+    for key, attack, result in zip(attack_keys(attacks), attacks, results, strict=True):
         keyed[key] = (attack, result)
         misclassified = result.success if result.targets is None else _predict_labels(classifier, result.x_adv, batch_size) != y
         scores = np.asarray(detector.score(result.x_adv), np.float64)
         row, curves[key] = attack_row(clean_scores, threshold, scores, result, misclassified)
         handled[key] = flagged(scores, threshold) | ~misclassified
-        report["attacks"][key] = {"eps": getattr(attack, "eps", None), **row, "params": attack.params()}
+        report["attacks"][key] = {"eps": getattr(attack, "eps", None), **row, "label": attack_label(attack), "params": attack.params()}
     if adaptive is not None:
         section, adaptive_curves = evaluate_adaptive(
             classifier, detector, x, y, keyed, handled, clean_scores, adaptive, seed=seed,
@@ -201,6 +230,7 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     adaptive = report.get("adaptive") or {"attacks": {}}
     rows = [*report["attacks"].items(), *adaptive["attacks"].items()]
+    rows = [(display_name(name, row), row) for name, row in rows]
     width = max(30, *(len(name) + 2 for name, _ in rows))  # a long key (eps 8/255 printed in full) keeps its column
     lines += ["", f"{'attack':<{width}}{'eps':>8}{'success':>10}{'AUROC':>9}{'TPR':>9}{'guarded acc':>13}"]
     for name, row in rows:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -52,11 +53,13 @@ def histogram_figure(report: dict[str, Any]) -> Figure | None:
     rows = math.ceil(len(histograms) / columns)
     figure, grid = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), squeeze=False)
     for axes, (name, h) in zip(grid.flat, histograms.items()):
-        edges = h["edges"]
-        axes.stairs(h["clean"], edges, label="clean", fill=True, alpha=0.5)
-        axes.stairs(h["adversarial"], edges, label="adversarial (successful)", fill=True, alpha=0.5)
+        # each side as a fraction of its own images: 10,000 clean images would flatten 50 adversarial ones
+        clean, adversarial = (np.asarray(h[side], np.float64) for side in ("clean", "adversarial"))
+        axes.stairs(clean / max(clean.sum(), 1.0), h["edges"], label="clean", fill=True, alpha=0.5)
+        axes.stairs(adversarial / max(adversarial.sum(), 1.0), h["edges"], label="adversarial (successful)", fill=True, alpha=0.5)
         axes.axvline(report["detector"]["threshold"], color="black", linewidth=1, label="threshold")
-        axes.set(title=name, xlabel="detector score", ylabel="images")
+        axes.set(title=f"{name}\n{clean.sum():.0f} clean, {adversarial.sum():.0f} adversarial",
+                 xlabel="detector score", ylabel="fraction of each side's images")
     for axes in list(grid.flat)[len(histograms):]:
         axes.axis("off")
     grid.flat[0].legend(fontsize=7)

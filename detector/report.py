@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from attacks.storage import atomic_write
-from detector.evaluation import write_report
+from detector.evaluation import display_name, write_report
 from detector.plots import write_plots
 
 Table = tuple[str, list[str], list[list[str]], list[str]]
@@ -47,7 +47,7 @@ def _summary(report: dict[str, Any]) -> Table:
 def _attacks(report: dict[str, Any]) -> Table:
     header = ["attack", "eps", "success", "AUROC", "AUROC (all)", "TPR", "TPR (all)", "TPR @1% FPR", "TPR @5% FPR",
               "guarded acc", "mean L-inf", "mean L2"]
-    rows = [[name, _number(r["eps"], 4), _number(r["success_rate"]), _number(r["auroc"]), _number(r["auroc_all"]),
+    rows = [[display_name(name, r), _number(r["eps"], 4), _number(r["success_rate"]), _number(r["auroc"]), _number(r["auroc_all"]),
              _number(r["tpr"]), _number(r["tpr_all"]), _number(r["tpr_at_1pct_fpr"]), _number(r["tpr_at_5pct_fpr"]),
              _number(r["guarded_accuracy"]), _number(r["mean_linf"]), _number(r["mean_l2"])]
             for name, r in report["attacks"].items()]

@@ -1,0 +1,2 @@
+"""The `safetynet` command."""
+__version__ = "0.1.0"

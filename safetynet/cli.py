@@ -1,23 +1,66 @@
-"""The `safetynet` command: parses arguments and calls the pipeline's stages (no logic of its own)."""
+"""The `safetynet` command: parses arguments and calls the pipeline's stages (no logic of its own).
+
+Nothing heavy is imported until the arguments parse: attack names, data specs and choices are checked
+first, so a typo costs a fraction of a second and prints one line, with no TensorFlow start-up noise.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from safetynet import __version__
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXIT_USAGE = 2
+ATTACK_NAMES = ("fgsm", "bim", "pgd", "mifgsm", "apgd", "cw", "deepfool", "jsma")  # attacks.ATTACKS
+TRAINING_ATTACK_NAMES = (*ATTACK_NAMES, "fgsm_rs")  # training.adversarial.training_attack
+DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10")  # training.data.BUILTIN_DATASETS
 ADAPTIVE_SUITE = ("adaptive_pgd", "apgd_ce", "apgd_dlr", "apgd_dlr_targeted", "orthogonal_pgd", "selective_pgd")  # detector.adaptive_evaluation.SUITE
 ADAPTIVE_STEPS = 60  # AdaptiveSettings.steps
 FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "ensemble", "joint")  # detector.FAMILIES
 DEFAULT_MEMBERS = ("input", "safetynet", "squeeze")  # training.detector.DEFAULT_MEMBERS
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): `safetynet attack: error: ...`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _spec_checker(names: Sequence[str]):
+    """An argparse type for `name[:key=value,...]` that knows the names (parameters are checked later)."""
+
+    def check(text: str) -> str:
+        name = text.partition(":")[0].strip().lower().replace("-", "_")
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"unknown attack {name!r}: expected one of {', '.join(names)}")
+        return text
+
+    return check
+
+
+_attack_spec = _spec_checker(ATTACK_NAMES)
+_training_attack_spec = _spec_checker(TRAINING_ATTACK_NAMES)
+
+
+def _data_spec(text: str) -> str:
+    """A built-in dataset name, or a path that exists."""
+    if text in DATASET_NAMES or Path(text).expanduser().exists():
+        return text
+    if text.endswith(".npz") or Path(text).name != text:
+        raise argparse.ArgumentTypeError(f"dataset path not found: {text}")
+    raise argparse.ArgumentTypeError(f"unknown dataset {text!r}: valid names are {', '.join(DATASET_NAMES)}, "
+                                     "and no file or folder of that name was found")
+
+
 def _add_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", default="digits",
+        "--data", default="digits", type=_data_spec,
         help="digits (bundled, default), mnist, fashion_mnist, cifar10 (downloaded by Keras), "
         "or a path: .npz with x_train/y_train/x_test/y_test, a folder of CIFAR pickle batches, "
         "or an image folder with one sub-folder per class",
@@ -53,7 +96,8 @@ def _id_range(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="safetynet", description="Detect adversarial examples in front of Keras classifiers.")
+    parser = _Parser(prog="safetynet", description="Detect adversarial examples in front of Keras classifiers.")
+    parser.add_argument("--version", action="version", version=f"safetynet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     quick = commands.add_parser("quickstart", help="classifier -> FGSM/PGD datasets -> detector -> report, in one go")
@@ -62,20 +106,22 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--eps", type=float, help="attack budget (default 0.3 for grayscale, 8/255 for colour)")
     quick.add_argument("--n-attack", type=int, default=10_000, help="training images to attack (default 10000)")
     quick.add_argument("--n-eval", type=int, help="test images to evaluate on (default all)")
-    quick.add_argument("--classifier-epochs", type=int, default=10)
-    quick.add_argument("--detector-epochs", type=int, default=10)
+    quick.add_argument("--classifier-epochs", type=int, default=10, help="training epochs of the classifier (default 10)")
+    quick.add_argument("--detector-epochs", type=int, default=10, help="training epochs of each detector (default 10)")
     quick.add_argument("--target-fpr", type=float, default=0.05, help="clean false-positive rate to calibrate to")
     quick.add_argument("--family", default="input", choices=FAMILIES, help="detector family (default input)")
     quick.add_argument("--no-robust", action="store_true", help="skip the robust guard (harden) and the table of both guards")
-    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--overwrite", action="store_true",
+                       help="replace the outputs of an earlier quickstart in --out (without it, an earlier run is refused)")
+    quick.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     train = commands.add_parser("train-classifier", help="train the reference CNN (optionally adversarially) and save it as .keras")
     _add_data(train)
     train.add_argument("--out", required=True, help="output .keras file")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--adversarial", metavar="SPEC",
+    train.add_argument("--epochs", type=int, default=10, help="at most this many epochs (early stopping; default 10)")
+    train.add_argument("--batch-size", type=int, default=128, help="default 128")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--adversarial", metavar="SPEC", type=_training_attack_spec,
                        help="adversarial training against this attack, made on the fly: pgd:eps=0.3,steps=40 (Madry), "
                        "fgsm_rs:eps=0.3 (fast, Wong et al.), bim, fgsm, mifgsm")
     train.add_argument("--adversarial-data", nargs="+", metavar="DIR",
@@ -91,16 +137,16 @@ def _parser() -> argparse.ArgumentParser:
     harden.add_argument("--model", required=True, help="your classifier (.keras or .h5), fine-tuned into the guard's")
     _add_data(harden)
     harden.add_argument("--out", required=True, help="new output folder: classifier.keras, datasets/, detector/, guard/, report/")
-    harden.add_argument("--attack", default="pgd:steps=10", metavar="SPEC",
+    harden.add_argument("--attack", default="pgd:steps=10", metavar="SPEC", type=_training_attack_spec,
                         help="training attack: pgd:steps=10 (default, PGD-AT), fgsm_rs (fast, for CPUs)")
     harden.add_argument("--eps", type=float, help="the guard's budget (default 0.3 for grayscale, 8/255 for colour)")
     harden.add_argument("--epochs", type=int, default=20, help="at most this many (early stop on robust validation accuracy)")
     harden.add_argument("--eps-warmup", type=float, default=3.0, metavar="EPOCHS", help="ramp eps up over this many epochs (default 3)")
     harden.add_argument("--trades", type=float, metavar="BETA", help="TRADES loss with this beta instead of PGD-AT")
-    harden.add_argument("--learning-rate", type=float, default=5e-4)
+    harden.add_argument("--learning-rate", type=float, default=5e-4, help="Adam's learning rate at the start (default 5e-4)")
     harden.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                         help="learning rate over the epochs (default cosine: decays to 2%%)")
-    harden.add_argument("--batch-size", type=int, default=128)
+    harden.add_argument("--batch-size", type=int, default=128, help="default 128")
     harden.add_argument("--patience", type=int, default=4, help="epochs without robust improvement before stopping")
     harden.add_argument("--family", default="input", choices=[f for f in FAMILIES if f not in ("joint", "ensemble")],
                         help="detector family inside the joint rule (default input)")
@@ -108,21 +154,21 @@ def _parser() -> argparse.ArgumentParser:
     harden.add_argument("--n-attack", type=int, default=10_000, help="training images attacked for the detector")
     harden.add_argument("--n-eval", type=int, default=1000, help="test images to evaluate on (default 1000)")
     harden.add_argument("--no-evaluate", action="store_true", help="skip the evaluation report")
-    harden.add_argument("--seed", type=int, default=0)
+    harden.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     attack = commands.add_parser("attack", help="write an adversarial dataset for a saved classifier")
     attack.add_argument("--model", required=True, help=".keras or .h5 classifier")
     _add_data(attack)
-    attack.add_argument("--attack", required=True, help="attack name or spec name[:key=value,...], e.g. pgd:eps=0.3,steps=10")
+    attack.add_argument("--attack", required=True, type=_attack_spec, help="attack name or spec name[:key=value,...], e.g. pgd:eps=0.3,steps=10")
     attack.add_argument("--eps", type=float, help="perturbation budget (default 0.3 for grayscale, 8/255 for colour)")
     attack.add_argument("--steps", type=int, help="iterations (iterative attacks)")
     attack.add_argument("--step-size", type=float, help="per-step move (default 2.5 * eps / steps)")
     attack.add_argument("--norm", choices=("inf", "2"), help="perturbation norm (default inf)")
     attack.add_argument("--targets", choices=("random", "least_likely"), help="targeted attack: target classes")
     attack.add_argument("--surrogate", help="craft on this model instead and measure transfer to --model")
-    attack.add_argument("--split", choices=("train", "test"), default="train")
+    attack.add_argument("--split", choices=("train", "test"), default="train", help="which split to attack (default train)")
     attack.add_argument("--n", type=int, help="number of images to attack (default all of the split)")
-    attack.add_argument("--batch-size", type=int, default=256)
+    attack.add_argument("--batch-size", type=int, default=256, help="images per compiled attack call (default 256)")
     attack.add_argument("--shard-size", type=int, default=10_000, help="examples per shard file (default 10000)")
     attack.add_argument("--shard", type=_part, default=(0, 1), metavar="I/N",
                         help="attack only the I-th of N contiguous parts (0-based), for N hosts; join with `dataset merge`")
@@ -131,12 +177,12 @@ def _parser() -> argparse.ArgumentParser:
     dataset = commands.add_parser("dataset", help="inspect, verify and merge adversarial datasets")
     dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
     info = dataset_commands.add_parser("info", help="print a dataset's summary")
-    info.add_argument("directory")
+    info.add_argument("directory", help="dataset directory written by `attack`")
     verify = dataset_commands.add_parser("verify", help="check every shard against the manifest (exit 1 on problems)")
-    verify.add_argument("directory")
+    verify.add_argument("directory", help="dataset directory written by `attack`")
     merge = dataset_commands.add_parser("merge", help="join the parts of a --shard I/N run into one dataset")
     merge.add_argument("parts", nargs="+", help="the part directories")
-    merge.add_argument("--out", required=True)
+    merge.add_argument("--out", required=True, help="new dataset directory for the joined parts")
 
     detect = commands.add_parser("train-detector", help="fit and calibrate a detector on adversarial datasets")
     detect.add_argument("--adversarial", nargs="+", required=True, help="dataset directories written by `attack`")
@@ -144,27 +190,27 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--family", default="input", choices=FAMILIES,
                         help="detector family (default input; all others read the classifier: give --model)")
     detect.add_argument("--model", help="the classifier the datasets were made for (needed by all families but input)")
-    detect.add_argument("--members", nargs="+", default=DEFAULT_MEMBERS, choices=[f for f in FAMILIES if f != "ensemble"],
-                        help="ensemble members (default: %(default)s)")
-    detect.add_argument("--target-fpr", type=float, default=0.05)
-    detect.add_argument("--epochs", type=int, default=10)
-    detect.add_argument("--seed", type=int, default=0)
+    detect.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS), choices=[f for f in FAMILIES if f != "ensemble"],
+                        help=f"ensemble members (default: {' '.join(DEFAULT_MEMBERS)})")
+    detect.add_argument("--target-fpr", type=float, default=0.05, help="clean false-positive rate to calibrate to (default 0.05)")
+    detect.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    detect.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     retrain = commands.add_parser("retrain", help="fine-tune a detector on a new attack, replaying earlier data")
     retrain.add_argument("--detector", required=True, help="the detector directory to start from (left unchanged)")
     retrain.add_argument("--adversarial", nargs="+", required=True, help="dataset directories of the new attack(s)")
     retrain.add_argument("--replay", nargs="*", help="earlier datasets to replay (default: those the detector was trained on)")
-    retrain.add_argument("--out", help="new detector directory (default: DETECTOR.vN)")
-    retrain.add_argument("--epochs", type=int, default=5)
-    retrain.add_argument("--seed", type=int, default=0)
+    retrain.add_argument("--out", help="new detector directory (default: the next free DETECTOR.vN beside it)")
+    retrain.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
+    retrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     evaluate = commands.add_parser("evaluate", help="detection rates per attack on the test split -> report.json")
-    evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--detector", required=True)
+    evaluate.add_argument("--model", required=True, help=".keras or .h5 classifier")
+    evaluate.add_argument("--detector", required=True, help="detector directory (train-detector or retrain)")
     _add_data(evaluate)
-    evaluate.add_argument("--attacks", nargs="*", help="attack specs (default: those the detector was trained on)")
+    evaluate.add_argument("--attacks", nargs="*", type=_attack_spec, help="attack specs (default: those the detector was trained on)")
     evaluate.add_argument("--n", type=int, help="test images to use (default all)")
-    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=int, default=256, help="images per compiled attack call (default 256)")
     evaluate.add_argument("--targets", choices=("random", "least_likely"), help="run the attacks targeted")
     evaluate.add_argument("--eps-sweep", nargs="+", type=_fraction, metavar="EPS",
                           help="run every attack that has an eps at each of these values, e.g. 0.1 0.2 0.3 or 4/255 8/255")
@@ -185,9 +231,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cross-attack", action="store_true",
                           help="also train an input detector per attack for the cross-attack matrix (slow)")
     evaluate.add_argument("--cross-attack-n", type=int, default=2000, help="training images per cross-attack detector")
-    evaluate.add_argument("--cross-attack-epochs", type=int, default=3)
+    evaluate.add_argument("--cross-attack-epochs", type=int, default=3, help="training epochs per cross-attack detector (default 3)")
     evaluate.add_argument("--html", action="store_true", help="also write report.html (tables and figures in one file)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     evaluate.add_argument("--out", required=True, help="output folder for report.json, report.md and plots/")
 
     quarantine = commands.add_parser("quarantine", help="inspect a guard's quarantine store and export it for retraining")
@@ -223,7 +269,8 @@ def _parser() -> argparse.ArgumentParser:
     quarantine_mark.add_argument("--store", required=True, help="quarantine directory (serve --quarantine)")
     quarantine_mark.add_argument("--id", type=_id_range, nargs="+", required=True, metavar="ID",
                                  help="record ids or ranges, e.g. 3 7 10-20")
-    quarantine_mark.add_argument("--as", dest="review", choices=("adversarial", "clean", "unsure"), required=True)
+    quarantine_mark.add_argument("--as", dest="review", choices=("adversarial", "clean", "unsure"), required=True,
+                                 help="the review to record")
     quarantine_verify = quarantine_commands.add_parser(
         "verify", help="check the store's SQLite integrity and every image against its sha256")
     quarantine_verify.add_argument("--store", required=True, help="quarantine directory (serve --quarantine)")
@@ -231,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a guard over HTTP (TF-Serving-style REST, metrics, quarantine)")
     serve.add_argument("--guard", required=True, metavar="DIR", help="guard directory (Guard.save)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8501)
+    serve.add_argument("--port", type=int, default=8501, help="default 8501")
     serve.add_argument("--upstream", metavar="URL", help="forward accepted inputs to this TF Serving model URL, e.g. http://host:8501/v1/models/x")
     serve.add_argument("--token", help="require Authorization: Bearer TOKEN (default: $SAFETYNET_TOKEN; none if unset)")
     serve.add_argument("--quarantine", metavar="DIR", help="store rejected inputs in this quarantine directory")
@@ -291,6 +338,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from safetynet.startup import load_keras_quietly
+
+    load_keras_quietly()
     from training import workflow
 
     if args.command == "quickstart":
@@ -300,6 +350,7 @@ def _run(args: argparse.Namespace) -> int:
             args.data, args.out, eps=args.eps, n_attack=args.n_attack, n_eval=args.n_eval,
             classifier_epochs=args.classifier_epochs, detector_epochs=args.detector_epochs,
             target_fpr=args.target_fpr, family=args.family, robust=not args.no_robust, seed=args.seed,
+            overwrite=args.overwrite,
         )
     elif args.command == "train-classifier":
         workflow.train_classifier_stage(

@@ -1,10 +1,14 @@
 """The `safetynet` command end to end on digits, and its one-line errors for bad input."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +17,13 @@ import pytest
 from safetynet.cli import main
 
 REPORT_KEYS = {"data", "classifier", "detector", "attacks"}
-
-
-@pytest.fixture(scope="module")
-def quickstart_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "run"
-    code = main(["quickstart", "--out", str(out), "--classifier-epochs", "8", "--detector-epochs", "5"])
-    assert code == 0
-    return out
+# the command as this checkout has it (an installed copy may be older)
+CHECKOUT_CLI = [sys.executable, "-m", "safetynet.cli"]
+CHECKOUT_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def test_quickstart_writes_every_artifact_and_a_report_that_meets_the_schema(quickstart_dir, capsys):
+    """The plain guard (the shared `quickstart --no-robust` fixture); the robust guard: the slow test below."""
     report = json.loads((quickstart_dir / "report.json").read_text())
     assert REPORT_KEYS <= set(report)
     assert report["classifier"]["clean_accuracy"] > 0.9
@@ -34,11 +34,44 @@ def test_quickstart_writes_every_artifact_and_a_report_that_meets_the_schema(qui
         assert row["eps"] == pytest.approx(0.3)
         assert row["auroc"] > 0.95
     for part in ("classifier.keras", "detector/manifest.json", "datasets/fgsm/manifest.json", "datasets/pgd/manifest.json",
-                 "robust/guard/guard.json", "robust/report/report.json"):
+                 "report.md", "plots/histograms.png"):
         assert (quickstart_dir / part).is_file()
-    robust = json.loads((quickstart_dir / "robust" / "report" / "report.json").read_text())
+    assert not (quickstart_dir / "robust").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_builds_the_robust_guard_beside_the_plain_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["quickstart", "--out", str(out), "--classifier-epochs", "8", "--detector-epochs", "5"]) == 0
+    for part in ("robust/guard/guard.json", "robust/report/report.json"):
+        assert (out / part).is_file()
+    robust = json.loads((out / "robust" / "report" / "report.json").read_text())
     assert robust["detector"]["kind"] == "joint" and robust["adaptive"]
     assert all(row["eps"] == pytest.approx(0.1) for row in robust["attacks"].values())
+    assert "robust (harden, joint rule)" in capsys.readouterr().out
+
+
+def test_quickstart_refuses_an_earlier_run_unless_overwrite(quickstart_dir, tmp_path, monkeypatch, capsys):
+    assert main(["quickstart", "--no-robust", "--out", str(quickstart_dir)]) == 2
+    assert "already exists: rerun with --overwrite" in capsys.readouterr().err
+    import training.quickstart
+
+    out = tmp_path / "run"
+    for name in ("datasets/fgsm", "datasets/pgd", "detector", "plots", "robust/guard"):
+        (out / name).mkdir(parents=True)
+    for name in ("classifier.keras", "report.json", "notes.txt"):
+        (out / name).write_text("earlier")
+
+    class Stop(Exception):
+        pass
+
+    def first_stage(*args, **kwargs):
+        raise Stop  # the earlier outputs are gone by now: nothing more to run
+
+    monkeypatch.setattr(training.quickstart, "train_classifier_stage", first_stage)
+    with pytest.raises(Stop):
+        training.quickstart.quickstart("digits", out, overwrite=True, log=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only the quickstart's own outputs are removed
 
 
 def test_stages_one_by_one_reproduce_the_pipeline(quickstart_dir, tmp_path, capsys):
@@ -54,7 +87,9 @@ def test_stages_one_by_one_reproduce_the_pipeline(quickstart_dir, tmp_path, caps
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["n"] == 100 and set(report["attacks"]) == {"pgd", "fgsm"}
     assert report["attacks"]["fgsm"]["eps"] == pytest.approx(0.3)  # the data's default eps
-    assert "fgsm" in capsys.readouterr().out
+    out = capsys.readouterr().out  # evaluate says what it is doing before the minutes of attacks, bars or not
+    assert "attacking 100 test images: pgd:steps=5, fgsm (no progress bars: stderr is not a terminal)" in out
+    assert "adaptive attacks that know the detector (adaptive_pgd, apgd_ce" in out and "pgd:steps=5" in out
 
 
 def test_the_console_script_is_installed():
@@ -83,15 +118,13 @@ def mnist_shaped_npz(tmp_path) -> Path:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train-classifier", "--data", "imagenet21k", "--out", "{tmp}/m.keras"], "unknown"),
-        (["train-classifier", "--data", "{tmp}/missing.npz", "--out", "{tmp}/m.keras"], "not found"),
         (["train-classifier", "--data", "{bad_npz}", "--out", "{tmp}/m.keras"], r"\[0, 1\]"),
-        (["attack", "--model", "{model}", "--attack", "cw2", "--out", "{tmp}/a"], "unknown attack"),
         (["attack", "--model", "{model}", "--attack", "pgd", "--eps", "-0.1", "--out", "{tmp}/a"], "eps must be"),
         (["attack", "--model", "{model}", "--attack", "pgd", "--eps", "1.5", "--out", "{tmp}/a"], "eps must lie"),
         (["attack", "--model", "{model}", "--data", "{mnist_shaped_npz}", "--attack", "fgsm", "--out", "{tmp}/a"], "do not fit"),
         (["attack", "--model", "{tmp}/corrupt.keras", "--attack", "fgsm", "--out", "{tmp}/a"], "cannot load classifier"),
         (["attack", "--model", "{tmp}/none.keras", "--attack", "fgsm", "--out", "{tmp}/a"], "not found"),
+        (["attack", "--model", "{tmp}/notes.keras", "--attack", "fgsm", "--out", "{tmp}/a"], "notes.keras is not a Keras model"),
         (["train-detector", "--adversarial", "{tmp}/nothing", "--out", "{tmp}/d"], "not found"),
         (["evaluate", "--model", "{model}", "--detector", "{tmp}/nothing", "--out", "{tmp}/e"], "not found"),
         (["evaluate", "--model", "{model}", "--detector", "{detector}", "--attacks", "pgd:eps", "--out", "{tmp}/e"], "cannot parse"),
@@ -100,7 +133,9 @@ def mnist_shaped_npz(tmp_path) -> Path:
 def test_bad_input_prints_one_line_exits_2_and_writes_nothing(
     args, message, tmp_path, quickstart_dir, bad_npz, mnist_shaped_npz, capsys
 ):
-    (tmp_path / "corrupt.keras").write_bytes(b"garbage")
+    with zipfile.ZipFile(tmp_path / "corrupt.keras", "w") as archive:  # a zip, so it reaches Keras, which refuses it
+        archive.writestr("config.json", "{not json")
+    (tmp_path / "notes.keras").write_text("not a model")
     before = sorted(p.name for p in tmp_path.iterdir())
     values = {"tmp": tmp_path, "model": quickstart_dir / "classifier.keras", "detector": quickstart_dir / "detector",
               "bad_npz": bad_npz, "mnist_shaped_npz": mnist_shaped_npz}
@@ -110,6 +145,62 @@ def test_bad_input_prints_one_line_exits_2_and_writes_nothing(
     assert len(err.splitlines()) == 1 and err.startswith("safetynet ")
     assert pytest.importorskip("re").search(message, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train-classifier", "--data", "imagenet21k", "--out", "m.keras"], "unknown dataset 'imagenet21k'"),
+        (["train-classifier", "--data", "nowhere/missing.npz", "--out", "m.keras"], "dataset path not found"),
+        (["attack", "--model", "m.keras", "--attack", "cw2", "--out", "a"], "unknown attack 'cw2'"),
+        (["evaluate", "--model", "m.keras", "--detector", "d", "--attacks", "fgsm", "pgdd:steps=3", "--out", "e"], "unknown attack 'pgdd'"),
+        (["harden", "--model", "m.keras", "--attack", "fgsm_rss", "--out", "o"], "unknown attack 'fgsm_rss'"),
+    ],
+)
+def test_typos_are_one_line_before_anything_loads(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert err.startswith(f"safetynet {args[0]}: error: ") and err.endswith("--help)")
+
+
+def test_a_typo_costs_no_tensorflow_start(tmp_path):
+    """`safetynet attack --attack pgdd ...` answers at once: nothing heavy is imported before the arguments parse."""
+    began = time.perf_counter()
+    result = subprocess.run([*CHECKOUT_CLI, "attack", "--model", "m.keras", "--attack", "pgdd", "--out", str(tmp_path / "a")],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=CHECKOUT_ENV)
+    elapsed = time.perf_counter() - began
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "safetynet attack: error: argument --attack: unknown attack 'pgdd': expected one of "
+        "fgsm, bim, pgd, mifgsm, apgd, cw, deepfool, jsma (see safetynet attack --help)"]
+    assert elapsed < 5.0, elapsed  # measured 0.2 s; TensorFlow alone takes ~5 s to import
+    probe = ("import sys\nfrom safetynet.cli import main\ntry:\n    main(['attack', '--model', 'm.keras', '--attack', 'pgdd', '--out', 'a'])\n"
+             "except SystemExit:\n    pass\nprint(sorted({'tensorflow', 'keras', 'jax', 'torch', 'cv2', 'sklearn', 'numpy'} & set(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=CHECKOUT_ENV)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+def test_version_and_help_text_for_every_option():
+    result = subprocess.run([*CHECKOUT_CLI, "--version"], capture_output=True, text=True, timeout=60, env=CHECKOUT_ENV)
+    from safetynet import __version__
+
+    assert result.returncode == 0 and result.stdout.strip() == f"safetynet {__version__}"
+    from safetynet import cli
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from parsers(child)
+
+    undocumented = [f"{parser.prog} {action.dest}" for parser in parsers(cli._parser()) for action in parser._actions
+                    if not action.help and not isinstance(action, argparse._SubParsersAction)]
+    assert undocumented == []
+    members = cli._parser().parse_args(["train-detector", "--adversarial", "a", "--out", "d"]).members
+    assert members == ["input", "safetynet", "squeeze"]  # a list that prints as words in --help, not a tuple
 
 
 def test_dataset_commands_info_verify_shard_and_merge(quickstart_dir, tmp_path, capsys):
@@ -129,6 +220,9 @@ def test_dataset_commands_info_verify_shard_and_merge(quickstart_dir, tmp_path, 
     capsys.readouterr()
     assert main(["dataset", "verify", str(tmp_path / "one")]) == 1
     assert "shard-00002.npz: corrupt" in capsys.readouterr().out
+    assert main(["dataset", "info", str(tmp_path / "one")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith("(complete, 1 of 5 shards missing or corrupt: see `safetynet dataset verify`)"), first
     with pytest.raises(SystemExit) as exit_info:  # argparse refuses a part outside 0..N-1
         main([*common, "--shard", "3/3", "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and not (tmp_path / "x").exists()
@@ -177,6 +271,10 @@ def test_the_cli_mirrors_the_library_names_and_defaults():
     from training.detector import DEFAULT_MEMBERS
 
     assert set(cli.FAMILIES) == set(FAMILIES) and tuple(cli.DEFAULT_MEMBERS) == tuple(DEFAULT_MEMBERS)
+    from attacks import ATTACKS
+    from training.data import BUILTIN_DATASETS
+
+    assert set(cli.ATTACK_NAMES) == set(ATTACKS) and set(cli.DATASET_NAMES) == set(BUILTIN_DATASETS)
     from detector.adaptive_evaluation import DEFAULT_ADAPTIVE, SUITE
 
     assert cli.ADAPTIVE_SUITE == SUITE and cli.ADAPTIVE_STEPS == DEFAULT_ADAPTIVE.steps
@@ -184,7 +282,8 @@ def test_the_cli_mirrors_the_library_names_and_defaults():
     assert (parsed.adaptive_restarts, parsed.adaptive_targets) == (DEFAULT_ADAPTIVE.restarts, DEFAULT_ADAPTIVE.target_classes)
 
 
-@pytest.mark.parametrize("family", ["activations", "safetynet", "mahalanobis", "squeeze", "ensemble"])
+@pytest.mark.parametrize("family", ["activations", "safetynet", "mahalanobis", "squeeze",
+                                    pytest.param("ensemble", marks=pytest.mark.slow)])  # ensemble: 47 s
 def test_every_family_trains_evaluates_and_guards_through_the_cli(family, quickstart_dir, tmp_path, capsys):
     from serving import Guard
 

@@ -36,7 +36,7 @@ class CornerDetector(SyntheticDetector):
 
     kind = "corner-test"
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float64)
         return 10.0 * x[:, 0, 0, 0] + x.reshape(len(x), -1).mean(axis=1)
 
@@ -202,8 +202,38 @@ def test_same_name_different_eps_get_distinct_keys(digits, digits_classifier, co
     rows = list(report["attacks"].values())
     assert [row["eps"] for row in rows] == [0.05, 0.3]
     assert rows[0]["success_rate"] < rows[1]["success_rate"]
-    assert "fgsm" in report["attacks"]
-    assert any("0.3" in key for key in report["attacks"] if key != "fgsm")
+    assert list(report["attacks"]) == ["fgsm@eps=0.05", "fgsm@eps=0.3"]  # no bare "fgsm" that is secretly eps 0.05
+
+
+def test_report_keys_name_the_parameters_that_differ_from_the_defaults():
+    from attacks import parse_attack_spec
+    from detector.evaluation import attack_keys, attack_label, display_name
+
+    def keys(*specs):
+        return attack_keys([parse_attack_spec(spec, defaults={"eps": 0.3}) for spec in specs])
+
+    assert keys("fgsm", "pgd", "pgd:steps=40") == ["fgsm", "pgd@eps=0.3", "pgd:steps=40@eps=0.3"]
+    assert keys("fgsm:eps=0.1", "fgsm:eps=0.3", "pgd:steps=40,eps=8/255") == ["fgsm@eps=0.1", "fgsm@eps=0.3", "pgd"]
+    assert keys("pgd:steps=10,rel_stepsize=0.25", "pgd:rel_stepsize=0.1") == ["pgd@eps=0.3", "pgd:rel_stepsize=0.1@eps=0.3"]
+    assert keys("fgsm", "fgsm") == ["fgsm@eps=0.3", "fgsm@eps=0.3#2"]
+    labels = [attack_label(parse_attack_spec(spec, defaults={"eps": 0.3})) for spec in ("pgd:steps=40", "pgd:eps=8/255,steps=20,norm=2", "cw")]
+    assert labels == ["pgd:steps=40", "pgd:norm=2,steps=20", "cw"]
+    row = {"label": "pgd:steps=40", "params": {"attack": "pgd"}}
+    assert display_name("pgd", row) == "pgd:steps=40" and display_name("pgd@eps=0.1", row) == "pgd:steps=40@eps=0.1"
+    assert display_name("pgd:steps=40@eps=0.1", row) == "pgd:steps=40@eps=0.1"
+
+
+def test_histograms_show_each_side_as_a_fraction_of_its_images():
+    """10,000 clean scores beside 50 adversarial ones: raw counts made the adversarial bars invisible."""
+    from detector.plots import histogram_figure
+
+    histogram = {"edges": [0.0, 1.0, 2.0, 3.0], "clean": [9000, 1000, 0], "adversarial": [0, 10, 40]}
+    report = {"curves": {"fgsm": {"histogram": histogram}}, "detector": {"threshold": 1.5}}
+    axes = histogram_figure(report).axes[0]
+    heights = [patch.get_data().values for patch in axes.patches]
+    np.testing.assert_allclose(heights[0], [0.9, 0.1, 0.0])
+    np.testing.assert_allclose(heights[1], [0.0, 0.2, 0.8])
+    assert "10000 clean, 50 adversarial" in axes.get_title()
 
 
 def test_every_attack_gets_its_own_row(digits, digits_classifier, corner):

@@ -52,9 +52,9 @@ def test_evaluate_writes_json_markdown_figures_and_html(saved, digits, tmp_path)
                             eps_sweep=[0.1, 0.3], n=60, adaptive=SMALL, cross_attack=True, cross_attack_n=200,
                             cross_attack_epochs=1, html=True, log=lambda _: None)
     assert json.loads((out / "report.json").read_text()) == report
-    assert list(report["attacks"]) == ["fgsm", "fgsm@eps=0.3", "pgd", "pgd@eps=0.3"]
+    assert list(report["attacks"]) == ["fgsm@eps=0.1", "fgsm@eps=0.3", "pgd@eps=0.1", "pgd@eps=0.3"]
     assert [row["eps"] for row in report["attacks"].values()] == [0.1, 0.3, 0.1, 0.3]
-    params = report["attacks"]["pgd"]["params"]
+    params = report["attacks"]["pgd@eps=0.1"]["params"]
     assert params["step_size"] is None and params["rel_stepsize"] == pytest.approx(2.5 / 5)  # follows the new eps
     assert report["attacks"]["pgd@eps=0.3"]["params"]["eps"] == 0.3
     assert set(report["adaptive"]["attacks"]) == {"adaptive_worst_case@eps=0.1", "adaptive_worst_case@eps=0.3"}
@@ -66,8 +66,8 @@ def test_evaluate_writes_json_markdown_figures_and_html(saved, digits, tmp_path)
                     "## Reproducibility", "## Figures"):
         assert heading in text, heading
     table_rows = [line for line in text.splitlines() if line.startswith("| ")]
-    for name in [*report["attacks"], *report["adaptive"]["attacks"]]:
-        assert any(line.startswith(f"| {name} |") for line in table_rows), name
+    for name in ["fgsm@eps=0.1", "fgsm@eps=0.3", "pgd:steps=5@eps=0.1", "pgd:steps=5@eps=0.3", *report["adaptive"]["attacks"]]:
+        assert any(line.startswith(f"| {name} |") for line in table_rows), name  # pgd's non-default steps spelt out
 
     for name in ("roc", "histograms", "cross_attack", "guarded_vs_eps", "taylor"):
         path = out / "plots" / f"{name}.png"
@@ -81,6 +81,7 @@ def test_evaluate_writes_json_markdown_figures_and_html(saved, digits, tmp_path)
     assert not [p for p in out.rglob(".*")]  # no temporary files left behind
 
 
+@pytest.mark.slow  # 30 s on 2 cores: pytest -m slow
 def test_rerun_gives_the_same_report(saved, digits, tmp_path):
     def run(out: Path) -> dict:
         report = evaluate_stage(saved["model"], saved["detector"], digits, out, attacks=["pgd:steps=5"], n=40,
@@ -111,7 +112,6 @@ def test_markdown_without_optional_sections(saved, digits, tmp_path):
     [
         (["--attacks", "pgd:eps"], "cannot parse"),
         (["--attacks", "pgd:eps=0.3,stepz=4"], "takes no parameter"),
-        (["--attacks", "fgsm2"], "unknown attack"),
         (["--attacks", "fgsm", "--eps-sweep", "0.1", "1.5"], "eps must lie"),
         (["--attacks", "fgsm", "--lambdas", "-1"], "lambdas"),
         (["--attacks", "fgsm", "--adaptive-steps", "0"], "steps must be"),
@@ -126,6 +126,14 @@ def test_bad_input_fails_before_any_work(args, message, saved, tmp_path, capsys)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_an_unknown_attack_is_refused_while_parsing(saved, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # before anything loads: tests/test_cli.py
+        main(["evaluate", "--model", str(saved["model"]), "--detector", str(saved["detector"]), "--attacks", "fgsm2",
+              "--out", str(tmp_path / "eval")])
+    assert stop.value.code == 2 and "unknown attack 'fgsm2'" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from training.workflow import Log, attack_stage, default_attacks, default_eps, e
 # 8x8 images with 17 grey levels (scikit-learn's digits): at eps 0.3 an attacker may redraw the digit,
 # so the robust guard there defends the smaller budget
 SMALL_IMAGE_ROBUST_EPS = 0.1
+# what a quickstart writes into its folder (evaluate_stage's report files included): all that --overwrite removes
+OUTPUTS = ("classifier.keras", "datasets", "detector", "report.json", "report.md", "report.html", "plots", "robust")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +73,13 @@ def quickstart(
     robust: bool = True,
     hardening: HardenSettings | None = None,
     seed: int = 0,
+    overwrite: bool = False,
     log: Log = print,
 ) -> QuickstartPaths:
     """The plain guard (classifier -> FGSM and PGD datasets -> `family` detector -> report), then,
     unless `robust` is False, the robust guard from the same classifier (`harden`, in `out`/robust;
-    `hardening` overrides its settings) and the table of both."""
+    `hardening` overrides its settings) and the table of both. An earlier run's outputs in `out` are
+    refused, or removed first with `overwrite` (only the names in OUTPUTS: nothing else in `out`)."""
     out = Path(out)
     paths = QuickstartPaths(
         classifier=out / "classifier.keras",
@@ -83,10 +88,16 @@ def quickstart(
         report=out / "report.json",
         robust=out / "robust" if robust else None,
     )
-    existing = [p for p in [*paths.datasets, paths.robust] if p is not None and p.exists()]
-    if existing:
-        raise FileExistsError(f"{existing[0]} already exists: choose another --out or delete it")
+    existing = [out / name for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists: rerun with --overwrite to replace the earlier run, or choose another --out")
     data = load_dataset(data_spec)
+    for path in existing:
+        log(f"removing the earlier run's {path}")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     steps = 5 if robust else 4
     log(f"[1/{steps}] classifier")
     train_classifier_stage(data, paths.classifier, epochs=classifier_epochs, seed=seed, log=log)

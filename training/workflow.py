@@ -28,7 +28,7 @@ from attacks.storage import model_fingerprint
 from detector import Detector, InputDetector, load_detector
 from detector.adaptive_evaluation import DEFAULT_ADAPTIVE, AdaptiveSettings
 from detector.cross_attack import cross_attack_matrix
-from detector.evaluation import check_match, evaluate, format_table, run_attacks
+from detector.evaluation import attack_label, check_match, evaluate, format_table, run_attacks
 from detector.report import write_report_files
 from training.adversarial import format_robustness, robustness_report, training_attack, write_robustness
 from training.classifier import accuracy, train_adversarial, train_classifier, train_on_adversarial_data
@@ -361,7 +361,12 @@ def evaluate_stage(
         raise ValueError(f"cross_attack_epochs must be >= 1, got {cross_attack_epochs}")
     x, y, _ = select(data, "test", n)
     x_train, y_train, _ = select(data, "train", cross_attack_n) if cross_attack else (None, None, None)
-    results = run_attacks(model, x, y, attacks, targets=targets, batch_size=batch_size, progress=sys.stderr.isatty())
+    bars = sys.stderr.isatty()
+    log(f"attacking {len(x)} test images: {', '.join(attack_label(a) for a in attacks)}" + ("" if bars else " (no progress bars: stderr is not a terminal)"))
+    results = run_attacks(model, x, y, attacks, targets=targets, batch_size=batch_size, progress=bars)
+    if adaptive is not None:
+        log(f"adaptive attacks that know the detector ({', '.join(adaptive.suite)}, {adaptive.steps} steps) on up to "
+            f"{min(len(x), adaptive.max_inputs or len(x))} test images: the longest part")
     report = evaluate(model, detector, x, y, attacks, data=data.name, results=results, targets=targets,
                       adaptive=adaptive, seed=seed, command=command, batch_size=batch_size, progress=sys.stderr.isatty())
     if cross_attack:
