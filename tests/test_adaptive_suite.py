@@ -16,6 +16,8 @@ from detector.adaptive_evaluation import SUITE, AdaptiveSettings
 from detector.evaluation import evaluate
 from training.classifier import train_classifier
 
+pytestmark = pytest.mark.slow  # MNIST, about 20 s per attack on 2 cores: pytest -m slow
+
 EPS = 0.3
 N_TEST = 200
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from attacks import PGD
+
+pytestmark = pytest.mark.slow  # MNIST (with the shared MNIST classifier's setup): pytest -m slow
 
 
 def test_pgd40_at_eps_03_leaves_at_most_one_percent_accuracy(mnist, mnist_classifier):

@@ -208,6 +208,7 @@ def test_batching_and_padding_do_not_change_the_result(linear_model):
     np.testing.assert_array_equal(whole.success, pieces.success)
 
 
+@pytest.mark.slow  # MNIST (with the shared MNIST classifier's setup): pytest -m slow
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="1000 images take ~3 minutes under JAX on CPU; the other tests cover the JAX backend",
@@ -231,6 +232,7 @@ def test_mnist_default_cw_fools_99_percent_with_smaller_l2_than_pgd(mnist, mnist
     assert cw_median < 1.8  # measured 1.42; 6 x 1000 iterations at learning rate 0.01 reach ~1.4
 
 
+@pytest.mark.slow  # MNIST: pytest -m slow
 def test_mnist_targeted_cw_reaches_its_targets(mnist, mnist_classifier):
     x, y = mnist.x_test[:128], mnist.y_test[:128]
     targets = (y + 1) % 10

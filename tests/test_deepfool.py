@@ -231,6 +231,7 @@ def test_bad_inputs_are_refused_at_call(four_class_model):
         DeepFool()(four_class_model, np.zeros((2, 6, 6, 1), "float32"), np.array([0, 4]))
 
 
+@pytest.mark.slow  # MNIST: pytest -m slow
 def test_deepfool_beats_pgd_l2_on_mnist(mnist, mnist_classifier):
     n = 1000 if keras.backend.backend() == "tensorflow" else 300
     x, y = mnist.x_test[:n], mnist.y_test[:n]

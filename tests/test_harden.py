@@ -115,6 +115,7 @@ def test_robust_early_stopping_keeps_the_best_epoch(robust, warmup, stopped_afte
     assert check.classifier.restored == best
 
 
+@pytest.mark.slow  # 50 s on 2 cores: pytest -m slow
 def test_harden_builds_a_guard_more_robust_than_the_classifier(tmp_path, digits, digits_classifier):
     """From the digits classifier to a guard directory: the hardened classifier resists PGD far
     better than the one it started from, the guard loads and serves, the report has its adaptive row."""

@@ -237,6 +237,7 @@ def test_bad_inputs_are_refused_at_call(linear_model, y, kwargs, message):
         JSMA()(linear_model, np.zeros((2, 6, 6, 1), "float32"), np.asarray(y), **kwargs)
 
 
+@pytest.mark.slow  # MNIST: pytest -m slow
 def test_jsma_reaches_random_targets_changing_few_pixels_on_mnist(mnist, mnist_classifier):
     n = 1000 if keras.backend.backend() == "tensorflow" else 300
     x, y = mnist.x_test[:n], mnist.y_test[:n]
