@@ -3,6 +3,7 @@
     python benchmarks/query_attacks.py                       # digits and MNIST guards, 50 images per attack
     python benchmarks/query_attacks.py --data digits --images 10 --benign 0   # a quick look
     python benchmarks/query_attacks.py --query-policy off    # the service without stateful detection
+    python benchmarks/query_attacks.py --data mnist --guard mnist=runs/mnist-guard   # an existing guard directory
 
 Per dataset a guard is built (the reference CNN and an input detector fitted on FGSM and PGD-10 at
 the guard's eps, calibrated at 5% FPR; cached in --work) and served by uvicorn on localhost with
@@ -54,9 +55,9 @@ MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mni
 DATASETS = {"digits": ("digits", 1437, 8), "mnist": (str(MNIST), 20_000, 3)}  # spec, training images, epochs
 
 
-def build_guard(name: str, work: Path) -> Guard:
-    """The dataset's guard, built once and kept in `work`."""
-    directory = work / f"guard-{name}"
+def build_guard(name: str, work: Path, directory: Path | None = None) -> Guard:
+    """The dataset's guard: `directory` when given, else built once and kept in `work`."""
+    directory = directory or work / f"guard-{name}"
     if directory.is_dir():
         return Guard.load(directory)
     spec, n_train, epochs = DATASETS[name]
@@ -209,13 +210,16 @@ def main() -> None:
     parser.add_argument("--request", type=int, default=20, help="images per benign request")
     parser.add_argument("--query-policy", default="block", choices=["block", "reject", "flag", "off"])
     parser.add_argument("--work", type=Path, default=Path("runs/query-attacks"))
+    parser.add_argument("--guard", action="append", default=[], metavar="NAME=DIR",
+                        help="serve this guard directory for dataset NAME instead of building one")
     args = parser.parse_args()
+    guards = {name: Path(directory) for name, _, directory in (spec.partition("=") for spec in args.guard)}
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, "
               f"{os.cpu_count()} cores", "policy": args.query_policy, "rule": vars(MatchRule()), "budget": args.budget}
     for name in args.data:
         started = time.perf_counter()
-        guard = build_guard(name, args.work)
+        guard = build_guard(name, args.work, guards.get(name))
         data = load_dataset(DATASETS[name][0])
 
         def detector() -> RecordingDetector | None:
@@ -224,7 +228,7 @@ def main() -> None:
             rule = MatchRule()
             return RecordingDetector(MemoryBackend(rule), rule, guard.clip, policy=args.query_policy)
 
-        result = {"eps": default_eps(guard.input_shape), "attacks": run_attacks(guard, data, args, detector())}
+        result = {"guard": str(guards.get(name, args.work / f"guard-{name}")), "eps": default_eps(guard.input_shape), "attacks": run_attacks(guard, data, args, detector())}
         if args.benign and args.query_policy != "off":
             result["benign"] = benign_replay(guard, data, args, detector())
         result["seconds"] = round(time.perf_counter() - started, 1)
