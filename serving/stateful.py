@@ -4,8 +4,8 @@ query attack (Square, HopSkipJump, Boundary: each step queries a small change of
 The match rule follows Blacklight (Li et al., USENIX Security 2022). An image's fingerprint: quantise
 its pixels (`step`, a fraction of the clip range), slide a window of `window` values (default: one
 image row) over the flattened image (`stride`), hash each window with a keyed 64-bit hash, and keep
-the `top_k` largest distinct hashes. Two queries match when their fingerprints share at least `threshold` hashes; a
-query matches when it matches any of the client's recent queries (`history` of them, at most
+the `top_k` largest distinct hashes. Two queries match when their fingerprints share at least
+`threshold` hashes; a query matches when it matches any of the client's recent queries (`history` of them, at most
 `ttl_seconds` old) or an earlier query of the same request. Resending the very same image is not a
 match: it teaches an attacker nothing. Clean images share few windows (different content), while an
 attack's consecutive queries differ in a few pixels, so most windows and hashes stay.
@@ -28,7 +28,6 @@ from typing import Protocol
 import numpy as np
 
 POLICIES = ("flag", "reject", "block")
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +35,8 @@ class MatchRule:
     """The fingerprint and match parameters. Blacklight's are a step of 50/255, windows of 20 values,
     stride 1, the top 50 hashes, threshold 25; the step here is finer and the window one image row
     (None), chosen on query traces of Square and HopSkipJump and on augmented clean images of MNIST
-    and digits (clean pairs share at most ~15 hashes, attack queries 25 within a few queries; see
-    docs/benchmarks.md)."""
+    and digits (in the benign replay no clean query shared more than 19 hashes with an earlier one;
+    attacks reach 25 within a few queries; see docs/benchmarks.md)."""
 
     step: float = 0.1
     window: int | None = None
