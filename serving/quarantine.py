@@ -85,7 +85,7 @@ class Quarantine:
         """Queue the rejected inputs (and a `sample_accepted` fraction of accepted ones); the future
         gives the number of records committed once they are (or the write error). Raises
         `QuarantineFull` when the writer is `max_queue` records behind; after `close`, drops and counts."""
-        images = np.array(images, np.float32)  # a copy: the caller's arrays may change once this returns
+        images = np.asarray(images, np.float32)
         scores = np.asarray(scores, np.float64).reshape(-1)
         rejected = np.asarray(rejected, bool).reshape(-1)
         if images.ndim < 2 or not len(images) == len(scores) == len(rejected):
@@ -95,6 +95,7 @@ class Quarantine:
         with self._lock:  # numpy generators are not thread-safe
             draws = self._rng.random(len(rejected)) if self.sample_accepted > 0.0 else None
         keep = rejected if draws is None else rejected | (draws < self.sample_accepted)
+        # images[keep] copies the kept rows only: the caller's arrays may change once this returns
         items = [
             (image, (str(request_id), str(model), time, float(score), VERDICTS[0] if is_rejected else VERDICTS[1],
                      reason, classifier_fingerprint))
