@@ -1,4 +1,4 @@
-"""Carlini & Wagner L2. Runs under every Keras backend (KERAS_BACKEND=jax too); only the 1000-image
+"""Carlini & Wagner L2. Runs under every Keras backend (KERAS_BACKEND=jax too); only the 128-image
 MNIST strength test is TensorFlow-only (JAX's XLA convolutions are about 2.5x slower on CPU)."""
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ def margins(model: keras.Model, x: np.ndarray, classes: np.ndarray) -> np.ndarra
         ({"initial_const": 0.0}, "initial_const must be"),
         ({"initial_const": -1.0}, "initial_const must be"),
         ({"initial_const": float("nan")}, "initial_const must be"),
+        ({"initial_const": "auto"}, "initial_const must be None or a finite number"),
+        ({"learning_rate": "auto"}, "learning_rate must be None or a finite number"),
         ({"abort_early": "yes"}, "abort_early must be"),
         ({"clip": (1.0, 0.0)}, "clip must be"),
     ],
@@ -69,6 +71,10 @@ def test_parameters_are_keyword_only_normalised_and_rebuild_the_attack():
     params = attack.params()
     assert params["attack"] == "cw"
     assert CarliniWagnerL2(**{k: v for k, v in params.items() if k != "attack"}) == attack
+    # the adaptive defaults are None and survive the round trip through params
+    default = CarliniWagnerL2()
+    assert default.learning_rate is None and default.initial_const is None
+    assert CarliniWagnerL2(**{k: v for k, v in default.params().items() if k != "attack"}) == default
 
 
 def test_outputs_stay_in_a_custom_clip_range_and_flags_match_the_model(linear_model):
@@ -197,6 +203,60 @@ def test_the_closest_example_over_all_iterations_is_kept(digits, digits_classifi
         assert (longest.l2[shorter.success] <= shorter.l2[shorter.success] + 1e-5).all()
 
 
+def exact_minimal_l2(model: keras.Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """For logits W x + b without clipping: the distance to the nearest half-space where another
+    class's logit reaches the true one, min_j (z_y - z_j) / ||w_y - w_j||."""
+    weights, _ = model.layers[-1].get_weights()
+    logits = model.predict(x, verbose=0)
+    rows = np.arange(len(x))
+    gaps = logits[rows, y][:, None] - logits
+    lengths = np.linalg.norm(weights[:, y].T[:, :, None] - weights[None], axis=1)
+    gaps[rows, y] = np.inf
+    return (gaps / np.maximum(lengths, 1e-12)).min(axis=1)
+
+
+def test_default_finds_the_exact_minimal_perturbation_of_a_linear_model(linear_model):
+    """Away from the clip bounds a linear model's smallest L2 perturbation is known in closed form;
+    the defaults must reach it (the first c is above the linearised one, and the rate decays)."""
+    rng = np.random.default_rng(8)
+    x = (0.5 + rng.uniform(-0.05, 0.05, (48, 6, 6, 1))).astype("float32")
+    y = predictions(linear_model, x)
+    exact = exact_minimal_l2(linear_model, x, y)
+    assert np.median(exact) < 0.5  # the minimal perturbations stay well inside [0, 1]
+    result = CarliniWagnerL2()(linear_model, x, y)
+    assert result.success.all()
+    assert (result.l2 >= exact - 1e-4).all()
+    assert np.median(result.l2 / exact) <= 1.01
+    assert (result.l2 / exact).max() <= 1.05
+
+
+def test_default_is_invariant_to_the_data_scale(digits, digits_classifier):
+    """The same model on pixels in [0, 255] instead of [0, 1]: every minimal perturbation is 255x
+    longer, and the adaptive rate and first c find it (a fixed rate and c tuned for [0, 1] do not)."""
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    inputs = keras.Input(x.shape[1:])
+    scaled_model = keras.Model(inputs, digits_classifier(keras.layers.Rescaling(1 / 255)(inputs)))
+    unit = CarliniWagnerL2()(digits_classifier, x, y)
+    scaled = CarliniWagnerL2(clip=(0.0, 255.0))(scaled_model, x * 255.0, y)
+    both = unit.success & scaled.success
+    assert unit.success_rate >= 0.95 and scaled.success_rate >= 0.95
+    assert np.median(scaled.l2[both] / 255.0) == pytest.approx(np.median(unit.l2[both]), rel=0.05)
+    fixed = CarliniWagnerL2(clip=(0.0, 255.0), learning_rate=0.1, initial_const=1.0, binary_search_steps=3, steps=30)
+    stuck = fixed(scaled_model, x * 255.0, y)
+    assert stuck.success_rate < 0.5 or np.median(stuck.l2[stuck.success] / 255.0) > 1.5 * np.median(unit.l2[both])
+
+
+def test_early_abort_does_not_stop_short(digits, digits_classifier):
+    """Abort early ends a search step only once every sample has stalled: it keeps the distances
+    that running every iteration finds."""
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    aborting = CarliniWagnerL2(abort_early=True)(digits_classifier, x, y)
+    full = CarliniWagnerL2(abort_early=False)(digits_classifier, x, y)
+    both = aborting.success & full.success
+    assert aborting.success_rate >= full.success_rate - 1 / 64
+    assert np.median(aborting.l2[both]) <= np.median(full.l2[both]) * 1.02
+
+
 def test_batching_and_padding_do_not_change_the_result(linear_model):
     rng = np.random.default_rng(7)
     x = rng.uniform(0, 1, (23, 6, 6, 1)).astype("float32")
@@ -208,15 +268,15 @@ def test_batching_and_padding_do_not_change_the_result(linear_model):
     np.testing.assert_array_equal(whole.success, pieces.success)
 
 
-@pytest.mark.slow  # MNIST (with the shared MNIST classifier's setup): pytest -m slow
 @pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
-    reason="1000 images take ~3 minutes under JAX on CPU; the other tests cover the JAX backend",
+    reason="128 images take minutes under JAX on CPU; the other tests cover the JAX backend",
 )
+@pytest.mark.slow  # MNIST (with the shared MNIST classifier's setup): pytest -m slow
 def test_mnist_default_cw_fools_99_percent_with_smaller_l2_than_pgd(mnist, mnist_classifier):
-    x, y = mnist.x_test[:1000], mnist.y_test[:1000]
+    x, y = mnist.x_test[:128], mnist.y_test[:128]
     correct = predictions(mnist_classifier, x) == y
-    assert correct.sum() >= 950
+    assert correct.sum() >= 120
     start = time.perf_counter()
     cw = CarliniWagnerL2()(mnist_classifier, x, y)
     seconds = time.perf_counter() - start
@@ -229,7 +289,9 @@ def test_mnist_default_cw_fools_99_percent_with_smaller_l2_than_pgd(mnist, mnist
     print(f"CW-L2: {cw.success[correct].mean():.1%} fooled, median L2 {cw_median:.3f} in {seconds:.1f} s; "
           f"PGD-L2 (eps 3): {pgd.success[correct].mean():.1%}, median L2 {pgd_median:.3f}")
     assert cw_median < pgd_median
-    assert cw_median < 1.8  # measured 1.42; 6 x 1000 iterations at learning rate 0.01 reach ~1.4
+    # measured 1.33 on the first 300 (the defaults before the adaptive rate and c, 3 x 30 at rate 0.1:
+    # 1.42 on 1,000); against ART's CarliniL2Method see docs/benchmarks.md
+    assert cw_median < 1.5
 
 
 @pytest.mark.slow  # MNIST: pytest -m slow
