@@ -17,7 +17,6 @@ from attacks.storage import model_fingerprint
 from detector.base import Detector
 from detector.features import (
     check_images,
-    check_training_pair,
     extract,
     feature_extractor,
     image_shape,
@@ -78,6 +77,7 @@ class ActivationDetector(Detector):
     """
 
     kind = "activations"
+    learned = "model"
     uses_classifier: ClassVar[bool] = True
 
     def __init__(
@@ -122,10 +122,9 @@ class ActivationDetector(Detector):
     def features(self, x: np.ndarray) -> list[np.ndarray]:
         return extract(self.extractor, check_images(x, image_shape(self.classifier)))
 
-    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 2) -> "ActivationDetector":
+    def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 2) -> None:
         """Train on the activations of clean (label 0) vs adversarial (label 1) images, balanced by
         class weights, early-stopped on a stratified validation split."""
-        x_clean, x_adversarial = check_training_pair(x_clean, x_adversarial, image_shape(self.classifier))
         keras.utils.set_random_seed(self.seed)
         features = [np.concatenate(pair) for pair in zip(self.features(x_clean), self.features(x_adversarial))]
         labels = np.r_[np.zeros(len(x_clean)), np.ones(len(x_adversarial))].astype(np.float32)
@@ -151,11 +150,8 @@ class ActivationDetector(Detector):
         )
         self.model = model
         self.classifier_fingerprint = model_fingerprint(self.classifier)
-        return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        if self.model is None:
-            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+    def _score(self, x: np.ndarray) -> np.ndarray:
         features = self.features(x)
         logits = np.concatenate([self.model.predict_on_batch([f[i:i + 256] for f in features])
                                  for i in range(0, len(features[0]), 256)])
@@ -167,8 +163,7 @@ class ActivationDetector(Detector):
 
         A `classifier` with other weights than the one this detector reads (a guard built with
         `check_fingerprint=False`) runs beside that one instead, exactly as `score()` would."""
-        if self.model is None:
-            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+        self.check_fitted()
         inputs = keras.Input(image_shape(self.classifier), name="images")
         outputs = {}
         if classifier is None:
@@ -183,8 +178,6 @@ class ActivationDetector(Detector):
         return keras.Model(inputs, outputs, name="activations_scoring")
 
     def _save_files(self, directory: Path) -> None:
-        if self.model is None:
-            raise ValueError("cannot save an untrained detector")
         self.model.save(directory / MODEL_FILE)
 
     @classmethod

@@ -13,28 +13,68 @@ from typing import Any, ClassVar
 
 import keras
 import numpy as np
+from keras import ops
 
+from attacks.models import logits_model
 from attacks.storage import atomic_directory, atomic_write_json, read_json
-from detector.calibration import Calibration, calibrate_threshold
+from detector.calibration import Calibration, calibrate_threshold, flagged
+from detector.features import check_training_pair, image_shape
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
 class Detector(abc.ABC):
-    """Scores inputs (higher = more suspicious) and flags those above a clean-calibrated threshold."""
+    """Scores inputs (higher = more suspicious) and flags those above a clean-calibrated threshold.
+
+    Families implement `_fit` and `_score`; `fit` checks the training pair and `score` the fitted
+    state here, once for all of them. `learned` names the attribute that holds what `fit` learns
+    (None when there is nothing to learn)."""
 
     kind: ClassVar[str]
     uses_classifier: ClassVar[bool] = False  # families that read the classifier get it again at load time
+    learned: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self.calibration: Calibration | None = None
         self.classifier_fingerprint: str | None = None
         self.info: dict[str, Any] = {}
 
+    def image_shape(self) -> tuple[int | None, ...] | None:
+        """The image shape the detector reads: its classifier's input, when it reads one (None: any,
+        as long as clean and adversarial images agree)."""
+        classifier = getattr(self, "classifier", None)
+        return None if classifier is None else image_shape(classifier)
+
+    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, **fit_params: Any) -> "Detector":
+        """Learn to tell clean images (label 0) from adversarial ones (label 1); both sets are checked
+        before anything is trained. `fit_params` are the family's (e.g. `verbose`)."""
+        expected = self.image_shape()
+        if expected is None and np.shape(x_clean)[1:] != np.shape(x_adversarial)[1:]:
+            raise ValueError(f"clean images {np.shape(x_clean)[1:]} and adversarial images "
+                             f"{np.shape(x_adversarial)[1:]} differ in shape")
+        x_clean, x_adversarial = check_training_pair(
+            x_clean, x_adversarial, np.shape(x_clean)[1:] if expected is None else expected)
+        self._fit(x_clean, x_adversarial, **fit_params)
+        return self
+
     @abc.abstractmethod
+    def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, **fit_params: Any) -> None:
+        """Learn from the checked training pair."""
+
+    def check_fitted(self) -> None:
+        """Raise unless `fit` has run (or the detector was loaded)."""
+        if self.learned is not None and getattr(self, self.learned, None) is None:
+            raise ValueError(f"the {self.kind} detector is untrained: call fit(...) or load a saved one")
+
     def score(self, x: np.ndarray) -> np.ndarray:
         """One float per input; higher means more likely adversarial."""
+        self.check_fitted()
+        return self._score(x)
+
+    @abc.abstractmethod
+    def _score(self, x: np.ndarray) -> np.ndarray:
+        """The family's score of `x` (the detector is fitted)."""
 
     @abc.abstractmethod
     def hyperparameters(self) -> dict[str, Any]:
@@ -50,14 +90,32 @@ class Detector(abc.ABC):
         """Rebuild the detector from its model files (families with `uses_classifier` receive
         `classifier=` in `context`)."""
 
+    def score_graph(self, images: Any) -> Any | None:
+        """The score in keras.ops on a (symbolic) batch of images, equal to `score()` in the forward
+        pass; steps without a useful gradient carry their BPDA rule beside them (`gradient`). None
+        where the family has no exact graph (OpenCV's non-local means, Lee et al.'s noise step)."""
+        return None
+
+    def gradient(self) -> str:
+        """How the adaptive attacks differentiate `score_graph`: "white-box" (exactly) or "bpda"."""
+        return "white-box"
+
     def scoring_model(self, classifier: keras.Model | None) -> keras.Model | None:
         """One Keras model from images to {"logits": the classifier's logits, "score": `score()`}
         ("logits" left out when `classifier` is None), so that a guard runs one compiled graph per
-        batch and can export it as a single SavedModel.
-
-        None (this default) for families whose score is not a pure Keras graph: those with NumPy,
-        scikit-learn or OpenCV steps, or input gradients, outside the model."""
-        return None
+        batch and can export it as a single SavedModel; None when `score_graph` is None."""
+        self.check_fitted()
+        shape = self.image_shape()
+        if shape is None or type(self).score_graph is Detector.score_graph:
+            return None
+        inputs = keras.Input(shape, name="images")
+        score = self.score_graph(inputs)
+        if score is None:
+            return None
+        outputs = {"score": ops.reshape(score, (-1,))}
+        if classifier is not None:
+            outputs = {"logits": logits_model(classifier)(inputs)} | outputs
+        return keras.Model(inputs, outputs, name=f"{self.kind}_scoring")
 
     @property
     def threshold(self) -> float:
@@ -72,11 +130,12 @@ class Detector(abc.ABC):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """True where the input is flagged as adversarial (NaN scores are flagged: fail closed)."""
-        scores = self.score(x)
-        return ~(scores <= self.threshold)
+        threshold = self.threshold  # raises before scoring when uncalibrated
+        return flagged(self.score(x), threshold)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the detector directory atomically (an existing one is replaced whole)."""
+        self.check_fitted()
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,

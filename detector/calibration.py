@@ -22,12 +22,21 @@ class Calibration:
     fpr_interval: tuple[float, float]
     n_clean: int
 
+    def flags(self, scores: np.ndarray) -> np.ndarray:
+        """True where an input is suspicious under this threshold (`flagged`)."""
+        return flagged(scores, self.threshold)
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"fpr_interval": list(self.fpr_interval)}
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
         return cls(**(data | {"fpr_interval": tuple(data["fpr_interval"])}))
+
+
+def flagged(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The one threshold rule: True where a score is above the threshold, or NaN (fail closed)."""
+    return ~(np.asarray(scores) <= threshold)
 
 
 def false_positive_interval(false_positives: int, n: int) -> tuple[float, float]:

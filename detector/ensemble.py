@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Sequence
 
 import keras
 import numpy as np
+from keras import ops
 
 from detector.base import Detector
 from detector.features import fit_linear_rule, load_arrays, save_arrays
@@ -30,6 +31,7 @@ class EnsembleDetector(Detector):
     """Logistic regression on the members' (standardised) scores; `score` is its decision function."""
 
     kind = "ensemble"
+    learned = "arrays"
     uses_classifier: ClassVar[bool] = True  # handed on to the members that need it
 
     def __init__(self, members: Sequence[Detector], *, C: float = 1.0, seed: int = 0) -> None:
@@ -56,7 +58,10 @@ class EnsembleDetector(Detector):
         """(n, members): each member's score (a member's shape check raises for wrong images)."""
         return np.stack([np.asarray(m.score(x), np.float64) for m in self.members], axis=1)
 
-    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> "EnsembleDetector":
+    def image_shape(self) -> tuple[int | None, ...] | None:
+        return next((shape for shape in (m.image_shape() for m in self.members) if shape is not None), None)
+
+    def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> None:
         """Fit the stacker on clean (0) vs adversarial (1) images, ideally ones no member was trained on."""
         mean, scale, coef, intercept = fit_linear_rule(self.member_scores, x_clean, x_adversarial, C=self.C, seed=self.seed,
                                                        what="a member")
@@ -64,17 +69,28 @@ class EnsembleDetector(Detector):
         if verbose:
             weights = np.round(self.arrays["coef"][0], 3).tolist()
             print("ensemble: weights " + ", ".join(f"{m.kind}={w}" for m, w in zip(self.members, weights)))
-        return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        if self.arrays is None:
-            raise ValueError("the ensemble is not trained: call fit(...) or load a saved one")
+    def _score(self, x: np.ndarray) -> np.ndarray:
         z = (self.member_scores(x) - self.arrays["score_mean"]) / self.arrays["score_scale"]
         return z @ self.arrays["coef"][0] + self.arrays["intercept"][0]
 
+    def score_graph(self, images: Any) -> Any | None:
+        """The stacker over the members' graphs (None when a member has none)."""
+        models = [m.scoring_model(None) for m in self.members]
+        if any(model is None for model in models):
+            return None
+        return self.stack(ops.stack([ops.reshape(model(images)["score"], (-1,)) for model in models], axis=-1))
+
+    def stack(self, member_scores: Any) -> Any:
+        """The stacker's decision function in keras.ops, from (n, members) scores."""
+        a = self.arrays
+        standardised = (member_scores - a["score_mean"].astype(np.float32)) / a["score_scale"].astype(np.float32)
+        return ops.matmul(standardised, ops.convert_to_tensor(a["coef"][0].astype(np.float32))) + float(a["intercept"][0])
+
+    def gradient(self) -> str:
+        return f"ensemble({', '.join(m.gradient() for m in self.members)})"
+
     def _save_files(self, directory: Path) -> None:
-        if self.arrays is None:
-            raise ValueError("cannot save an untrained ensemble")
         for index, member in enumerate(self.members):
             member.save(directory / member_directory(index))
         save_arrays(directory / ARRAYS_FILE, **self.arrays)

@@ -59,6 +59,7 @@ class InputDetector(Detector):
     """
 
     kind = "input"
+    learned = "model"
 
     def __init__(
         self,
@@ -93,7 +94,11 @@ class InputDetector(Detector):
             "seed": self.seed,
         }
 
-    def fit(
+    def image_shape(self) -> tuple[int | None, ...] | None:
+        """The trained CNN's input shape (None before training: any shape)."""
+        return None if self.model is None else tuple(self.model.input_shape[1:])
+
+    def _fit(
         self,
         x_clean: np.ndarray,
         x_adversarial: np.ndarray,
@@ -101,15 +106,10 @@ class InputDetector(Detector):
         warm_start: bool = False,
         learning_rate: float | None = None,
         verbose: int | str = 2,
-    ) -> "InputDetector":
+    ) -> None:
         """Train on clean (label 0) vs adversarial (label 1) images, balanced by class weights,
         early-stopped on a stratified validation split. `warm_start` continues from the current
         weights (fine-tuning on a new attack), at `learning_rate` when given."""
-        if x_clean.shape[1:] != x_adversarial.shape[1:]:
-            raise ValueError(
-                f"clean images {x_clean.shape[1:]} and adversarial images "
-                f"{x_adversarial.shape[1:]} differ in shape"
-            )
         keras.utils.set_random_seed(self.seed)
         x = np.concatenate([x_clean, x_adversarial]).astype(np.float32)
         labels = np.concatenate([np.zeros(len(x_clean)), np.ones(len(x_adversarial))]).astype(np.float32)
@@ -134,11 +134,8 @@ class InputDetector(Detector):
             callbacks=[keras.callbacks.EarlyStopping(patience=3, restore_best_weights=True)],
             verbose=verbose,
         )
-        return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        if self.model is None:
-            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+    def _score(self, x: np.ndarray) -> np.ndarray:
         expected = tuple(self.model.input_shape[1:])
         if tuple(np.shape(x)[1:]) != expected:
             raise ValueError(f"images of shape {np.shape(x)[1:]} do not fit the detector's input {expected}")
@@ -148,8 +145,7 @@ class InputDetector(Detector):
     def scoring_model(self, classifier: keras.Model | None) -> keras.Model:
         """The classifier and the detector CNN side by side on the same input (they share nothing
         but the image, so this saves the second call, not the second network)."""
-        if self.model is None:
-            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+        self.check_fitted()
         shape = tuple(self.model.input_shape[1:])
         inputs = keras.Input(shape, name="images")
         outputs = {"score": self.model(inputs)[:, 0]}
@@ -162,8 +158,6 @@ class InputDetector(Detector):
         return keras.Model(inputs, outputs, name="input_scoring")
 
     def _save_files(self, directory: Path) -> None:
-        if self.model is None:
-            raise ValueError("cannot save an untrained detector")
         self.model.save(directory / MODEL_FILE)
 
     @classmethod

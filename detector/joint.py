@@ -40,6 +40,7 @@ class JointDetector(Detector):
     """Logistic regression on (member score, -logit gap); `score` is its decision function."""
 
     kind = "joint"
+    learned = "arrays"
     uses_classifier: ClassVar[bool] = True
 
     def __init__(self, member: Detector, classifier: keras.Model, *, C: float = 1.0, seed: int = 0) -> None:
@@ -62,7 +63,7 @@ class JointDetector(Detector):
         top = np.sort(logits, axis=-1)[:, -2:]
         return np.stack([np.asarray(self.member.score(x), np.float64), top[:, 0] - top[:, 1]], axis=1)
 
-    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> "JointDetector":
+    def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> None:
         """Fit the rule on clean (0) vs adversarial (1) images the member was NOT trained on (its
         scores on its own training images are over-confident)."""
         mean, scale, coef, intercept = fit_linear_rule(self.features, x_clean, x_adversarial, C=self.C, seed=self.seed,
@@ -71,14 +72,12 @@ class JointDetector(Detector):
         if verbose:
             weights = np.round(self.arrays["coef"][0], 3).tolist()
             print(f"joint rule: weights {self.member.kind} score={weights[0]}, logit-gap deficit={weights[1]}")
-        return self
 
     def _rule(self) -> dict[str, np.ndarray]:
-        if self.arrays is None:
-            raise ValueError("the joint rule is not trained: call fit(...) or load a saved one")
+        self.check_fitted()
         return self.arrays
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: np.ndarray) -> np.ndarray:
         a = self._rule()
         return ((self.features(x) - a["feature_mean"]) / a["feature_scale"]) @ a["coef"][0] + a["intercept"][0]
 
@@ -93,17 +92,13 @@ class JointDetector(Detector):
             total = total + float(a["coef"][0, index]) * standardised
         return total
 
-    def scoring_model(self, classifier: keras.Model | None) -> keras.Model | None:
-        """The member's scoring graph and the classifier in one model, when the member has one."""
+    def score_graph(self, images: Any) -> Any | None:
+        """The rule over the member's graph and the classifier's logits (None when the member has no graph)."""
         member = self.member.scoring_model(None)
-        if member is None:
-            return None
-        inputs = keras.Input(tuple(self.classifier.input_shape[1:]), name="images")
-        outputs = member(inputs)
-        logits = self.classifier(inputs)
-        score = self.combine(outputs["score"] if isinstance(outputs, dict) else outputs, logits)
-        return keras.Model(inputs, {"logits": logits, "score": score} if classifier is not None else {"score": score},
-                           name="joint_scoring")
+        return None if member is None else self.combine(member(images)["score"], self.classifier(images))
+
+    def gradient(self) -> str:
+        return f"joint({self.member.gradient()})"
 
     def _save_files(self, directory: Path) -> None:
         save_arrays(directory / ARRAYS_FILE, **self._rule())

@@ -25,7 +25,6 @@ from attacks.storage import model_fingerprint
 from detector.base import Detector
 from detector.features import (
     check_images,
-    check_training_pair,
     extract,
     feature_extractor,
     image_shape,
@@ -67,6 +66,7 @@ class MahalanobisDetector(Detector):
     """
 
     kind = "mahalanobis"
+    learned = "arrays"
     uses_classifier: ClassVar[bool] = True
 
     def __init__(
@@ -129,8 +129,7 @@ class MahalanobisDetector(Detector):
 
     def layer_scores(self, x: np.ndarray) -> np.ndarray:
         """(n, layers): each layer's squared Mahalanobis distance to the closest clean class."""
-        if self.arrays is None:
-            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+        self.check_fitted()
         x = check_images(x, image_shape(self.classifier))
         if self.noise > 0:
             return np.stack([self._noisy_distances(x, i) for i in range(len(self.layers))], axis=1)
@@ -141,11 +140,10 @@ class MahalanobisDetector(Detector):
     def _standardised(self, distances: np.ndarray) -> np.ndarray:
         return (np.log(distances + 1e-12) - self.arrays["score_mean"]) / self.arrays["score_scale"]
 
-    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, y_clean: np.ndarray | None = None,
-            *, verbose: int | str = 1) -> "MahalanobisDetector":
+    def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, y_clean: np.ndarray | None = None,
+             verbose: int | str = 1) -> None:
         """Class Gaussians on clean images (labelled by `y_clean`, or by the classifier when None),
         then the logistic regression on clean vs adversarial per-layer distances."""
-        x_clean, x_adversarial = check_training_pair(x_clean, x_adversarial, image_shape(self.classifier))
         logits_dim = int(self.classifier.output_shape[-1])
         if y_clean is None:
             y_clean = np.argmax(predict(self.classifier, x_clean)[0], axis=-1)
@@ -172,15 +170,27 @@ class MahalanobisDetector(Detector):
         if verbose:
             print(f"mahalanobis: layers {self.layers}, weights {np.round(arrays['coef'][0], 3).tolist()}")
         self.classifier_fingerprint = model_fingerprint(self.classifier)
-        return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: np.ndarray) -> np.ndarray:
         z = self._standardised(self.layer_scores(x))
         return z @ self.arrays["coef"][0] + self.arrays["intercept"][0]
 
+    def distance_graph(self, images: Any) -> Any:
+        """The score in keras.ops without Lee et al.'s noise step (exact when `noise` is 0)."""
+        a, total = self.arrays, 0.0
+        for index, features in enumerate(keras.tree.flatten(self.extractor(images))):
+            centred = _pool(features)[:, None, :] - ops.convert_to_tensor(a[f"means_{index}"].astype(np.float32))[None]
+            precision = ops.convert_to_tensor(a[f"precision_{index}"].astype(np.float32))
+            distance = ops.maximum(ops.min(ops.sum(ops.matmul(centred, precision) * centred, axis=-1), axis=1), 0.0)
+            standardised = (ops.log(distance + 1e-12) - float(a["score_mean"][index])) / float(a["score_scale"][index])
+            total = total + float(a["coef"][0, index]) * standardised
+        return total + float(a["intercept"][0])
+
+    def score_graph(self, images: Any) -> Any | None:
+        """None with the noise step (it needs an input gradient inside the score)."""
+        return self.distance_graph(images) if self.noise == 0 else None
+
     def _save_files(self, directory: Path) -> None:
-        if self.arrays is None:
-            raise ValueError("cannot save an untrained detector")
         save_arrays(directory / ARRAYS_FILE, **self.arrays)
 
     @classmethod

@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from attacks.backend import compile_with_model, value_and_grad
 from attacks.base import AttackResult
+from detector.calibration import flagged
 
 FPR_LEVELS = (0.01, 0.05)
 ROC_POINTS = 200
@@ -38,11 +39,6 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return float(value) if math.isfinite(value) else None
     return value
-
-
-def flagged(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """True where a score is above the threshold, or NaN."""
-    return ~(np.asarray(scores) <= threshold)
 
 
 def auroc(negatives: np.ndarray, positives: np.ndarray) -> float | None:

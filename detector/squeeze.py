@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import cv2
 import keras
 import numpy as np
+from keras import ops
 
 from attacks.storage import model_fingerprint
 from detector.base import Detector
@@ -94,6 +95,36 @@ def parse_squeezer(spec: str, image_size: tuple[int | None, ...] = (None, None))
     )
 
 
+# the squeezers in keras.ops, for the scoring graph (non-local means has none)
+def _straight_through(x: Any, squeezed: Any) -> Any:
+    """`squeezed` in the forward pass, the identity in the backward pass."""
+    return x + ops.stop_gradient(squeezed - x)
+
+
+def _median(x: Any, size: int) -> Any:
+    """cv2.medianBlur in keras.ops: replicated borders, the middle of the sorted size x size window
+    (on 8-bit levels for windows above 5, as OpenCV does for float images)."""
+    if size > 5:
+        x = ops.round(ops.clip(x, 0.0, 1.0) * 255.0) / 255.0
+    pad = size // 2
+    height, width = x.shape[1], x.shape[2]
+    rows = ops.concatenate([ops.repeat(x[:, :1], pad, axis=1), x, ops.repeat(x[:, -1:], pad, axis=1)], axis=1)
+    padded = ops.concatenate([ops.repeat(rows[:, :, :1], pad, axis=2), rows, ops.repeat(rows[:, :, -1:], pad, axis=2)], axis=2)
+    windows = [padded[:, i:i + height, j:j + width] for i in range(size) for j in range(size)]
+    return ops.sort(ops.stack(windows, axis=-1), axis=-1)[..., size * size // 2]
+
+
+def _squeezer(spec: str) -> Callable[[Any], Any] | None:
+    """The keras.ops version of a squeezer spec, or None when there is none (non-local means)."""
+    name, *args = spec.split(":")
+    if name == "bit_depth":
+        levels = 2 ** int(args[0]) - 1
+        return lambda x: ops.round(ops.clip(x, 0.0, 1.0) * levels) / levels
+    if name == "median":
+        return lambda x: _median(x, int(args[0]))
+    return None
+
+
 class SqueezeDetector(Detector):
     """Max L1 distance between the classifier's softmax on the input and on squeezed copies.
 
@@ -125,12 +156,8 @@ class SqueezeDetector(Detector):
     def hyperparameters(self) -> dict[str, Any]:
         return {"squeezers": list(self.squeezers), "batch_size": self.batch_size}
 
-    def fit(self, x_clean: np.ndarray | None = None, x_adversarial: np.ndarray | None = None, **_: Any) -> "SqueezeDetector":
-        """Nothing to learn: only checks the images' shape (the squeezers were chosen at construction)."""
-        for x in (x_clean, x_adversarial):
-            if x is not None:
-                check_images(x, image_shape(self.classifier))
-        return self
+    def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 0) -> None:
+        """Nothing to learn (the squeezers were chosen at construction); `fit` checked the images."""
 
     def _softmax(self, x: np.ndarray) -> np.ndarray:
         return softmax(predict(self.classifier, x, self.batch_size)[0])
@@ -141,8 +168,22 @@ class SqueezeDetector(Detector):
         plain = self._softmax(x)
         return np.stack([np.abs(plain - self._softmax(f(x))).sum(axis=1) for f in self._functions], axis=1)
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: np.ndarray) -> np.ndarray:
         return self.distances(x).max(axis=1)
+
+    def score_graph(self, images: Any) -> Any | None:
+        """The same distances in keras.ops; each squeezer is differentiated as the identity (BPDA,
+        Athalye et al. 2018). None with non-local means (OpenCV only)."""
+        functions = [_squeezer(spec) for spec in self.squeezers]
+        if any(f is None for f in functions):
+            return None
+        plain = ops.softmax(self.classifier(images))
+        distances = [ops.sum(ops.abs(plain - ops.softmax(self.classifier(_straight_through(images, f(images))))), axis=-1)
+                     for f in functions]
+        return ops.max(ops.stack(distances, axis=-1), axis=-1)
+
+    def gradient(self) -> str:
+        return "bpda"
 
     def _save_files(self, directory: Path) -> None:
         """No model files: the squeezers are hyper-parameters and the classifier comes at load time."""

@@ -18,13 +18,13 @@ from typing import Any, ClassVar, Sequence
 
 import keras
 import numpy as np
+from keras import ops
 from sklearn.svm import SVC
 
 from attacks.storage import model_fingerprint
 from detector.base import Detector
 from detector.features import (
     check_images,
-    check_training_pair,
     extract,
     feature_extractor,
     image_shape,
@@ -69,6 +69,7 @@ class SafetyNetDetector(Detector):
     """
 
     kind = "safetynet"
+    learned = "arrays"
     uses_classifier: ClassVar[bool] = True
 
     def __init__(
@@ -112,8 +113,7 @@ class SafetyNetDetector(Detector):
         return np.concatenate([f.reshape(len(x), -1) for f in extract(self.extractor, x)], axis=1)
 
     def codes(self, x: np.ndarray) -> np.ndarray:
-        if self.arrays is None:
-            raise ValueError("the detector is not trained: call fit(...) or load a saved one")
+        self.check_fitted()
         return self._quantise(self.activations(x), self.arrays["thresholds"])
 
     @staticmethod
@@ -130,9 +130,8 @@ class SafetyNetDetector(Detector):
             return 1.0 / (codes.shape[1] * variance) if variance > 0 else 1.0
         return float(self.gamma)
 
-    def fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> "SafetyNetDetector":
+    def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> None:
         """Thresholds from the clean activations, then the SVM on a bounded, balanced subsample."""
-        x_clean, x_adversarial = check_training_pair(x_clean, x_adversarial, image_shape(self.classifier))
         rng = np.random.default_rng(self.seed)
         n_clean = min(len(x_clean), max(self.max_train // 2, self.max_train - len(x_adversarial)))
         n_adversarial = min(len(x_adversarial), self.max_train - n_clean)
@@ -162,16 +161,37 @@ class SafetyNetDetector(Detector):
             "gamma": np.asarray(gamma),
         }
         self.classifier_fingerprint = model_fingerprint(self.classifier)
-        return self
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: np.ndarray) -> np.ndarray:
         codes = self.codes(x)
         a = self.arrays
         return rbf_decision_function(codes, a["support_vectors"], a["dual_coef"], a["intercept"], float(a["gamma"]))
 
+    def score_graph(self, images: Any) -> Any:
+        """The score in keras.ops. The code quantiser is a step function: its forward pass is exact
+        and its gradient that of a sum of sigmoids (BPDA), each a quarter of the unit's top level wide."""
+        a = self.arrays
+        activations = ops.concatenate([ops.reshape(f, (-1, int(np.prod(f.shape[1:]))))
+                                       for f in keras.tree.flatten(self.extractor(images))], axis=1)
+        thresholds = np.asarray(a["thresholds"], np.float64)
+        finite = np.where(np.isfinite(thresholds), thresholds, 0.0)
+        temperature = ops.convert_to_tensor((np.maximum(finite.max(axis=0), 1e-3) / 4.0).astype(np.float32))
+        hard = soft = 0.0
+        for level in np.minimum(thresholds, 1e30).astype(np.float32):  # never-on units: a level no activation reaches
+            level = ops.convert_to_tensor(level)
+            hard = hard + ops.cast(activations > level, "float32")
+            soft = soft + ops.sigmoid((activations - level) / temperature)
+        codes = soft + ops.stop_gradient(hard - soft)
+        support = np.asarray(a["support_vectors"], np.float32)
+        distances = (ops.sum(ops.square(codes), axis=1, keepdims=True) + ops.convert_to_tensor((support ** 2).sum(axis=1))[None]
+                     - 2.0 * ops.matmul(codes, ops.convert_to_tensor(support.T)))
+        kernel = ops.exp(-float(a["gamma"]) * ops.maximum(distances, 0.0))
+        return ops.matmul(kernel, ops.convert_to_tensor(a["dual_coef"][0].astype(np.float32))) + float(a["intercept"][0])
+
+    def gradient(self) -> str:
+        return "bpda"
+
     def _save_files(self, directory: Path) -> None:
-        if self.arrays is None:
-            raise ValueError("cannot save an untrained detector")
         save_arrays(directory / ARRAYS_FILE, **self.arrays)
 
     @classmethod

@@ -36,7 +36,6 @@ from keras import ops
 from attacks.storage import atomic_directory, atomic_write_json
 from serving.guard import Guard
 
-EXPORTABLE_FAMILIES = ("input", "activations")
 METADATA_FILE = Path("assets.extra") / "safetynet.json"
 
 
@@ -78,9 +77,9 @@ def export_guard(guard: Guard, directory: str | os.PathLike, *, scores_for_rejec
     model = guard.scoring_model
     if model is None:
         raise ValueError(
-            f"a guard with a {guard.detector.kind!r} detector cannot be exported: its score is not a "
-            f"Keras graph (NumPy, scikit-learn, OpenCV or gradient steps outside the model); the "
-            f"families that export are {', '.join(EXPORTABLE_FAMILIES)}"
+            f"a guard with a {guard.detector.kind!r} detector cannot be exported: its score has a step "
+            f"with no Keras graph (OpenCV's non-local means in `squeeze`, or `mahalanobis` with noise > 0); "
+            f"every family exports without those"
         )
     archive = keras.export.ExportArchive()
     archive.track(model)

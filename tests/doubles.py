@@ -18,6 +18,9 @@ class SyntheticDetector(Detector):
     def hyperparameters(self) -> dict[str, Any]:
         return {}
 
+    def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, **fit_params: Any) -> None:
+        """Nothing to learn: the score is a fixed function of the image."""
+
     def _save_files(self, directory: Path) -> None:  # pragma: no cover - not saved in these tests
         pass
 
@@ -33,6 +36,6 @@ class NaNForDarkImages(SyntheticDetector):
         super().__init__()
         self.cutoff = cutoff
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: np.ndarray) -> np.ndarray:
         means = np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
         return np.where(means < self.cutoff, np.nan, means)

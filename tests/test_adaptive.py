@@ -189,7 +189,7 @@ class AlwaysReject(SyntheticDetector):
 
     kind = "always-reject"
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: np.ndarray) -> np.ndarray:
         return 1.0 + np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
 
 

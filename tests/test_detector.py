@@ -46,7 +46,7 @@ def _content_noise(image: np.ndarray) -> float:
 class MeanPixelDetector(SyntheticDetector):
     """Mean pixel value plus content-seeded noise: continuous, deterministic, exchangeable."""
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
         return np.array([float(image.mean()) + 0.05 * _content_noise(image) for image in x])
 
@@ -339,7 +339,7 @@ def test_score_rejects_wrong_image_shape(detector, shape):
 
 
 def test_score_needs_a_trained_model():
-    with pytest.raises(ValueError, match="not trained"):
+    with pytest.raises(ValueError, match="the input detector is untrained"):
         InputDetector().score(np.zeros((2, 8, 8, 1), np.float32))
 
 
@@ -410,7 +410,7 @@ def test_failed_save_keeps_the_old_directory(detector, tmp_path):
     directory = tmp_path / "det"
     detector.save(directory)
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
-    with pytest.raises(ValueError, match="untrained"):
+    with pytest.raises(ValueError, match="the input detector is untrained"):
         InputDetector().save(directory)
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["det"]

@@ -134,11 +134,25 @@ def test_family_rejects_wrong_image_shape(family, fitted, shape):
 
 @pytest.mark.parametrize("family", ["activations", "safetynet", "mahalanobis"])
 def test_untrained_family_refuses_to_score_or_save(family, digits_classifier, tmp_path):
+    """The fitted state is checked once, in the base class, for scoring, saving and fused graphs."""
     detector = MAKERS[family](digits_classifier)
-    with pytest.raises(ValueError, match="not trained"):
+    message = f"the {detector.kind} detector is untrained: call fit"
+    with pytest.raises(ValueError, match=message):
         detector.score(np.zeros((2, 8, 8, 1), np.float32))
-    with pytest.raises(ValueError, match="untrained"):
+    with pytest.raises(ValueError, match=message):
         detector.save(tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("family", sorted(MAKERS))
+def test_fit_checks_the_training_pair_before_training(family, digits_classifier):
+    """Every family's fit goes through the base class: wrong shapes or too few images are refused
+    with the same message before anything is trained."""
+    detector = MAKERS[family](digits_classifier)
+    with pytest.raises(ValueError, match=r"images of shape \(9, 9, 1\) do not fit the classifier's input \(8, 8, 1\)"):
+        detector.fit(np.zeros((4, 9, 9, 1), np.float32), np.zeros((4, 9, 9, 1), np.float32))
+    with pytest.raises(ValueError, match="fitting needs at least 2 clean and 2 adversarial images, got 4 and 1"):
+        detector.fit(np.zeros((4, 8, 8, 1), np.float32), np.zeros((1, 8, 8, 1), np.float32))
 
 
 @pytest.mark.parametrize(
@@ -292,7 +306,7 @@ def test_squeeze_defaults_by_channel_count_and_zero_score_on_fixed_points(digits
     assert SqueezeDetector(digits_classifier).squeezers == ["bit_depth:1", "median:3"]
     colour = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(), keras.layers.Dense(4)])
     assert SqueezeDetector(colour).squeezers == ["bit_depth:5", "median:3", "nl_means:13:3:2"]
-    detector = SqueezeDetector(digits_classifier, squeezers=["bit_depth:1"]).fit(digits.x_train[:10], None)
+    detector = SqueezeDetector(digits_classifier, squeezers=["bit_depth:1"]).fit(digits.x_train[:10], digits.x_train[10:20])
     binary = (digits.x_test[:20] >= 0.5).astype(np.float32)  # unchanged by 1-bit squeezing
     np.testing.assert_array_equal(detector.score(binary), np.zeros(20))
     assert (detector.score(digits.x_test) >= 0).all() and (detector.score(digits.x_test) <= 2).all()
@@ -337,5 +351,5 @@ def test_ensemble_mixes_families_with_and_without_a_classifier(fitted, digits, d
 def test_ensemble_needs_two_fitted_members(fitted):
     with pytest.raises(ValueError, match="at least 2"):
         EnsembleDetector([fitted["squeeze"]])
-    with pytest.raises(ValueError, match="not trained"):
+    with pytest.raises(ValueError, match="the ensemble detector is untrained"):
         EnsembleDetector([fitted["squeeze"], fitted["mahalanobis"]]).score(np.zeros((2, 8, 8, 1), np.float32))

@@ -179,7 +179,7 @@ class RaisesOnBrightBatches(NaNForDarkImages):
 
     kind = "raise-test"
 
-    def score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: np.ndarray) -> np.ndarray:
         means = np.asarray(x, np.float64).reshape(len(x), -1).mean(axis=1)
         if (means > self.cutoff).any():
             raise RuntimeError("detector crashed")

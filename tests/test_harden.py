@@ -57,7 +57,7 @@ def test_joint_rule_weighs_the_logit_gap(digits, digits_classifier, joint):
 def test_joint_rule_refuses_bad_members_and_classifiers(tmp_path, digits, digits_classifier, linear_model_factory, joint):
     with pytest.raises(ValueError, match="member"):
         JointDetector(joint, digits_classifier)
-    with pytest.raises(ValueError, match="not trained"):
+    with pytest.raises(ValueError, match="the joint detector is untrained"):
         JointDetector(joint.member, digits_classifier).score(digits.x_test[:4])
     joint.classifier_fingerprint = "f" * 64
     path = joint.save(tmp_path / "joint")
