@@ -33,6 +33,7 @@ from detector.adaptive_evaluation import (
     evaluate_adaptive,
 )
 from detector.base import Detector
+from detector.benign_shift import shifted_fprs
 from detector.calibration import false_positive_interval
 from detector.metrics import attack_row, fgsm_taylor, flagged, jsonable
 
@@ -176,6 +177,8 @@ def evaluate(
             "clean_fpr": false_positives / len(x),
             "clean_fpr_interval": list(false_positive_interval(false_positives, len(x))),
             "calibration_fpr": detector.calibration.fpr,
+            # the clean FPR on ordinary corruptions of the same images (JPEG, noise, shifts, resizing)
+            "clean_fpr_shifted": shifted_fprs(detector, x, seed=seed),
             "guarded_clean_accuracy": float(np.mean(clean_correct | clean_flagged)),
             "fingerprint": detector_fingerprint(detector),
         },
@@ -228,6 +231,9 @@ def format_table(report: dict[str, Any]) -> str:
         (f"detector: {det['kind']}  threshold {det['threshold']:.4g}  target FPR {det['target_fpr']:.3f}"
          f"  clean FPR {det['clean_fpr']:.4f} [{det['clean_fpr_interval'][0]:.4f}, {det['clean_fpr_interval'][1]:.4f}]"),
     ]
+    if det.get("clean_fpr_shifted"):
+        lines.append("clean FPR under benign shifts: "
+                     + "  ".join(f"{name} {fpr:.4f}" for name, fpr in det["clean_fpr_shifted"].items()))
     adaptive = report.get("adaptive") or {"attacks": {}}
     rows = [*report["attacks"].items(), *adaptive["attacks"].items()]
     rows = [(display_name(name, row), row) for name, row in rows]
