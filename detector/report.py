@@ -39,6 +39,8 @@ def _summary(report: dict[str, Any]) -> Table:
                                 f"calibration {_number(det['calibration_fpr'])})")],
         ["guarded clean accuracy", _number(det["guarded_clean_accuracy"])],
     ]
+    if det.get("clean_fpr_shifted"):  # the clean FPR on benign corruptions of the same images
+        rows.append(["clean FPR under benign shift", ", ".join(f"{name} {fpr:.4f}" for name, fpr in det["clean_fpr_shifted"].items())])
     if "gradient_masking_check" in det:
         rows.append(["gradient masking check", "FLAGGED (see the adaptive table)" if det["gradient_masking_check"] else "passed"])
     return "Summary", ["measure", "value"], rows, []

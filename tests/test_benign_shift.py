@@ -8,6 +8,7 @@ from doubles import SyntheticDetector
 from attacks import FGSM
 from detector.benign_shift import BENIGN_SHIFTS, jpeg, shift, shifted_fprs
 from detector.evaluation import evaluate, format_table
+from detector.report import markdown
 
 
 class OffTheDigitsGrid(SyntheticDetector):
@@ -75,3 +76,4 @@ def test_evaluate_reports_the_shifted_fpr_beside_the_nominal_one(digits, digits_
     assert {"clean_fpr", "clean_fpr_interval", "calibration_fpr"} <= set(section)  # the existing keys stay
     assert section["clean_fpr_shifted"] == shifted_fprs(detector, x)
     assert "clean FPR under benign shifts: jpeg90" in format_table(report)
+    assert "| clean FPR under benign shift | jpeg90 1.0000, noise0.02 1.0000, shift1 0.0000" in markdown(report, [])
