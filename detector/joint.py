@@ -98,7 +98,8 @@ class JointDetector(Detector):
         return None if member is None else self.combine(member(images)["score"], self.classifier(images))
 
     def gradient(self) -> str:
-        return f"joint({self.member.gradient()})"
+        member = self.member.gradient()
+        return member if member == "white-box" else f"joint({member})"
 
     def _save_files(self, directory: Path) -> None:
         save_arrays(directory / ARRAYS_FILE, **self._rule())
