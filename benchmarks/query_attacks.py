@@ -25,9 +25,7 @@ import io
 import json
 import os
 import platform
-import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +36,6 @@ sys.path.append(str(Path(__file__).resolve().parent))  # query_attack_clients, a
 
 import httpx
 import numpy as np
-import uvicorn
 
 from attacks.storage import model_fingerprint
 from detector import InputDetector
@@ -46,6 +43,7 @@ from query_attack_clients import Blocked, BudgetSpent, Oracle, augment, hop_skip
 from serving.clients import ClientIdentity
 from serving.guard import Guard
 from serving.http import create_app
+from serving.server import serving_in_thread
 from serving.stateful import MatchRule, MemoryBackend, QueryAttackDetector
 from training.classifier import train_classifier
 from training.data import load_dataset
@@ -98,19 +96,8 @@ class RecordingDetector(QueryAttackDetector):
 def serving(guard: Guard, tokens: dict[str, str], detector: QueryAttackDetector | None) -> Iterator[str]:
     """The guard's app under uvicorn on a free localhost port, in a thread; yields its URL."""
     app = create_app(guard, clients=ClientIdentity(tokens=tokens), query_detector=detector)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", proxy_headers=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1/models/{guard.name}:predict"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serving_in_thread(app) as url:
+        yield f"{url}/v1/models/{guard.name}:predict"
 
 
 def http_sender(http: httpx.Client, url: str, token: str):

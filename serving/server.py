@@ -2,9 +2,14 @@
 the protocol that fails cleanly (`serving.protocol`) and its limits on time and head size."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
 
 import numpy as np
 import uvicorn
@@ -35,6 +40,29 @@ def uvicorn_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8501, h
                           timeout_keep_alive=keep_alive, h11_max_incomplete_event_size=max_head_bytes,
                           server_header=False, ws="none",  # no WebSocket: an upgrade request is plain HTTP
                           proxy_headers=False)  # client identity: serving.clients, not X-Forwarded-For
+
+
+@contextlib.contextmanager
+def serving_in_thread(app: FastAPI, **limits: float) -> Iterator[str]:
+    """Serve `app` as `safetynet serve` configures it (`limits`: `uvicorn_config`'s) on a free
+    localhost port in a background thread, for tests, benchmarks and notebooks; yields its base URL."""
+    # proto IPPROTO_TCP, or asyncio leaves Nagle on for accepted connections (40 ms stalls per answer)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", **limits))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def _warm_up(guard: Guard) -> None:

@@ -14,7 +14,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,6 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,7 +32,7 @@ from serving.answers import AnswerPolicy
 from serving.guard import Guard
 from serving.http import create_app
 from serving.quarantine import Quarantine
-from serving.server import uvicorn_config
+from serving.server import serving_in_thread
 
 EPS = 0.3
 N_FIT = 1000  # training images the detector is fitted on; the rest calibrate it
@@ -45,26 +43,7 @@ PREDICT = f"/v1/models/{NAME}:predict"
 CLASSIFY = f"/v1/models/{NAME}:classify"
 
 
-@contextlib.contextmanager
-def running(app: FastAPI, **limits: float) -> Iterator[str]:
-    """Serve `app` with uvicorn as `safetynet serve` configures it (`limits`: uvicorn_config's), on a
-    free localhost port in a background thread; yield its URL."""
-    # proto IPPROTO_TCP, or asyncio leaves Nagle on for accepted connections (40 ms stalls per answer)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, log_level="warning", **limits))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+running = serving_in_thread  # the other HTTP test modules import it from here
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,11 @@ are rejected and the client blocked (429 with Retry-After), other clients are no
 from per-client tokens and never from X-Forwarded-For, and /metrics counts it all."""
 from __future__ import annotations
 
-import contextlib
-import socket
 import sqlite3
-import threading
-import time
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from attacks import FGSM
@@ -22,28 +16,11 @@ from detector import InputDetector
 from serving.clients import ClientIdentity
 from serving.guard import Guard
 from serving.http import create_app
+from serving.server import serving_in_thread
 from serving.stateful import MatchRule, MemoryBackend, QueryAttackDetector
 
 PREDICT = "/v1/models/digits:predict"
 TOKENS = {"alice": "alice-token", "bob": "bob-token-"}
-
-
-@contextlib.contextmanager
-def running(app) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", proxy_headers=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +50,7 @@ def metric(url: str, name: str) -> float:
 def test_near_copies_get_a_client_blocked_and_no_one_else(guard, digits):
     x = digits.x_test[:1]
     alice, bob = ({"Authorization": f"Bearer {TOKENS[n]}"} for n in ("alice", "bob"))
-    with running(app_for(guard, "block", tokens=TOKENS)) as url:
+    with serving_in_thread(app_for(guard, "block", tokens=TOKENS)) as url:
         assert not post(url, x, **alice).json()["predictions"][0]["rejected"]
         answer = post(url, np.clip(x + 0.02, 0, 1), **alice).json()["predictions"][0]
         assert answer["rejected"] and answer["probabilities"] is None
@@ -90,7 +67,7 @@ def test_near_copies_get_a_client_blocked_and_no_one_else(guard, digits):
 
 def test_a_forged_forwarded_address_does_not_make_a_new_client(guard, digits):
     x = digits.x_test[2:3]
-    with running(app_for(guard, "reject")) as url:
+    with serving_in_thread(app_for(guard, "reject")) as url:
         assert post(url, x, **{"X-Forwarded-For": "1.1.1.1"}).status_code == 200
         answer = post(url, np.clip(x + 0.02, 0, 1), **{"X-Forwarded-For": "2.2.2.2"}).json()["predictions"][0]
         assert answer["rejected"]  # the same peer, whatever it claims
@@ -99,7 +76,7 @@ def test_a_forged_forwarded_address_does_not_make_a_new_client(guard, digits):
 
 def test_flag_policy_counts_but_rejects_nothing_for_it(guard, digits):
     x = digits.x_test[4:5]
-    with running(app_for(guard, "flag")) as url:
+    with serving_in_thread(app_for(guard, "flag")) as url:
         first = post(url, x).json()["predictions"][0]
         second = post(url, np.clip(x + 0.02, 0, 1)).json()["predictions"][0]
         assert second["rejected"] == first["rejected"]
@@ -115,7 +92,7 @@ def test_query_attack_inputs_are_quarantined_with_their_reason(guard, digits, tm
     detector = QueryAttackDetector(MemoryBackend(rule), rule, guard.clip, policy="reject")
     x = digits.x_test[5:6]
     try:
-        with running(create_app(guard, quarantine=store, query_detector=detector)) as url:
+        with serving_in_thread(create_app(guard, quarantine=store, query_detector=detector)) as url:
             post(url, x)
             assert post(url, np.clip(x + 0.02, 0, 1)).json()["predictions"][0]["rejected"]
     finally:
