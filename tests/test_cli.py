@@ -87,9 +87,11 @@ def test_stages_one_by_one_reproduce_the_pipeline(quickstart_dir, tmp_path, caps
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["n"] == 100 and set(report["attacks"]) == {"pgd", "fgsm"}
     assert report["attacks"]["fgsm"]["eps"] == pytest.approx(0.3)  # the data's default eps
-    out = capsys.readouterr().out  # evaluate says what it is doing before the minutes of attacks, bars or not
-    assert "attacking 100 test images: pgd:steps=5, fgsm (no progress bars: stderr is not a terminal)" in out
-    assert "adaptive attacks that know the detector (adaptive_pgd, apgd_ce" in out and "pgd:steps=5" in out
+    captured = capsys.readouterr()  # evaluate says what it is doing before the minutes of attacks
+    assert "attacking 100 test images: pgd:steps=5, fgsm" in captured.out
+    assert "adaptive attacks that know the detector (adaptive_pgd, apgd_ce" in captured.out and "pgd:steps=5" in captured.out
+    # stderr is not a terminal here: one log-friendly bar per stage, its count where it ended
+    assert "attacks: 100%|##########| 200/200" in captured.err and "adaptive attacks: " in captured.err
 
 
 def test_the_console_script_is_installed():

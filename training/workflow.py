@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from attacks import Attack, GradientSignAttack, make_attack, parse_attack_spec
 from attacks.dataset import (
@@ -42,6 +43,19 @@ Data = str | ImageDataset
 def _fit_verbosity() -> int:
     """Keras's live progress bar on a terminal, one line per epoch in logs and CI."""
     return 1 if sys.stdout.isatty() else 2
+
+
+def _progress(desc: str, total: int | None = None) -> bool | tqdm:
+    """Each attack's live bar on a terminal; in logs and CI one bar for the stage that writes a line
+    at most every 30 s, so a stage of minutes still shows that it moves and how fast."""
+    if sys.stderr.isatty():
+        return True
+    return tqdm(total=total, desc=desc, unit="img", mininterval=30, file=sys.stderr, ascii=True)
+
+
+def _close(bar: bool | tqdm) -> None:
+    if isinstance(bar, tqdm):
+        bar.close()
 
 
 def as_dataset(data: Data) -> ImageDataset:
@@ -361,14 +375,17 @@ def evaluate_stage(
         raise ValueError(f"cross_attack_epochs must be >= 1, got {cross_attack_epochs}")
     x, y, _ = select(data, "test", n)
     x_train, y_train, _ = select(data, "train", cross_attack_n) if cross_attack else (None, None, None)
-    bars = sys.stderr.isatty()
-    log(f"attacking {len(x)} test images: {', '.join(attack_label(a) for a in attacks)}" + ("" if bars else " (no progress bars: stderr is not a terminal)"))
-    results = run_attacks(model, x, y, attacks, targets=targets, batch_size=batch_size, progress=bars)
+    log(f"attacking {len(x)} test images: {', '.join(attack_label(a) for a in attacks)}")
+    bar = _progress("attacks", len(x) * len(attacks))
+    results = run_attacks(model, x, y, attacks, targets=targets, batch_size=batch_size, progress=bar)
+    _close(bar)
     if adaptive is not None:
         log(f"adaptive attacks that know the detector ({', '.join(adaptive.suite)}, {adaptive.steps} steps) on up to "
             f"{min(len(x), adaptive.max_inputs or len(x))} test images: the longest part")
+    bar = _progress("adaptive attacks")
     report = evaluate(model, detector, x, y, attacks, data=data.name, results=results, targets=targets,
-                      adaptive=adaptive, seed=seed, command=command, batch_size=batch_size, progress=sys.stderr.isatty())
+                      adaptive=adaptive, seed=seed, command=command, batch_size=batch_size, progress=bar)
+    _close(bar)
     if cross_attack:
         log(f"cross-attack matrix: one input detector per attack on {len(x_train)} training images")
         report["cross_attack"] = cross_attack_matrix(
