@@ -14,7 +14,7 @@ from safetynet.cli import main
 @pytest.mark.slow
 def test_mnist_quickstart_meets_its_targets(shared_data, tmp_path):
     npz = shared_data / "mnist" / "mnist_keras_arrays.npz"
-    assert main(["quickstart", "--data", str(npz), "--out", str(tmp_path / "mnist")]) == 0
+    assert main(["quickstart", "--data", str(npz), "--no-robust", "--out", str(tmp_path / "mnist")]) == 0
     report = json.loads((tmp_path / "mnist" / "report.json").read_text())
     assert report["n"] == 10_000
     assert report["classifier"]["clean_accuracy"] >= 0.985
