@@ -22,10 +22,6 @@ class Calibration:
     fpr_interval: tuple[float, float]
     n_clean: int
 
-    def flags(self, scores: np.ndarray) -> np.ndarray:
-        """True where an input is suspicious under this threshold (`flagged`)."""
-        return flagged(scores, self.threshold)
-
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"fpr_interval": list(self.fpr_interval)}
 
