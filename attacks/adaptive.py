@@ -41,9 +41,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from attacks.backend import Forward
+from foundation.backend import Forward
 from attacks.apgd import APGD, apgd_ascend
-from attacks.base import AttackResult, check_finite_nonnegative
+from attacks.base import AttackResult
+from foundation.validation import check_finite_nonnegative
 from attacks.engine import Plan, ascend
 from attacks.gradient_sign import GradientSignAttack
 from attacks.norms import perturbation_norms

@@ -19,10 +19,10 @@ from typing import Any, ClassVar
 import numpy as np
 from keras import ops
 
-from attacks.backend import Forward, value_and_grad
 from attacks.engine import Plan, evaluator, keep_better, over_restarts, steepest_step
 from attacks.gradient_sign import GradientSignAttack
 from attacks.norms import per_image, perturbation_norms, project
+from foundation.backend import Forward, value_and_grad
 
 MOMENTUM = 0.75  # weight of the new projected step against the previous move
 RHO = 0.75  # at a checkpoint, the step halves unless the loss rose in this share of the steps since the last

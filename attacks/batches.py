@@ -10,18 +10,13 @@ after batch i+1 has been dispatched: on a GPU the copies in both directions hide
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Callable
 
 import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-Array = Any  # a numpy array or a backend tensor
-
-
-def is_backend_array(x: Any) -> bool:
-    """True for a tensor of the active Keras backend (left on its device), False for numpy and lists."""
-    return not isinstance(x, np.ndarray) and keras.ops.is_tensor(x)
+from foundation.backend import Array
 
 
 def _pad(batch: Array, size: int) -> Array:

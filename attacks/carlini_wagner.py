@@ -48,9 +48,10 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from attacks.backend import Forward, value_and_grad
-from attacks.base import Attack, check_integer
+from attacks.base import Attack
 from attacks.norms import per_image, per_sample_norm, perturbation_norms
+from foundation.backend import Forward, value_and_grad
+from foundation.validation import check_integer
 
 # where on tanh an input pixel on a clip bound starts (see the module docstring)
 _TANH_SHRINK = 0.9

@@ -25,13 +25,14 @@ import keras
 import numpy as np
 from tqdm.auto import tqdm
 
-from attacks.backend import local_strategy
-from attacks.base import Attack, check_labels, check_model_input
-from attacks.shards import (
+from foundation.backend import local_strategy
+from attacks.base import Attack
+from foundation.validation import check_labels, check_model_input
+from foundation.shards import (
     FORMAT_VERSION, MANIFEST, AdversarialDataset, Verification, as_tf_dataset, iter_shards,
     load_adversarial_dataset, read_manifest, shard_name, shard_problem, verify_dataset, write_shard,
 )
-from attacks.storage import atomic_directory, atomic_write_json, model_fingerprint
+from foundation.storage import atomic_directory, atomic_write_json, model_fingerprint
 from attacks.transfer import fools
 
 __all__ = [

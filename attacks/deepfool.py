@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from attacks.backend import Forward, value_and_grad
-from attacks.base import Attack, AttackResult, check_integer
+from attacks.base import Attack, AttackResult
 from attacks.norms import check_norm, per_image, perturbation_norms
+from foundation.backend import Forward, value_and_grad
+from foundation.validation import check_integer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

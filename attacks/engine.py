@@ -23,9 +23,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from attacks.backend import Forward, repeat, value_and_grad
 from attacks.norms import per_image, project, steepest_direction
 from attacks.objectives import Objective
+from foundation.backend import Forward, repeat, value_and_grad
 
 Tensor = Any
 

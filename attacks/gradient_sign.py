@@ -13,11 +13,12 @@ from typing import Any, ClassVar
 import numpy as np
 from keras import ops
 
-from attacks.backend import Forward
-from attacks.base import Attack, check_finite_nonnegative, check_integer, per_sample
+from attacks.base import Attack, per_sample
 from attacks.engine import Plan, ascend, unit_noise
 from attacks.norms import check_norm, perturbation_norms
 from attacks.objectives import CrossEntropy, DifferenceOfLogitsRatio, Margin, Objective
+from foundation.backend import Forward
+from foundation.validation import check_finite_nonnegative, check_integer
 
 LOSSES = {"ce": CrossEntropy(), "margin": Margin(), "dlr": DifferenceOfLogitsRatio()}
 

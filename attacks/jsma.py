@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 from keras import ops
 
-from attacks.backend import Forward, value_and_grad
 from attacks.base import Attack, AttackResult
 from attacks.norms import perturbation_norms
+from foundation.backend import Forward, value_and_grad
 
 PAIR_SCORES_PER_BATCH = 1 << 26
 

@@ -27,11 +27,11 @@ from typing import Any, ClassVar
 from keras import ops
 
 from attacks.adaptive import OnJointModel
-from attacks.backend import Forward, repeat, value_and_grad
 from attacks.engine import Plan, keep_better, over_restarts, steepest_step
 from attacks.gradient_sign import GradientSignAttack
 from attacks.norms import per_image, perturbation_norms, project
 from attacks.objectives import DetectorAware, logit_margin
+from foundation.backend import Forward, repeat, value_and_grad
 
 # an input counts as misclassified for the switch only past this logit margin, so that the
 # detector's steps do not push it straight back over the decision boundary (as in the authors' code)

@@ -15,8 +15,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from attacks.base import Attack, AttackResult, check_model_input
+from attacks.base import Attack, AttackResult
 from attacks.gradient_sign import BIM
+from foundation.validation import check_model_input
 
 
 @dataclasses.dataclass(frozen=True)

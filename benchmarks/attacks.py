@@ -37,8 +37,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from attacks import FGSM, PGD, make_attack  # noqa: E402
-from attacks.backend import compile_with_model, value_and_grad  # noqa: E402
-from attacks.models import bfloat16_copy, load_model  # noqa: E402
+from foundation.backend import compile_with_model, value_and_grad  # noqa: E402
+from foundation.models import bfloat16_copy, load_model  # noqa: E402
 from benchmark_models import cifar_cnn  # noqa: E402
 from peers import art_classifier, peer_runs, torchattacks_peer  # noqa: E402
 from timing import best_time, importable, interleaved_rates, rate, sync  # noqa: E402

@@ -40,7 +40,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from attacks import parse_attack_spec  # noqa: E402
-from attacks.models import load_model  # noqa: E402
+from foundation.models import load_model  # noqa: E402
 from peers import art_classifier  # noqa: E402
 from training.classifier import accuracy, train_classifier  # noqa: E402
 from training.data import load_dataset  # noqa: E402

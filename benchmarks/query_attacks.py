@@ -37,7 +37,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # query_attack_clients, a
 import httpx
 import numpy as np
 
-from attacks.storage import model_fingerprint
+from foundation.storage import model_fingerprint
 from detector import InputDetector
 from query_attack_clients import Blocked, BudgetSpent, Oracle, augment, hop_skip_jump, square_attack
 from serving.clients import ClientIdentity

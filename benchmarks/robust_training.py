@@ -29,7 +29,7 @@ import keras
 import numpy as np
 
 from attacks import PGD
-from attacks.storage import atomic_write_json
+from foundation.storage import atomic_write_json
 from training.adversarial import robustness_report, training_attack
 from training.classifier import build_reference_cnn, train_adversarial
 from training.data import load_dataset

@@ -42,8 +42,8 @@ import httpx
 import numpy as np
 
 from attacks import FGSM, PGD
-from attacks.storage import model_fingerprint
 from detector import InputDetector
+from foundation.storage import model_fingerprint
 from serving.guard import Guard
 from training.classifier import train_classifier
 from training.data import load_dataset

@@ -46,8 +46,8 @@ def free_port() -> int:
 def build_digits_guard(directory: Path):
     """A digits guard (the reference CNN, an input detector on FGSM eps 0.3, 5% FPR), saved in `directory`."""
     from attacks import FGSM
-    from attacks.storage import model_fingerprint
     from detector import InputDetector
+    from foundation.storage import model_fingerprint
     from serving.guard import Guard
     from training.classifier import train_classifier
     from training.data import load_dataset

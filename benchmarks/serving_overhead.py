@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> dict:
     import keras
 
     from attacks import FGSM, PGD, parse_attack_spec
-    from attacks.models import logits_model
     from detector import ActivationDetector
+    from foundation.models import logits_model
     from serving import Guard
     from training.data import load_dataset
 

@@ -13,7 +13,6 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
-from attacks.storage import model_fingerprint
 from detector.base import Detector
 from detector.features import (
     check_images,
@@ -24,6 +23,7 @@ from detector.features import (
     require_classifier,
     resolve_layers,
 )
+from foundation.storage import model_fingerprint
 
 MODEL_FILE = "activations.keras"
 

@@ -34,11 +34,12 @@ import keras
 import numpy as np
 
 from attacks.adaptive import AdaptiveAPGD, AdaptivePGD, joint_model
-from attacks.base import Attack, AttackResult, check_integer
+from attacks.base import Attack, AttackResult
 from attacks.orthogonal import OrthogonalPGD, SelectivePGD
 from detector.base import Detector
 from detector.differentiable import stand_in
 from detector.metrics import attack_row, flagged
+from foundation.validation import check_integer
 
 SUITE = ("adaptive_pgd", "apgd_ce", "apgd_dlr", "apgd_dlr_targeted", "orthogonal_pgd", "selective_pgd")
 

@@ -15,10 +15,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from attacks.models import logits_model
-from attacks.storage import atomic_directory, atomic_write_json, read_json
 from detector.calibration import Calibration, calibrate_threshold, flagged
 from detector.features import check_training_pair, image_shape
+from foundation.models import logits_model
+from foundation.storage import atomic_directory, atomic_write_json, read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

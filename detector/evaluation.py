@@ -26,7 +26,6 @@ import keras
 import numpy as np
 
 from attacks.base import Attack, AttackResult
-from attacks.storage import atomic_write_json, model_fingerprint
 from detector.adaptive_evaluation import (
     DEFAULT_ADAPTIVE,
     AdaptiveSettings,
@@ -36,6 +35,7 @@ from detector.base import Detector
 from detector.benign_shift import shifted_fprs
 from detector.calibration import false_positive_interval
 from detector.metrics import attack_row, fgsm_taylor, flagged, jsonable
+from foundation.storage import atomic_write_json, model_fingerprint
 
 TAYLOR_POINTS = 21
 PACKAGES = ("safetynet", "numpy", "keras", "tensorflow", "jax", "scikit-learn", "scipy", "opencv-python-headless", "matplotlib")

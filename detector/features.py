@@ -15,8 +15,8 @@ import keras
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from attacks.models import logits_model
-from attacks.storage import model_fingerprint, read_json
+from foundation.models import logits_model
+from foundation.storage import model_fingerprint, read_json
 
 _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
          keras.layers.SeparableConv2D)

@@ -11,8 +11,8 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
-from attacks.models import logits_model
 from detector.base import Detector
+from foundation.models import logits_model
 
 MODEL_FILE = "detector.keras"
 

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from attacks.models import logits_model
+from foundation.models import logits_model
 from detector.base import Detector
 from detector.features import fit_linear_rule, load_arrays, predict, require_classifier, save_arrays
 

@@ -20,8 +20,6 @@ from keras import ops
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf
 from sklearn.linear_model import LogisticRegression
 
-from attacks.backend import value_and_grad
-from attacks.storage import model_fingerprint
 from detector.base import Detector
 from detector.features import (
     check_images,
@@ -35,6 +33,8 @@ from detector.features import (
     resolve_layers,
     save_arrays,
 )
+from foundation.backend import value_and_grad
+from foundation.storage import model_fingerprint
 
 ARRAYS_FILE = "mahalanobis.npz"
 COVARIANCES = {"ledoit_wolf": LedoitWolf, "empirical": EmpiricalCovariance}

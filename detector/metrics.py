@@ -16,9 +16,9 @@ import numpy as np
 from keras import ops
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from attacks.backend import compile_with_model, value_and_grad
 from attacks.base import AttackResult
 from detector.calibration import flagged
+from foundation.backend import compile_with_model, value_and_grad
 
 FPR_LEVELS = (0.01, 0.05)
 ROC_POINTS = 200

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from attacks.storage import atomic_write
+from foundation.storage import atomic_write
 
 
 def _rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:

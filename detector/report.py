@@ -12,9 +12,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from attacks.storage import atomic_write
 from detector.evaluation import display_name, write_report
 from detector.plots import write_plots
+from foundation.storage import atomic_write
 
 Table = tuple[str, list[str], list[list[str]], list[str]]
 PLOTS = "plots"

@@ -18,7 +18,6 @@ import keras
 import numpy as np
 from keras import ops
 
-from attacks.storage import model_fingerprint
 from detector.base import Detector
 from detector.features import (
     check_images,
@@ -28,6 +27,7 @@ from detector.features import (
     require_classifier,
     softmax,
 )
+from foundation.storage import model_fingerprint
 
 DEFAULT_SQUEEZERS = {1: ["bit_depth:1", "median:3"], 3: ["bit_depth:5", "median:3", "nl_means:13:3:2"]}
 FALLBACK_SQUEEZERS = ["bit_depth:5", "median:3"]

@@ -21,7 +21,6 @@ import numpy as np
 from keras import ops
 from sklearn.svm import SVC
 
-from attacks.storage import model_fingerprint
 from detector.base import Detector
 from detector.features import (
     check_images,
@@ -35,6 +34,7 @@ from detector.features import (
     resolve_layers,
     save_arrays,
 )
+from foundation.storage import model_fingerprint
 
 ARRAYS_FILE = "safetynet.npz"
 _ARRAYS = ("thresholds", "support_vectors", "dual_coef", "intercept", "gamma")

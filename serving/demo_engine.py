@@ -25,12 +25,12 @@ import keras
 import numpy as np
 
 from attacks import PGD
-from attacks.backend import compile_with_model, value_and_grad
-from attacks.base import check_images
 from attacks.engine import steepest_step
-from attacks.models import load_model, logits_model, save_model
 from attacks.norms import perturbation_norms
 from detector import load_detector
+from foundation.backend import compile_with_model, value_and_grad
+from foundation.models import load_model, logits_model, save_model
+from foundation.validation import check_images
 from serving.guard import Guard
 
 IMAGENET_WEIGHTS = "mobilenet_7_5_224_tf.h5"

@@ -33,7 +33,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from attacks.storage import atomic_directory, atomic_write_json
+from foundation.storage import atomic_directory, atomic_write_json
 from serving.guard import Guard
 
 METADATA_FILE = Path("assets.extra") / "safetynet.json"

@@ -21,15 +21,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from attacks.base import check_images, check_model_input
-from attacks.models import load_model, logits_model, save_model
-from attacks.storage import (
+from detector import Detector, load_detector
+from foundation.models import load_model, logits_model, save_model
+from foundation.storage import (
     atomic_directory,
     atomic_write_json,
     model_fingerprint,
     read_json,
 )
-from detector import Detector, load_detector
+from foundation.validation import check_images, check_model_input
 
 POLICIES = ("reject", "flag")
 GUARD_FILE = "guard.json"

@@ -46,7 +46,7 @@ try:
 except ImportError as error:  # pragma: no cover
     raise ImportError(f"the HTTP service needs the serve extra: pip install 'safetynet[serve]' ({error})") from error
 
-from attacks.storage import model_fingerprint
+from foundation.storage import model_fingerprint
 from serving.asgi import ApiError, Gate, error_response
 from serving.answers import AnswerPolicy, prediction_rows
 from serving.batcher import Batcher

@@ -1,6 +1,6 @@
 """Reading a quarantine store back: its summary, and its records as a dataset for retraining.
 
-`export_quarantine` turns records into an adversarial dataset in the `attacks.shards` format,
+`export_quarantine` turns records into an adversarial dataset in the `foundation.shards` format,
 marked `"adversarial_only": true` because quarantined inputs have no clean counterparts. By default
 it takes only records a reviewer marked adversarial (`serving.quarantine_review`); `unreviewed=True`
 adds the records nobody reviewed yet. Records marked clean (false positives) or unsure are never
@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from attacks.shards import FORMAT_VERSION as DATASET_FORMAT_VERSION
-from attacks.shards import MANIFEST, shard_name, write_shard
-from attacks.storage import atomic_directory, atomic_write_json
+from foundation.shards import FORMAT_VERSION as DATASET_FORMAT_VERSION
+from foundation.shards import MANIFEST, shard_name, write_shard
+from foundation.storage import atomic_directory, atomic_write_json
 from serving.quarantine import INCLUDE
 from serving.quarantine_index import VERDICTS, decode_image, open_index, utc_iso, utc_now
 

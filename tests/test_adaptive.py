@@ -11,7 +11,7 @@ from keras import ops
 from attacks import FGSM, PGD
 from attacks.adaptive import AdaptiveAPGD, AdaptivePGD, joint_model
 from attacks.orthogonal import OrthogonalPGD, SelectivePGD
-from attacks.backend import value_and_grad
+from foundation.backend import value_and_grad
 from detector import Detector, EnsembleDetector, InputDetector
 from detector.adaptive_evaluation import SUITE, AdaptiveSettings
 from detector.calibration import Calibration

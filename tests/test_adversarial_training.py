@@ -15,7 +15,7 @@ import pytest
 
 from attacks import PGD
 from attacks.dataset import load_adversarial_dataset
-from attacks.models import load_model, save_model
+from foundation.models import load_model, save_model
 from detector.squeeze import SqueezeDetector
 from safetynet.cli import main
 from serving import Guard

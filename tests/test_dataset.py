@@ -18,8 +18,8 @@ from attacks.dataset import (
     ArraySource, as_tf_dataset, generate_dataset, load_adversarial_dataset, merge_datasets, read_manifest,
     verify_dataset,
 )
-from attacks.shards import MANIFEST
-from attacks.storage import model_fingerprint
+from foundation.shards import MANIFEST
+from foundation.storage import model_fingerprint
 
 
 @pytest.fixture(scope="module")

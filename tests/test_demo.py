@@ -16,9 +16,9 @@ import pytest
 from matplotlib.figure import Figure
 
 from attacks import FGSM, PGD
-from attacks.models import load_model
-from attacks.storage import model_fingerprint
 from detector import InputDetector
+from foundation.models import load_model
+from foundation.storage import model_fingerprint
 from safetynet.cli import main
 from serving import Guard
 from serving.demo import (

@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 
 from attacks import FGSM, PGD
 from attacks.dataset import ArraySource, generate_dataset, load_adversarial_dataset
-from attacks.storage import model_fingerprint
+from foundation.storage import model_fingerprint
 from detector import FAMILIES, Calibration, InputDetector, calibrate_threshold, load_detector
 from detector.base import FORMAT_VERSION, MANIFEST
 from detector.input_detector import MODEL_FILE

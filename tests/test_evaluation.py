@@ -14,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from attacks import FGSM, PGD
 from attacks.base import Attack, AttackResult
-from attacks.storage import model_fingerprint
+from foundation.storage import model_fingerprint
 from detector import InputDetector, metrics
 from detector.calibration import Calibration
 from detector.evaluation import evaluate, format_table, write_report

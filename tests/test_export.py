@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from attacks import FGSM
-from attacks.storage import model_fingerprint
+from foundation.storage import model_fingerprint
 from detector import ActivationDetector, Detector, EnsembleDetector, InputDetector, JointDetector, SqueezeDetector
 from safetynet.cli import main
 from serving.export import export_guard

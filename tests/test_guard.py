@@ -10,9 +10,9 @@ from doubles import NaNForDarkImages
 from scipy.stats import binomtest
 
 from attacks import FGSM, PGD
-from attacks.models import save_model
-from attacks.storage import model_fingerprint
 from detector import InputDetector
+from foundation.models import save_model
+from foundation.storage import model_fingerprint
 from serving.guard import Guard, GuardResult
 
 EPS = 0.3

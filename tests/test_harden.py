@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from attacks import PGD
-from attacks.models import save_model
 from detector import JointDetector, load_detector
 from detector.differentiable import stand_in
 from detector.metrics import auroc
+from foundation.models import save_model
 from safetynet import cli
 from serving.guard import Guard
 from training.harden import HardenSettings, RobustEarlyStopping, harden

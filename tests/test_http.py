@@ -26,8 +26,8 @@ from fastapi import FastAPI, Request
 from prometheus_client.parser import text_string_to_metric_families
 
 from attacks import FGSM, PGD
-from attacks.storage import model_fingerprint
 from detector import InputDetector
+from foundation.storage import model_fingerprint
 from serving.answers import AnswerPolicy
 from serving.guard import Guard
 from serving.http import create_app

@@ -5,8 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from attacks.models import load_model, logits_model, save_model
-from attacks.storage import model_fingerprint
+from foundation.models import load_model, logits_model, save_model
+from foundation.storage import model_fingerprint
 
 
 def _softmax_models() -> dict[str, keras.Model]:
@@ -82,7 +82,7 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     """mkstemp creates 0600 files; written results must be readable like any other file."""
     import os
 
-    from attacks.storage import atomic_write_json
+    from foundation.storage import atomic_write_json
 
     path = atomic_write_json(tmp_path / "report.json", {"a": 1})
     mask = os.umask(0)
@@ -94,7 +94,7 @@ def test_atomic_directories_get_ordinary_permissions(tmp_path):
     """mkdtemp creates 0700 folders; a detector, guard or export must be readable by a server under another user."""
     import os
 
-    from attacks.storage import atomic_directory
+    from foundation.storage import atomic_directory
 
     with atomic_directory(tmp_path / "detector") as temp:
         (temp / "manifest.json").write_text("{}")

@@ -28,9 +28,9 @@ from attacks.dataset import (
     generate_dataset,
     load_adversarial_dataset,
 )
-from attacks.shards import verify_dataset
-from attacks.storage import model_fingerprint
 from detector import load_detector
+from foundation.shards import verify_dataset
+from foundation.storage import model_fingerprint
 from safetynet.cli import main
 from serving.guard import Guard
 from serving.quarantine import Quarantine, QuarantineFull

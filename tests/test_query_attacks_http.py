@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from attacks import FGSM
-from attacks.storage import model_fingerprint
 from detector import InputDetector
+from foundation.storage import model_fingerprint
 from serving.clients import ClientIdentity
 from serving.guard import Guard
 from serving.http import create_app

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from attacks import FGSM, PGD
-from attacks.models import save_model
-from attacks.storage import model_fingerprint
 from detector import InputDetector, load_detector
 from detector.adaptive_evaluation import AdaptiveSettings
 from detector.cross_attack import cross_attack_matrix
 from detector.evaluation import detector_fingerprint
 from detector.plots import eps_groups
 from detector.report import markdown
+from foundation.models import save_model
+from foundation.storage import model_fingerprint
 from safetynet.cli import main
 from training.classifier import train_classifier
 from training.workflow import evaluate_stage

@@ -8,9 +8,9 @@ import pytest
 
 from attacks import PGD
 from attacks.dataset import load_adversarial_dataset
-from attacks.models import save_model
-from attacks.storage import model_fingerprint
 from attacks.transfer import fooling_images, transfer_attack
+from foundation.models import save_model
+from foundation.storage import model_fingerprint
 from safetynet.cli import main
 from training.classifier import train_classifier
 

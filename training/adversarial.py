@@ -27,12 +27,12 @@ import numpy as np
 from keras import ops
 
 from attacks import APGD, PGD, Attack, CarliniWagnerL2, GradientSignAttack, parse_attack_spec
-from attacks.base import check_images, check_integer, check_labels, check_model_input
+from foundation.validation import check_images, check_integer, check_labels, check_model_input
 from attacks.engine import unit_noise_in_graph
 from attacks.norms import check_norm
 from attacks.objectives import TradesKL
-from attacks.shards import iter_shards, read_manifest
-from attacks.storage import atomic_write_json
+from foundation.shards import iter_shards, read_manifest
+from foundation.storage import atomic_write_json
 
 Tensor = Any
 

@@ -1,7 +1,7 @@
 """Reference classifiers: build and train a small CNN (logits out) for any loaded dataset, in the
 standard way, adversarially (`training.adversarial`), or mixed with stored adversarial datasets.
 
-Loading and saving existing models lives in `attacks.models`, beside the logits contract.
+Loading and saving existing models lives in `foundation.models`, beside the logits contract.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from attacks import GradientSignAttack
-from attacks.base import check_images, check_labels, check_model_input
+from foundation.validation import check_images, check_labels, check_model_input
 from training.adversarial import AdversarialTraining, mixed_batches
 from training.collapse import CollapseCheck
 

@@ -24,8 +24,8 @@ import keras
 import numpy as np
 
 from attacks import PGD
-from attacks.base import check_integer
-from attacks.models import load_model, save_model
+from foundation.validation import check_integer
+from foundation.models import load_model, save_model
 from detector import load_detector
 from serving.guard import Guard
 from training.adversarial import training_attack

@@ -24,8 +24,8 @@ from attacks import Attack, GradientSignAttack, make_attack, parse_attack_spec
 from attacks.dataset import (
     ArraySource, describe, generate_dataset, load_adversarial_dataset, merge_datasets, verify_dataset,
 )
-from attacks.models import load_model, save_model
-from attacks.storage import model_fingerprint
+from foundation.models import load_model, save_model
+from foundation.storage import model_fingerprint
 from detector import Detector, InputDetector, load_detector
 from detector.adaptive_evaluation import DEFAULT_ADAPTIVE, AdaptiveSettings
 from detector.cross_attack import cross_attack_matrix

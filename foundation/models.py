@@ -14,7 +14,7 @@ from pathlib import Path
 
 import keras
 
-from attacks.storage import atomic_write
+from foundation.storage import atomic_write
 
 
 def _is_softmax(activation: object) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from attacks.storage import atomic_write, read_json, sha256_file
+from foundation.storage import atomic_write, read_json, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -17,11 +17,19 @@ import logging
 from typing import Any, Callable
 
 import keras
+import numpy as np
 
 Tensor = Any
 Forward = Callable[[Tensor], Tensor]
 
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
+
+Array = Any  # a numpy array or a backend tensor
+
+
+def is_backend_array(x: Any) -> bool:
+    """True for a tensor of the active Keras backend (left on its device), False for numpy and lists."""
+    return not isinstance(x, np.ndarray) and keras.ops.is_tensor(x)
 
 
 class _QuietRetracing(logging.Filter):

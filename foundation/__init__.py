@@ -1,0 +1,2 @@
+"""What every package stands on: atomic storage and checksums, safe model loading and fingerprints,
+dataset shard files, input validation and the one backend seam. Imports nothing of ours."""
