@@ -22,6 +22,7 @@ from foundation.storage import atomic_directory, atomic_write_json, read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+FAMILIES: dict[str, type[Detector]] = {}  # kind -> family; the package (detector/__init__.py) lists them
 
 
 class Detector(abc.ABC):
@@ -173,3 +174,15 @@ class Detector(abc.ABC):
         detector.classifier_fingerprint = manifest.get("classifier_fingerprint")
         detector.info = manifest.get("info", {})
         return detector
+
+
+def load_detector(directory: str | os.PathLike, classifier: keras.Model | None = None) -> Detector:
+    """Load any detector family from its directory (the manifest says which). Families that read
+    the classifier's activations or outputs need `classifier`, checked against their fingerprint.
+    Here, beside the interface, so that the families holding members (ensemble, joint) load them
+    without importing the package that lists them."""
+    manifest = Detector.read_manifest(directory)
+    kind = manifest.get("kind")
+    if kind not in FAMILIES:
+        raise ValueError(f"detector {directory} is of unknown kind {kind!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[kind]._from_manifest(Path(directory), manifest, classifier=classifier)

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from detector.base import Detector
+from detector.base import Detector, load_detector
 from detector.features import fit_linear_rule, load_arrays, save_arrays
 
 ARRAYS_FILE = "stacker.npz"
@@ -104,8 +104,6 @@ class EnsembleDetector(Detector):
             raise ValueError(f"ensemble manifest in {directory} lists no members")
         members = []
         for index, kind in enumerate(kinds):
-            from detector import load_detector  # the registry imports this module
-
             member = load_detector(directory / member_directory(index), classifier)
             if member.kind != kind:
                 raise ValueError(f"ensemble member {index} in {directory} is a {member.kind!r} detector, expected {kind!r}")

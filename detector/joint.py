@@ -21,7 +21,7 @@ import numpy as np
 from keras import ops
 
 from foundation.models import logits_model
-from detector.base import Detector
+from detector.base import Detector, load_detector
 from detector.features import fit_linear_rule, load_arrays, predict, require_classifier, save_arrays
 
 ARRAYS_FILE = "rule.npz"
@@ -108,8 +108,6 @@ class JointDetector(Detector):
     @classmethod
     def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
                     classifier: keras.Model | None = None) -> "JointDetector":
-        from detector import load_detector  # the registry imports this module
-
         hyperparameters = dict(hyperparameters)
         kind = hyperparameters.pop("member", None)
         classifier = require_classifier(directory, classifier, cls.kind)

@@ -1,8 +1,9 @@
 """The guard: a detector in front of a classifier, rejecting inputs the detector flags.
 
-A guard directory (what `safetynet serve --guard DIR` and `safetynet export` read) holds
-`guard.json` (name, policy, clip range, batch size), `classifier.keras` (absent for a guard that
-sits in front of a remote classifier it cannot load) and `detector/` (any detector family).
+A guard directory (what `safetynet serve --guard DIR` and `safetynet export` read; its format is
+`detector.guard_directory`) holds `guard.json` (name, policy, clip range, batch size),
+`classifier.keras` (absent for a guard that sits in front of a remote classifier it cannot load)
+and `detector/` (any detector family).
 
 Fast path: when the detector's score is a Keras graph (`Detector.scoring_model`: the `input` and
 `activations` families) the guard runs ONE model per batch that gives both the logits and the score
@@ -22,20 +23,9 @@ import keras
 import numpy as np
 
 from detector import Detector, load_detector
-from foundation.models import load_model, logits_model, save_model
-from foundation.storage import (
-    atomic_directory,
-    atomic_write_json,
-    model_fingerprint,
-    read_json,
-)
+from detector.guard_directory import check_guard, load_guard_directory, save_guard_directory
+from foundation.models import load_model, logits_model
 from foundation.validation import check_images, check_model_input
-
-POLICIES = ("reject", "flag")
-GUARD_FILE = "guard.json"
-CLASSIFIER_FILE = "classifier.keras"
-DETECTOR_DIR = "detector"
-FORMAT_VERSION = 1
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +78,8 @@ class Guard:
         clip: tuple[float, float] = (0.0, 1.0),
         check_fingerprint: bool = True,
     ) -> None:
-        if detector.calibration is None:
-            raise ValueError("the detector is not calibrated: call calibrate(clean_x, target_fpr) first")
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
-        if classifier is None and detector.uses_classifier:
-            raise ValueError(f"the {detector.kind!r} detector reads the classifier: a guard with it needs the classifier")
-        if check_fingerprint and classifier is not None and detector.classifier_fingerprint not in (None, model_fingerprint(classifier)):
-            raise ValueError(
-                "the detector was trained for a different classifier (weight fingerprints differ); "
-                "retrain it for this model or pass check_fingerprint=False"
-            )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        low, high = (float(v) for v in clip)
-        if not low < high:
-            raise ValueError(f"clip must be a range (low, high) with low < high, got {clip}")
+        low, high = check_guard(classifier, detector, policy=policy, batch_size=batch_size, clip=clip,
+                                check_fingerprint=check_fingerprint)
         self.classifier = None if classifier is None else logits_model(classifier)
         self.detector = detector
         self.scoring_model = detector.scoring_model(self.classifier)
@@ -171,44 +147,16 @@ class Guard:
             log.exception("detector failed on a batch of %d inputs; flagging them", len(batch))
             return logits, np.full(len(batch), np.nan)
 
-    def config(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "name": self.name, "policy": self.policy,
-                "clip": list(self.clip), "batch_size": self.batch_size, "has_classifier": self.classifier is not None}
-
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the guard directory atomically: guard.json, classifier.keras, detector/."""
-        with atomic_directory(directory) as temp:
-            if self.classifier is not None:
-                save_model(self.classifier, temp / CLASSIFIER_FILE)
-            self.detector.save(temp / DETECTOR_DIR)
-            atomic_write_json(temp / GUARD_FILE, self.config())
-        return Path(directory)
-
-    def export(self, directory: str | os.PathLike) -> Path:
-        """Write the guard as one TensorFlow SavedModel that serves without safetynet (threshold
-        and policy baked in); only `input` and `activations` detectors export (`serving.export`)."""
-        from serving.export import export_guard  # serving.export imports this module
-
-        return export_guard(self, directory)
+        """Write the guard directory atomically: guard.json, classifier.keras, detector/
+        (`detector.guard_directory`; the guard was checked when it was built)."""
+        return save_guard_directory(directory, self.classifier, self.detector, name=self.name, policy=self.policy,
+                                    batch_size=self.batch_size, clip=self.clip, check_fingerprint=False)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, **overrides: Any) -> Guard:
         """Load a guard directory (models in Keras safe mode); `overrides` replace saved settings."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"guard directory not found: {directory}")
-        config = read_json(directory / GUARD_FILE, "guard config")
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"guard {directory} has format version {config.get('format_version')!r}; "
-                             f"this safetynet reads {FORMAT_VERSION}")
-        classifier_path = directory / CLASSIFIER_FILE
-        classifier = load_model(classifier_path) if classifier_path.exists() else None
-        if config.get("has_classifier") and classifier is None:
-            raise FileNotFoundError(f"guard {directory} lacks its classifier file {CLASSIFIER_FILE}")
-        detector = load_detector(directory / DETECTOR_DIR, classifier=classifier)
-        settings = {key: config[key] for key in ("name", "policy", "batch_size") if key in config}
-        if "clip" in config:
-            settings["clip"] = tuple(config["clip"])
+        classifier, detector, settings = load_guard_directory(directory)
         return cls(classifier, detector, **(settings | overrides))
 
     @classmethod

@@ -1,5 +1,5 @@
 """Tests for the fused scoring models (`Detector.scoring_model`), the guard's fast path built on
-them, and `Guard.export`: a SavedModel that plain TensorFlow serves with the guard's answers."""
+them, and `export_guard`: a SavedModel that plain TensorFlow serves with the guard's answers."""
 from __future__ import annotations
 
 import json
@@ -195,7 +195,7 @@ def served(tmp_path_factory, detectors, digits_classifier, x_eval) -> dict[str, 
         for name, (family, policy, with_classifier) in VARIANTS.items()
     }
     for name, guard in guards.items():
-        assert guard.export(root / name) == root / name
+        assert export_guard(guard, root / name) == root / name
     np.save(root / "images.npy", x_eval)
     subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(root / "images.npy"), *(str(root / n) for n in guards)],
                    check=True, cwd=root, timeout=300)
@@ -288,11 +288,11 @@ def test_unexportable_family_is_refused_and_leaves_nothing_behind(digits_classif
     squeeze = SqueezeDetector(digits_classifier, squeezers=["bit_depth:1", "nl_means:13:3:2"]).calibrate(digits.x_train[N_FIT:])
     guard = Guard(digits_classifier, squeeze)
     with pytest.raises(ValueError, match=r"'squeeze' detector cannot be exported: .*OpenCV's non-local means"):
-        guard.export(tmp_path / "export")
+        export_guard(guard, tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
-    Guard(digits_classifier, input_detector).export(tmp_path / "export")  # an existing export stays whole
+    export_guard(Guard(digits_classifier, input_detector), tmp_path / "export")  # an existing export stays whole
     with pytest.raises(ValueError, match="cannot be exported"):
-        guard.export(tmp_path / "export")
+        export_guard(guard, tmp_path / "export")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert (tmp_path / "export" / "saved_model.pb").is_file()
 

@@ -10,7 +10,7 @@ robust at eps/2 (Tramer 2022). So the guard is built around a robust classifier:
 2. FGSM and PGD datasets against the hardened classifier, and a `joint` detector on them: the member
    family's score and the classifier's own logit gap in one rule (`detector.joint`);
 3. one threshold for that rule, calibrated on held-out clean images at the target false-positive rate;
-4. the guard directory (`serving.guard.Guard`), and the evaluation report with the adaptive,
+4. the guard directory (`detector.guard_directory`), and the evaluation report with the adaptive,
    detector-aware attacks (unless `evaluate=False`).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from attacks import PGD
 from foundation.validation import check_integer
 from foundation.models import load_model, save_model
 from detector import load_detector
-from serving.guard import Guard
+from detector.guard_directory import save_guard_directory
 from training.adversarial import training_attack
 from training.classifier import LearningRate, accuracy, train_adversarial
 from training.workflow import Data, Log, as_dataset, attack_stage, default_attacks, default_eps, evaluate_stage, train_detector_stage
@@ -171,7 +171,7 @@ def harden(
     detector_path = out / "detector"
     train_detector_stage(datasets, detector_path, family="joint", members=(settings.family,), model_path=classifier_path,
                          target_fpr=settings.target_fpr, epochs=settings.detector_epochs, seed=settings.seed, log=log)
-    guard_path = Guard(classifier, load_detector(detector_path, classifier=classifier)).save(out / "guard")
+    guard_path = save_guard_directory(out / "guard", classifier, load_detector(detector_path, classifier=classifier))
     log(f"guard written to {guard_path} (serve it with: safetynet serve --guard {guard_path})")
     report = None
     if evaluate:
