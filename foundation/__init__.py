@@ -1,2 +1,3 @@
 """What every package stands on: atomic storage and checksums, safe model loading and fingerprints,
-dataset shard files, input validation and the one backend seam. Imports nothing of ours."""
+dataset shard files, image decoding, input validation and the one backend seam. Imports nothing
+of ours."""

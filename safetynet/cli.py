@@ -444,7 +444,7 @@ def _run(args: argparse.Namespace) -> int:
         out = export_guard_directory(args.guard, args.out, scores_for_rejected=args.scores_for_rejected)
         print(f"exported {out} (signature serving_default)")
     elif args.command == "demo" and args.save_model:
-        from serving.demo_engine import save_default_model
+        from serving.demo_model import save_default_model
 
         print(f"saved {save_default_model(args.save_model)} (ImageNet MobileNet taking [0, 1] RGB images)")
     elif args.command == "demo":

@@ -10,14 +10,11 @@ one forward pass.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
-import json
 import os
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -29,63 +26,16 @@ from attacks.engine import steepest_step
 from attacks.norms import perturbation_norms
 from detector import load_detector
 from foundation.backend import compile_with_model, value_and_grad
-from foundation.models import load_model, logits_model, save_model
+from foundation.images import read_image
+from foundation.models import load_model, logits_model
 from foundation.validation import check_images
+from serving.demo_model import IMAGENET_INDEX, imagenet_class_names, imagenet_mobilenet, keras_models_dir
 from serving.guard import Guard
 
-IMAGENET_WEIGHTS = "mobilenet_7_5_224_tf.h5"
-IMAGENET_INDEX = "imagenet_class_index.json"
 ATTACKS = ("FGSM", "PGD")
 PGD_STEPS = 10
 TAYLOR_POINTS = 21
 _CACHE_SIZE = 16
-
-
-def keras_models_dir() -> Path:
-    """Where Keras caches application weights: `$KERAS_HOME/models`, else `~/.keras/models`
-    (read at call time, so that a KERAS_HOME set after importing keras still counts)."""
-    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras").expanduser() / "models"
-
-
-def imagenet_class_names(path: str | os.PathLike) -> list[str]:
-    """The 1000 ImageNet class names from Keras's imagenet_class_index.json, spaces for
-    underscores; a name that occurs twice ("crane", "maillot") gets its index appended."""
-    index = json.loads(Path(path).read_text())
-    names = [index[str(i)][1].replace("_", " ") for i in range(len(index))]
-    counts = collections.Counter(names)
-    return [f"{name} ({i})" if counts[name] > 1 else name for i, name in enumerate(names)]
-
-
-def imagenet_mobilenet(models_dir: str | os.PathLike | None = None) -> tuple[keras.Model, list[str]]:
-    """ImageNet MobileNet v1 (alpha 0.75, 224x224) taking [0, 1] RGB images (a Rescaling layer maps
-    them to MobileNet's [-1, 1]) and returning logits, with its class names. Reads the weights and
-    class index from the Keras cache (`keras_models_dir()`); never downloads."""
-    folder = Path(models_dir) if models_dir is not None else keras_models_dir()
-    missing = [name for name in (IMAGENET_WEIGHTS, IMAGENET_INDEX) if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"the default ImageNet MobileNet needs {IMAGENET_WEIGHTS} and {IMAGENET_INDEX} in {folder} "
-            f"(missing: {', '.join(missing)}); copy both there (set KERAS_HOME to use another folder), "
-            "or pass --model / --guard"
-        )
-    base = logits_model(keras.applications.MobileNet(alpha=0.75, weights=str(folder / IMAGENET_WEIGHTS)))
-    inputs = keras.Input((224, 224, 3), name="image")
-    logits = base(keras.layers.Rescaling(2.0, offset=-1.0, name="to_mobilenet_range")(inputs))
-    return keras.Model(inputs, logits, name="mobilenet_imagenet"), imagenet_class_names(folder / IMAGENET_INDEX)
-
-
-def save_default_model(path: str | os.PathLike) -> Path:
-    """Write the default classifier (the wrapped MobileNet) as a .keras file, for `safetynet attack`."""
-    return save_model(imagenet_mobilenet()[0], path)
-
-
-def decode_image(path: str | os.PathLike) -> np.ndarray:
-    """Any image file OpenCV reads (8/16-bit, gray, alpha: all become 8-bit colour), as RGB uint8."""
-    data = np.fromfile(str(path), np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ValueError(f"cannot decode {Path(path).name} as an image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def fit_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -187,7 +137,7 @@ class DemoEngine:
 
     def prepare(self, path: str | os.PathLike) -> np.ndarray:
         """An image file as the classifier's input: decoded, center-cropped, resized, in [0, 1]."""
-        return fit_image(decode_image(path), self.input_shape)
+        return fit_image(read_image(path, 3), self.input_shape)
 
     def warm_up(self) -> None:
         """Compile the gradient and the forward passes now rather than on the first user request."""

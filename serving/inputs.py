@@ -1,25 +1,25 @@
 """Request inputs of the HTTP service (`serving.http`): `:predict` JSON bodies and `:classify` image files.
 
-`parse_instances` turns a TF-Serving-style JSON body into one float64 array, `decode_image` a PNG or
-JPEG into an HxWxC float32 image at the guard's input size and clip range. Both refuse malformed input
-with `InputError` (which the service answers with 400) before any costly work: JSON is parsed
+`parse_instances` turns a TF-Serving-style JSON body into one float64 array, `uploaded_image` a PNG
+or JPEG into an HxWxC float32 image at the guard's input size and clip range. Both refuse malformed
+input with `InputError` (which the service answers with 400) before any costly work: JSON is parsed
 strictly, element types are checked, and image headers are read for their size and completeness
-before OpenCV decodes anything.
+before OpenCV decodes anything (`foundation.images`).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import math
-import struct
 
 import cv2
 import numpy as np
 import orjson
 
+from foundation.images import ImageError, decode_image
+
 MAX_IMAGE_PIXELS = 40_000_000  # per uploaded image, read from its header before decoding (no pixel bombs)
 MAX_NPY_HEADER = 10_000  # bytes of a .npy header (numpy's own default limit)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NOT_NUMBERS = {"b": "booleans", "U": "strings", "O": "values that are not numbers (null, objects or huge integers)"}
 
 
@@ -124,47 +124,14 @@ def _inferred_array(batch: list, body: bytes) -> np.ndarray:
     return x.astype(np.float64, copy=False)
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a PNG or JPEG header, after checking the file has its end (a PNG its IEND
-    chunk, a JPEG an end marker after its first scan): truncated uploads never reach the decoder,
-    which may fill in grey or log a warning per request."""
-    if data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
-        if data.find(b"IEND", 33) < 0:
-            raise InputError("the PNG image is truncated (no IEND chunk)")
-        return struct.unpack(">II", data[16:24])
-    if not data.startswith(b"\xff\xd8"):
-        raise InputError("the upload is not a PNG or JPEG image")
-    size, position = None, 2
-    while position + 4 <= len(data) and data[position] == 0xFF:
-        marker, (length,) = data[position + 1], struct.unpack(">H", data[position + 2 : position + 4])
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and position + 9 <= len(data):
-            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
-            size = (width, height)
-        if marker == 0xDA:  # start of scan: entropy-coded data follows
-            if size is not None and data.find(b"\xff\xd9", position) >= 0:
-                return size
-            break
-        position += 2 + length
-    raise InputError("the JPEG image is truncated or corrupt")
-
-
-def decode_image(data: bytes, shape: tuple[int, int, int], clip: tuple[float, float]) -> np.ndarray:
-    """A PNG or JPEG as an HxWxC float32 image in `clip`: RGB (or grey for one channel), resized with
-    INTER_AREA to the guard's input size."""
-    width, height = _image_size(data)
-    if not 0 < width * height <= MAX_IMAGE_PIXELS:
-        raise InputError(f"the image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} are accepted")
+def uploaded_image(data: bytes, shape: tuple[int, int, int], clip: tuple[float, float]) -> np.ndarray:
+    """A `:classify` upload (PNG or JPEG) as an HxWxC float32 image in `clip`: RGB (or grey for one
+    channel), resized with INTER_AREA to the guard's input size."""
     rows, columns, channels = shape
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputError("the image could not be decoded (corrupt or truncated)")
-    if channels == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        image = decode_image(data, channels, what="the upload", max_pixels=MAX_IMAGE_PIXELS)
+    except ImageError as error:
+        raise InputError(str(error)) from None
     image = cv2.resize(image, (columns, rows), interpolation=cv2.INTER_AREA).reshape(shape)
     low, high = clip
     return np.clip(low + image.astype(np.float32) / 255.0 * (high - low), low, high)
-
-
-def quiet_decoder() -> None:
-    """Keep OpenCV from logging a warning line per corrupt upload (errors only; process-wide)."""
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)

@@ -33,7 +33,7 @@ from foundation.shards import FORMAT_VERSION as DATASET_FORMAT_VERSION
 from foundation.shards import MANIFEST, shard_name, write_shard
 from foundation.storage import atomic_directory, atomic_write_json
 from serving.quarantine import INCLUDE
-from serving.quarantine_index import VERDICTS, decode_image, open_index, utc_iso, utc_now
+from serving.quarantine_index import VERDICTS, open_index, record_pixels, utc_iso, utc_now
 
 
 def export_quarantine(
@@ -114,7 +114,7 @@ def export_quarantine(
                                         f"ORDER BY id", parameters)
             for start in range(0, len(rows), shard_size):
                 chunk = rows[start : start + shard_size]
-                x = np.stack([decode_image(*row) for row in images.fetchmany(len(chunk))]).astype(np.float32)
+                x = np.stack([record_pixels(*row) for row in images.fetchmany(len(chunk))]).astype(np.float32)
                 n = len(chunk)
                 arrays = {
                     "x_clean": np.full_like(x, np.nan), "x_adv": x, "y": np.full(n, -1, np.int64),

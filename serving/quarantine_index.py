@@ -76,7 +76,7 @@ def encode_image(image: np.ndarray) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def decode_image(record_id: int, pixels: bytes, sha256: str, shape: str) -> np.ndarray:
+def record_pixels(record_id: int, pixels: bytes, sha256: str, shape: str) -> np.ndarray:
     """A record's image, checked against its sha256 and shape."""
     if hashlib.sha256(pixels).hexdigest() != sha256:
         raise ValueError(f"quarantine record {record_id} is corrupt: its image does not match its sha256")
@@ -130,7 +130,7 @@ def _migrate_from_1(connection: sqlite3.Connection, directory: Path) -> None:
                               "classifier_fingerprint FROM records_v1 ORDER BY id").fetchall()
     for record_id, request_id, model, time, score, verdict, name, sha256, shape, fingerprint in rows:
         pixels = (directory / LEGACY_IMAGES / name).read_bytes()
-        decode_image(record_id, pixels, sha256, shape)
+        record_pixels(record_id, pixels, sha256, shape)
         connection.execute(f"INSERT INTO records (id, {COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
                            (record_id, request_id, model, time, score, verdict, pixels, sha256, shape, fingerprint))
     connection.execute("DROP TABLE records_v1")
@@ -161,7 +161,7 @@ def verify_store(directory: str | os.PathLike) -> dict[str, int]:
             raise ValueError(f"quarantine store {directory} fails SQLite's integrity check: {problems[:5]}")
         count = 0
         for row in connection.execute("SELECT id, pixels, sha256, shape FROM records ORDER BY id"):
-            decode_image(*row)
+            record_pixels(*row)
             count += 1
     finally:
         connection.close()

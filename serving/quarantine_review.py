@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from serving.quarantine_index import REVIEWS, VERDICTS, decode_image, open_index, utc_now
+from serving.quarantine_index import REVIEWS, VERDICTS, open_index, record_pixels, utc_now
 
 LIST_FIELDS = ("id", "time", "request_id", "model", "verdict", "reason", "score", "review")
 REVIEW_FILTERS = (*REVIEWS, "unreviewed")
@@ -57,7 +57,7 @@ def show_record(store: str | os.PathLike, record_id: int) -> tuple[dict[str, Any
     if row is None:
         raise ValueError(f"quarantine store {store} has no record {record_id}")
     fields = dict(zip(names, row, strict=True))
-    image = decode_image(record_id, fields.pop("pixels"), fields["sha256"], fields["shape"])
+    image = record_pixels(record_id, fields.pop("pixels"), fields["sha256"], fields["shape"])
     return fields, image
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI
 
+from foundation.images import quiet_decoder
 from serving.answers import AnswerPolicy
 from serving.guard import Guard, GuardStats
 from serving.http import DEFAULT_MAX_BODY_BYTES, create_app
-from serving.inputs import quiet_decoder
 from serving.protocol import DEFAULT_HEAD_BYTES, protocol_class
 from serving.quarantine import Quarantine
 from serving.query_gate import query_detection

@@ -8,7 +8,7 @@ from fastapi import Request
 
 from serving.asgi import ApiError
 from serving.guard import Guard
-from serving.inputs import decode_image, parse_instances, parse_npy
+from serving.inputs import parse_instances, parse_npy, uploaded_image
 
 NPY = "application/x-npy"  # a binary :predict body: one .npy array (no JSON numbers to parse)
 # TF Serving reads the body as JSON whatever its declared type; so does this, for the two types
@@ -71,5 +71,5 @@ async def classify_batch(request: Request, guard: Guard, max_batch: int, decoder
         raise ApiError(400, f":classify needs a fixed HxW input with 1 or 3 channels; this guard takes {shape}")
     images = []
     for data in await _read_uploads(request, max_batch):
-        images.append(await anyio.to_thread.run_sync(decode_image, data, shape, guard.clip, limiter=decoders))
+        images.append(await anyio.to_thread.run_sync(uploaded_image, data, shape, guard.clip, limiter=decoders))
     return checked(guard, np.stack(images))

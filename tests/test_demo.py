@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from attacks import FGSM, PGD
 from detector import InputDetector
+from foundation.images import read_image
 from foundation.models import load_model
 from foundation.storage import model_fingerprint
 from safetynet.cli import main
@@ -28,15 +29,8 @@ from serving.demo import (
     example_images,
     taylor_figure,
 )
-from serving.demo_engine import (
-    IMAGENET_INDEX,
-    IMAGENET_WEIGHTS,
-    DemoEngine,
-    decode_image,
-    fit_image,
-    imagenet_class_names,
-    imagenet_mobilenet,
-)
+from serving.demo_engine import DemoEngine, fit_image
+from serving.demo_model import IMAGENET_INDEX, IMAGENET_WEIGHTS, imagenet_class_names, imagenet_mobilenet
 from training.data import load_dataset
 
 LARGE_EPS = 0.45  # FGSM at this eps on 8x8 digits: the small detector below rejects it
@@ -99,16 +93,16 @@ def test_fit_image_center_crops_resizes_and_converts_to_gray():
     np.testing.assert_allclose(gray, 1.0)
 
 
-def test_decode_image_reads_gray_16_bit_and_alpha_as_rgb_and_refuses_other_files(tmp_path):
+def test_demo_images_read_gray_16_bit_and_alpha_as_rgb_and_refuse_other_files(tmp_path):
     cv2.imwrite(str(tmp_path / "gray16.png"), np.full((5, 7), 65535, np.uint16))
     cv2.imwrite(str(tmp_path / "alpha.png"), np.dstack([np.zeros((5, 7, 3), np.uint8), np.full((5, 7), 9, np.uint8)]))
     for name in ("gray16.png", "alpha.png"):
-        decoded = decode_image(tmp_path / name)
+        decoded = read_image(tmp_path / name, 3)  # as DemoEngine.prepare reads
         assert decoded.shape == (5, 7, 3) and decoded.dtype == np.uint8
-    assert decode_image(tmp_path / "gray16.png").min() == 255
+    assert read_image(tmp_path / "gray16.png", 3).min() == 255
     (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.raises(ValueError, match="cannot decode notes.txt"):
-        decode_image(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match=r"cannot decode image file .*notes\.txt"):
+        read_image(tmp_path / "notes.txt", 3)
     assert example_images(tmp_path) == [str(tmp_path / "alpha.png"), str(tmp_path / "gray16.png")]
     assert example_images(tmp_path / "absent") == []
 

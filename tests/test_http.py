@@ -326,7 +326,7 @@ def _bad_classify_cases() -> list:
         pytest.param({"content": jpeg[: len(jpeg) - 40], "headers": {"content-type": "image/jpeg"}}, 400,
                      "truncated", id="truncated-jpeg"),
         pytest.param({"content": png[:-12] + b"IEND" + png[-60:], "headers": {"content-type": "image/png"}}, 400,
-                     "could not be decoded", id="corrupt-png"),
+                     "cannot decode the upload", id="corrupt-png"),
         pytest.param({"content": bomb, "headers": {"content-type": "image/png"}}, 400, "pixels", id="pixel-bomb"),
         pytest.param({"content": b"", "headers": {"content-type": "image/png"}}, 400, "not a PNG", id="empty-body"),
         pytest.param({"content": png, "headers": {"content-type": "image/gif"}}, 415, "image/png", id="wrong-type"),

@@ -3,16 +3,16 @@ or a path (.npz file, CIFAR pickle-batch folder, image folder). TensorFlow is im
 the keras.datasets names, so the module stays cheap to import."""
 from __future__ import annotations
 
-import codecs
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from foundation.images import read_image
+from training.cifar import load_cifar_batches
 
 _DIGIT_NAMES = tuple(str(i) for i in range(10))
 _KERAS_CLASS_NAMES: dict[str, tuple[str, ...]] = {
@@ -25,21 +25,7 @@ _KERAS_CLASS_NAMES: dict[str, tuple[str, ...]] = {
 BUILTIN_DATASETS: tuple[str, ...] = ("digits", *_KERAS_CLASS_NAMES)
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
-# All a pickled numpy array may reference (protocol 2 writes bytes via _codecs.encode, protocol 5
-# uses _frombuffer), taken from numpy itself so numpy.core (1.x) and numpy._core (2.x) both load.
-_RECONSTRUCT = np.empty(0).__reduce__()[0]
-_FROMBUFFER = np.empty(1).__reduce_ex__(5)[0]
-_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,
-}
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}
+_TO_RGB = {1: cv2.COLOR_GRAY2RGB, 4: cv2.COLOR_RGBA2RGB}  # from what `read_image` gives
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
 
@@ -123,7 +109,7 @@ def _load_path(spec: str, size: tuple[int, int] | None, test_fraction: float,
             raise ValueError(f"unsupported dataset file {path}: expected an .npz file or a folder")
         return _load_npz(path)
     if any(path.glob("data_batch_*")):
-        return _load_cifar_batches(path)
+        return load_cifar_batches(path)
     return _load_image_folder(path, size, test_fraction, seed)
 
 
@@ -157,55 +143,6 @@ def _load_npz(path: Path) -> tuple[Split, tuple[str, ...] | None]:
                              f"expected {', '.join(_NPZ_KEYS)}")
         names = tuple(str(n) for n in npz["class_names"]) if "class_names" in npz.files else None
         return (npz["x_train"], npz["y_train"], npz["x_test"], npz["y_test"]), names
-
-
-def _load_cifar_batches(path: Path) -> tuple[Split, tuple[str, ...] | None]:
-    """CIFAR python batches: data_batch_* for training, test_batch* for testing, batches.meta."""
-    x_train, y_train = _read_cifar_batches(path, "data_batch_*")
-    x_test, y_test = _read_cifar_batches(path, "test_batch*")
-    meta = path / "batches.meta"
-    names = tuple(n.decode() for n in _unpickle(meta)[b"label_names"]) if meta.is_file() else None
-    return (x_train, y_train, x_test, y_test), names
-
-
-def _read_cifar_batches(path: Path, pattern: str) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate batches; each row of b'data' is the R, G and B planes of a 32x32 image."""
-    files = sorted(path.glob(pattern))
-    if not files:
-        raise ValueError(f"CIFAR folder {path} has no {pattern} file")
-    images, labels = [], []
-    for file in files:
-        batch = _unpickle(file)
-        data = batch.get(b"data") if isinstance(batch, dict) else None
-        y = batch.get(b"labels", batch.get(b"fine_labels")) if isinstance(batch, dict) else None
-        if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or y is None:
-            raise ValueError(f"{file} is not a CIFAR batch: expected a dict with b'data' "
-                             "(n, 3072) and b'labels'")
-        if len(y) != len(data):
-            raise ValueError(f"{file} has {len(data)} images but {len(y)} labels")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(y))
-    return np.concatenate(images), np.concatenate(labels)
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Resolves only the globals in _SAFE_GLOBALS, so a crafted batch file cannot run code."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        """Return an allowed numpy global; refuse every other one by name."""
-        if (module, name) not in _SAFE_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: "
-                                         "only numpy array data is allowed")
-        return _SAFE_GLOBALS[(module, name)]
-
-
-def _unpickle(path: Path) -> Any:
-    """Read one CIFAR pickle (bytes keys, as written by Python 2) with the restricted unpickler."""
-    with path.open("rb") as f:
-        try:
-            return _NumpyOnlyUnpickler(f, encoding="bytes").load()
-        except pickle.UnpicklingError as err:
-            raise pickle.UnpicklingError(f"{path}: {err}") from err
 
 
 def _load_image_folder(path: Path, size: tuple[int, int] | None, test_fraction: float,
@@ -250,38 +187,15 @@ def _decode_images(paths: list[Path], size: tuple[int, int] | None) -> np.ndarra
 
     Without ``size`` every image takes the size of the first one.
     """
-    decoded = []
-    for path in paths:
-        data = path.read_bytes()
-        if not _is_complete(data):
-            raise ValueError(f"image file {path} is truncated (no end marker): re-copy or remove it")
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise ValueError(f"cannot decode image file {path}")
-        decoded.append(image)
-    gray = all(image.ndim == 2 for image in decoded)
+    decoded = [read_image(path) for path in paths]  # truncated or undecodable files are refused
+    gray = all(image.shape[2] == 1 for image in decoded)
     size = size or decoded[0].shape[:2]
     out = np.empty((len(decoded), *size, 1 if gray else 3), np.float32)
     for i, image in enumerate(decoded):
-        if not gray:
-            image = cv2.cvtColor(image, _TO_RGB[1 if image.ndim == 2 else image.shape[2]])
+        if not gray and image.shape[2] in _TO_RGB:
+            image = cv2.cvtColor(image, _TO_RGB[image.shape[2]])
         out[i] = _resize_image(_to_unit_float(image, str(paths[i])), size)
     return out
-
-
-def _is_complete(data: bytes) -> bool:
-    """False for a PNG without its IEND chunk or a JPEG without an end marker after its first scan:
-    OpenCV decodes those with a warning and grey filler, and the image would train silently."""
-    if data.startswith(_PNG_SIGNATURE):
-        return data.find(b"IEND", 33) >= 0
-    if not data.startswith(b"\xff\xd8"):
-        return True  # other formats: OpenCV's decoder is the check
-    position = 2  # walk the marker segments (an EXIF thumbnail inside APP1 has its own scan and end)
-    while position + 4 <= len(data) and data[position] == 0xFF:
-        if data[position + 1] == 0xDA:  # start of scan; the end marker cannot occur in entropy-coded data
-            return data.find(b"\xff\xd9", position) >= 0
-        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
-    return False
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Split:
