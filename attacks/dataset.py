@@ -19,7 +19,7 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import keras
 import numpy as np
@@ -29,7 +29,7 @@ from foundation.backend import local_strategy
 from attacks.base import Attack
 from foundation.validation import check_labels, check_model_input
 from foundation.shards import (
-    FORMAT_VERSION, MANIFEST, AdversarialDataset, Verification, as_tf_dataset, iter_shards,
+    FORMAT_VERSION, MANIFEST, AdversarialDataset, Verification, as_tf_dataset, describe, iter_shards,
     load_adversarial_dataset, read_manifest, shard_name, shard_problem, verify_dataset, write_shard,
 )
 from foundation.storage import atomic_directory, atomic_write_json, model_fingerprint
@@ -37,8 +37,8 @@ from attacks.sources import ArraySource, NpySource, Source
 from attacks.transfer import fools
 
 __all__ = [
-    "AdversarialDataset", "ArraySource", "NpySource", "Source", "Verification", "as_tf_dataset", "generate_dataset",
-    "iter_shards", "load_adversarial_dataset", "merge_datasets", "read_manifest", "verify_dataset",
+    "AdversarialDataset", "ArraySource", "NpySource", "Source", "Verification", "as_tf_dataset", "describe",
+    "generate_dataset", "iter_shards", "load_adversarial_dataset", "merge_datasets", "read_manifest", "verify_dataset",
 ]
 
 
@@ -234,24 +234,3 @@ def merge_datasets(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         merged.update(range=[0, first["source_count"]], complete=True, finished=_now())
         atomic_write_json(temp / MANIFEST, merged)
     return merged
-
-
-def describe(directory: str | os.PathLike) -> Iterator[str]:
-    """Human-readable summary lines of a dataset (for `safetynet dataset info`); "complete" only when
-    every shard is present and matches its sha256, not merely when the manifest says so."""
-    manifest = read_manifest(directory, complete=False)
-    attack = dict(manifest["attack"])
-    name = attack.pop("attack")
-    problems = verify_dataset(directory).problems
-    state = "complete" if manifest.get("complete") else "INCOMPLETE"
-    if problems:
-        state += f", {len(problems)} of {len(manifest['shards'])} shards missing or corrupt: see `safetynet dataset verify`"
-    yield f"dataset:    {directory} ({state})"
-    yield f"attack:     {name} {json.dumps(attack)}"
-    yield f"source:     {json.dumps(manifest['source'])}, part {manifest['part'][0]} of {manifest['part'][1]}"
-    yield f"examples:   {manifest['count']} in {len(manifest['shards'])} shards, image shape {manifest['image_shape']}"
-    yield f"success:    {manifest['success_rate']:.4f} ({manifest['successes']} of {manifest['count']})"
-    yield f"classifier: {manifest['classifier_fingerprint'][:16]}…" + (
-        "" if manifest["crafted_on"] == manifest["classifier_fingerprint"] else f" (crafted on {manifest['crafted_on'][:16]}…)"
-    )
-    yield f"written:    {manifest.get('started')} .. {manifest.get('finished', 'unfinished')}"

@@ -15,6 +15,7 @@ and an interrupted, resumed run is byte-identical to an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -163,3 +164,24 @@ def as_tf_dataset(directory: str | os.PathLike, *, successful_only: bool = False
 
     signature = (tf.TensorSpec(shape, tf.float32), tf.TensorSpec((), tf.float32))
     return tf.data.Dataset.from_generator(pairs, output_signature=signature)
+
+
+def describe(directory: str | os.PathLike) -> Iterator[str]:
+    """Human-readable summary lines of a dataset (for `safetynet dataset info`); "complete" only when
+    every shard is present and matches its sha256, not merely when the manifest says so."""
+    manifest = read_manifest(directory, complete=False)
+    attack = dict(manifest["attack"])
+    name = attack.pop("attack")
+    problems = verify_dataset(directory).problems
+    state = "complete" if manifest.get("complete") else "INCOMPLETE"
+    if problems:
+        state += f", {len(problems)} of {len(manifest['shards'])} shards missing or corrupt: see `safetynet dataset verify`"
+    yield f"dataset:    {directory} ({state})"
+    yield f"attack:     {name} {json.dumps(attack)}"
+    yield f"source:     {json.dumps(manifest['source'])}, part {manifest['part'][0]} of {manifest['part'][1]}"
+    yield f"examples:   {manifest['count']} in {len(manifest['shards'])} shards, image shape {manifest['image_shape']}"
+    yield f"success:    {manifest['success_rate']:.4f} ({manifest['successes']} of {manifest['count']})"
+    yield f"classifier: {manifest['classifier_fingerprint'][:16]}…" + (
+        "" if manifest["crafted_on"] == manifest["classifier_fingerprint"] else f" (crafted on {manifest['crafted_on'][:16]}…)"
+    )
+    yield f"written:    {manifest.get('started')} .. {manifest.get('finished', 'unfinished')}"
