@@ -157,7 +157,7 @@ def _load_image_folder(path: Path, size: tuple[int, int] | None, test_fraction: 
                          f"{sorted(set(test) - set(names))}")
     files = [(file, names.index(cls)) for part in (train, test)
              for cls, found in part.items() for file in found]
-    x = _decode_images([file for file, _ in files], size)
+    x = _stack_images([file for file, _ in files], size)
     y = np.array([label for _, label in files])
     if not has_split:
         return _split(x, y, test_fraction, seed), names
@@ -182,8 +182,9 @@ def _visible(folder: Path) -> list[Path]:
     return [entry for entry in sorted(folder.iterdir()) if not entry.name.startswith(".")]
 
 
-def _decode_images(paths: list[Path], size: tuple[int, int] | None) -> np.ndarray:
-    """Decode to RGB (1-channel only if every image is grayscale), scale to [0, 1], resize, stack.
+def _stack_images(paths: list[Path], size: tuple[int, int] | None) -> np.ndarray:
+    """Read the files (`foundation.images`), as RGB (1-channel only if every image is grayscale),
+    scaled to [0, 1], resized and stacked.
 
     Without ``size`` every image takes the size of the first one.
     """
