@@ -29,12 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attacks import parse_attack_spec
 from detector.adaptive_evaluation import AdaptiveSettings
 from training.data import load_dataset
-from training.workflow import (
-    attack_stage,
-    evaluate_stage,
-    train_classifier_stage,
-    train_detector_stage,
-)
+from training.evaluate_stage import evaluate_stage
+from training.workflow import attack_stage, train_classifier_stage, train_detector_stage
 
 TARGETS = {1: 0.90, 3: 0.50}  # adaptive guarded accuracy by channel count (MNIST-like, CIFAR-like)
 MAX_CLEAN_FPR = 0.05

@@ -47,7 +47,7 @@ from serving.server import serving_in_thread
 from serving.stateful import MatchRule, MemoryBackend, QueryAttackDetector
 from training.classifier import train_classifier
 from training.data import load_dataset
-from training.workflow import default_attacks, default_eps
+from training.attack_specs import default_attacks, default_eps
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist_keras_arrays.npz"
 DATASETS = {"digits": ("digits", 1437, 8), "mnist": (str(MNIST), 20_000, 3)}  # spec, training images, epochs

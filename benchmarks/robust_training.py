@@ -33,7 +33,7 @@ from foundation.storage import atomic_write_json
 from training.adversarial import robustness_report, training_attack
 from training.classifier import build_reference_cnn, train_adversarial
 from training.data import load_dataset
-from training.workflow import default_eps
+from training.attack_specs import default_eps
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist_keras_arrays.npz"
 

@@ -189,7 +189,7 @@ def test_version_and_help_text_for_every_option():
     from safetynet import __version__
 
     assert result.returncode == 0 and result.stdout.strip() == f"safetynet {__version__}"
-    from safetynet import cli
+    from safetynet.parser import build_parser
 
     def parsers(parser):
         yield parser
@@ -198,10 +198,10 @@ def test_version_and_help_text_for_every_option():
                 for child in action.choices.values():
                     yield from parsers(child)
 
-    undocumented = [f"{parser.prog} {action.dest}" for parser in parsers(cli._parser()) for action in parser._actions
+    undocumented = [f"{parser.prog} {action.dest}" for parser in parsers(build_parser()) for action in parser._actions
                     if not action.help and not isinstance(action, argparse._SubParsersAction)]
     assert undocumented == []
-    members = cli._parser().parse_args(["train-detector", "--adversarial", "a", "--out", "d"]).members
+    members = build_parser().parse_args(["train-detector", "--adversarial", "a", "--out", "d"]).members
     assert members == ["input", "safetynet", "squeeze"]  # a list that prints as words in --help, not a tuple
 
 
@@ -268,19 +268,20 @@ def test_retrain_names_the_next_free_version(tmp_path):
 
 
 def test_the_cli_mirrors_the_library_names_and_defaults():
-    from safetynet import cli
+    from safetynet import arguments
+    from safetynet.parser import build_parser
     from detector import FAMILIES
     from training.detector import DEFAULT_MEMBERS
 
-    assert set(cli.FAMILIES) == set(FAMILIES) and tuple(cli.DEFAULT_MEMBERS) == tuple(DEFAULT_MEMBERS)
+    assert set(arguments.FAMILIES) == set(FAMILIES) and tuple(arguments.DEFAULT_MEMBERS) == tuple(DEFAULT_MEMBERS)
     from attacks import ATTACKS
     from training.data import BUILTIN_DATASETS
 
-    assert set(cli.ATTACK_NAMES) == set(ATTACKS) and set(cli.DATASET_NAMES) == set(BUILTIN_DATASETS)
+    assert set(arguments.ATTACK_NAMES) == set(ATTACKS) and set(arguments.DATASET_NAMES) == set(BUILTIN_DATASETS)
     from detector.adaptive_evaluation import DEFAULT_ADAPTIVE, SUITE
 
-    assert cli.ADAPTIVE_SUITE == SUITE and cli.ADAPTIVE_STEPS == DEFAULT_ADAPTIVE.steps
-    parsed = cli._parser().parse_args(["evaluate", "--model", "m", "--detector", "d", "--out", "o"])
+    assert arguments.ADAPTIVE_SUITE == SUITE and arguments.ADAPTIVE_STEPS == DEFAULT_ADAPTIVE.steps
+    parsed = build_parser().parse_args(["evaluate", "--model", "m", "--detector", "d", "--out", "o"])
     assert (parsed.adaptive_restarts, parsed.adaptive_targets) == (DEFAULT_ADAPTIVE.restarts, DEFAULT_ADAPTIVE.target_classes)
 
 

@@ -38,7 +38,7 @@ from serving.quarantine_export import export_quarantine
 from serving.quarantine_index import INDEX, LEGACY_IMAGES, verify_store
 from serving.quarantine_review import list_records, mark_records, show_record
 from training.detector import fit_detector, retrain_input_detector, split_by_source
-from training.workflow import trained_attacks
+from training.attack_specs import trained_attacks
 
 FINGERPRINT = "f" * 64
 SHAPE = (8, 8, 1)

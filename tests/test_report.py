@@ -22,7 +22,7 @@ from foundation.models import save_model
 from foundation.storage import model_fingerprint
 from safetynet.cli import main
 from training.classifier import train_classifier
-from training.workflow import evaluate_stage
+from training.evaluate_stage import evaluate_stage
 
 EPS = 0.3
 SMALL = AdaptiveSettings(steps=5, lambdas=(1.0, 10.0))

@@ -29,8 +29,10 @@ from foundation.models import load_model, save_model
 from detector import load_detector
 from detector.guard_directory import save_guard_directory
 from training.adversarial import training_attack
+from training.attack_specs import default_attacks, default_eps
 from training.classifier import LearningRate, accuracy, train_adversarial
-from training.workflow import Data, Log, as_dataset, attack_stage, default_attacks, default_eps, evaluate_stage, train_detector_stage
+from training.evaluate_stage import evaluate_stage
+from training.workflow import Data, Log, as_dataset, attack_stage, train_detector_stage
 
 
 @dataclasses.dataclass(frozen=True)

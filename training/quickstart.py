@@ -13,9 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from training.attack_specs import default_attacks, default_eps
 from training.data import load_dataset
+from training.evaluate_stage import evaluate_stage
 from training.harden import HardenSettings, harden
-from training.workflow import Log, attack_stage, default_attacks, default_eps, evaluate_stage, train_classifier_stage, train_detector_stage
+from training.workflow import Log, attack_stage, train_classifier_stage, train_detector_stage
 
 # 8x8 images with 17 grey levels (scikit-learn's digits): at eps 0.3 an attacker may redraw the digit,
 # so the robust guard there defends the smaller budget

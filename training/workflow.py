@@ -2,15 +2,17 @@
 
 train_classifier_stage -> classifier.keras
 attack_stage           -> adversarial dataset directory (one per attack)
+dataset_info, dataset_verify, dataset_merge -> a dataset's summary, its check, its joined parts
 train_detector_stage   -> detector directory
-evaluate_stage         -> report.json (+ the table as text)
+retrain_stage          -> the detector's next version beside it
+evaluate_stage         -> report.json (+ the table as text), in `training.evaluate_stage`
 quickstart             -> all of the above into one folder, with defaults that suit the data
 
-The `safetynet` command maps its arguments onto these functions and nothing else.
+Which attacks run, and at which eps, is `training.attack_specs`. The `safetynet` command maps its
+arguments onto these functions and nothing else.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -18,23 +20,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from attacks import Attack, GradientSignAttack, make_attack, parse_attack_spec
+from attacks import Attack
 from attacks.dataset import (
     ArraySource, describe, generate_dataset, load_adversarial_dataset, merge_datasets, verify_dataset,
 )
 from foundation.models import load_model, save_model
 from foundation.storage import model_fingerprint
-from detector import Detector, InputDetector, load_detector
-from detector.adaptive_evaluation import DEFAULT_ADAPTIVE, AdaptiveSettings
-from detector.cross_attack import cross_attack_matrix
-from detector.evaluation import attack_label, check_match, evaluate, format_table, run_attacks
-from detector.report import write_report_files
+from detector import InputDetector, load_detector
 from training.adversarial import format_robustness, robustness_report, training_attack, write_robustness
+from training.attack_specs import default_eps, resolve_attack
 from training.classifier import accuracy, train_adversarial, train_classifier, train_on_adversarial_data
 from training.data import ImageDataset, load_dataset
-from training.detector import DEFAULT_MEMBERS, fit_detector, make_detector, retrain_input_detector
+from training.detector import DEFAULT_MEMBERS, fit_detector, retrain_input_detector
 
 Log = Callable[[str], None]
 Data = str | ImageDataset
@@ -45,40 +43,9 @@ def _fit_verbosity() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def _progress(desc: str, total: int | None = None) -> bool | tqdm:
-    """Each attack's live bar on a terminal; in logs and CI one bar for the stage that writes a line
-    at most every 30 s, so a stage of minutes still shows that it moves and how fast."""
-    if sys.stderr.isatty():
-        return True
-    return tqdm(total=total, desc=desc, unit="img", mininterval=30, file=sys.stderr, ascii=True)
-
-
-def _close(bar: bool | tqdm) -> None:
-    if isinstance(bar, tqdm):
-        bar.close()
-
-
 def as_dataset(data: Data) -> ImageDataset:
     """Stages take a data spec or an already loaded dataset (quickstart loads it once)."""
     return data if isinstance(data, ImageDataset) else load_dataset(data)
-
-
-def default_eps(input_shape: Sequence[int]) -> float:
-    """0.3 for single-channel images (the MNIST convention), 8/255 for colour (CIFAR, ImageNet)."""
-    return 0.3 if input_shape[-1] == 1 else 8 / 255
-
-
-def default_attacks(input_shape: Sequence[int], eps: float | None = None) -> list[Attack]:
-    """FGSM and PGD-10 at `eps` (default: `default_eps`)."""
-    eps = default_eps(input_shape) if eps is None else eps
-    return [make_attack("fgsm", eps=eps), make_attack("pgd", eps=eps, steps=10)]
-
-
-def resolve_attack(attack: Attack | str, data: ImageDataset, overrides: dict[str, Any] | None = None) -> Attack:
-    """An attack object from a spec string, with eps defaulting to the data's convention."""
-    if isinstance(attack, Attack):
-        return attack
-    return parse_attack_spec(attack, defaults={"eps": default_eps(data.input_shape)}, overrides=overrides)
 
 
 def select(data: ImageDataset, split: str, n: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -293,107 +260,3 @@ def next_version(detector_dir: str | os.PathLike, version: int) -> tuple[int, Pa
     taken = [int(match.group(1)) for sibling in path.parent.iterdir() if (match := pattern.fullmatch(sibling.name))]
     number = max([version, *taken]) + 1
     return number, Path(detector_dir).parent / f"{base}.v{number}"
-
-
-def trained_attacks(detector_dir: str | os.PathLike) -> list[Attack]:
-    """The attacks a detector was trained on, rebuilt from its manifest (quarantined inputs, which
-    no attack can regenerate, are left out)."""
-    info = Detector.read_manifest(detector_dir).get("info", {})
-    attacks = []
-    for entry in info.get("trained_on", []):
-        if entry.get("adversarial_only"):
-            continue
-        params = {k: v for k, v in entry["attack"].items() if k != "attack"}
-        params["clip"] = tuple(params.get("clip", (0.0, 1.0)))
-        attacks.append(make_attack(entry["attack"]["attack"], **_legacy_step(params)))
-    return attacks
-
-
-def _legacy_step(params: dict[str, Any]) -> dict[str, Any]:
-    """Manifests written before rel_stepsize existed stored the effective step size, 2.5 * eps / steps
-    for a default one: read that as the default (relative) step, so that it follows a new eps."""
-    if "rel_stepsize" not in params and "step_size" in params and "eps" in params and np.isclose(
-        params["step_size"], 2.5 * params["eps"] / params.get("steps", 10)
-    ):
-        return {k: v for k, v in params.items() if k != "step_size"}
-    return params
-
-
-def sweep_eps(attacks: Sequence[Attack | str], eps_values: Sequence[float], data: ImageDataset) -> list[Attack]:
-    """Each attack that has an eps once per value of `eps_values` (others once). A relative step
-    (the default) follows the new eps; an absolute step_size stays. All share one compiled loop:
-    eps is a runtime value of the engine."""
-    swept = []
-    for attack in attacks:
-        base = resolve_attack(attack, data)
-        if not isinstance(base, GradientSignAttack):
-            swept.append(base)
-            continue
-        swept.extend(dataclasses.replace(base, eps=float(eps)) for eps in eps_values)
-    return swept
-
-
-def evaluate_stage(
-    model_path: str | os.PathLike,
-    detector_dir: str | os.PathLike,
-    data: Data,
-    out: str | os.PathLike,
-    *,
-    attacks: Sequence[Attack | str] | None = None,
-    n: int | None = None,
-    batch_size: int = 256,
-    targets: str | None = None,
-    eps_sweep: Sequence[float] | None = None,
-    adaptive: AdaptiveSettings | None = DEFAULT_ADAPTIVE,
-    cross_attack: bool = False,
-    cross_attack_n: int = 2000,
-    cross_attack_epochs: int = 3,
-    html: bool = False,
-    seed: int = 0,
-    command: Sequence[str] | None = None,
-    log: Log = print,
-) -> dict[str, Any]:
-    """Evaluate detection on the test split (attacks default to those the detector was trained on),
-    under adaptive attacks too unless `adaptive` is None; write report.json, report.md, plots/ (and
-    report.html) into `out`. `eps_sweep` runs every attack with an eps at each value; `cross_attack`
-    trains an `input` detector per attack on `cross_attack_n` training images for the cross-attack
-    matrix. Everything is checked before any attack runs."""
-    model = load_model(model_path)
-    detector = load_detector(detector_dir, classifier=model)
-    check_match(model, detector)
-    data = as_dataset(data)
-    attacks = [resolve_attack(a, data) for a in attacks] if attacks else trained_attacks(detector_dir)
-    if not attacks:
-        raise ValueError("no attacks to evaluate: name them, or use a detector whose manifest lists its attacks")
-    if eps_sweep:
-        attacks = sweep_eps(attacks, eps_sweep, data)
-    if targets not in (None, "random", "least_likely"):
-        raise ValueError(f"targets must be 'random' or 'least_likely', got {targets!r}")
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ValueError(f"--out {out} is a file; the report needs a folder")
-    if cross_attack and cross_attack_epochs < 1:
-        raise ValueError(f"cross_attack_epochs must be >= 1, got {cross_attack_epochs}")
-    x, y, _ = select(data, "test", n)
-    x_train, y_train, _ = select(data, "train", cross_attack_n) if cross_attack else (None, None, None)
-    log(f"attacking {len(x)} test images: {', '.join(attack_label(a) for a in attacks)}")
-    bar = _progress("attacks", len(x) * len(attacks))
-    results = run_attacks(model, x, y, attacks, targets=targets, batch_size=batch_size, progress=bar)
-    _close(bar)
-    if adaptive is not None:
-        log(f"adaptive attacks that know the detector ({', '.join(adaptive.suite)}, {adaptive.steps} steps) on up to "
-            f"{min(len(x), adaptive.max_inputs or len(x))} test images: the longest part")
-    bar = _progress("adaptive attacks")
-    report = evaluate(model, detector, x, y, attacks, data=data.name, results=results, targets=targets,
-                      adaptive=adaptive, seed=seed, command=command, batch_size=batch_size, progress=bar)
-    _close(bar)
-    if cross_attack:
-        log(f"cross-attack matrix: one input detector per attack on {len(x_train)} training images")
-        report["cross_attack"] = cross_attack_matrix(
-            model, dict(zip(report["attacks"], attacks)), dict(zip(report["attacks"], results)), x,
-            lambda clean, adversarial: make_detector("input", None, epochs=cross_attack_epochs, seed=seed).fit(clean, adversarial, verbose=0),
-            x_train=x_train, y_train=y_train, target_fpr=detector.calibration.target_fpr, seed=seed, batch_size=batch_size,
-        )
-    paths = write_report_files(report, out, html=html)
-    log(format_table(report))
-    log(f"report written to {paths['report.json']} (+ {', '.join(name for name in paths if name != 'report.json')})")
-    return report
