@@ -37,6 +37,7 @@ from attacks.adaptive import AdaptiveAPGD, AdaptivePGD, joint_model
 from attacks.base import Attack, AttackResult
 from attacks.orthogonal import OrthogonalPGD, SelectivePGD
 from detector.base import Detector
+from detector.adaptive_outcomes import Outcome, judge, targeted, worst_case
 from detector.differentiable import stand_in
 from detector.metrics import attack_row, flagged
 from foundation.validation import check_integer
@@ -132,71 +133,6 @@ def suite(template: Attack, settings: AdaptiveSettings, threshold: float, score_
     return {name: every[name]() for name in settings.suite}
 
 
-FIELDS = ("x_adv", "linf", "l2", "misclassified", "scores", "rejected")
-
-
-@dataclasses.dataclass
-class Outcome:
-    """One attack's examples on every input, judged by the real classifier and detector."""
-
-    x_adv: np.ndarray
-    linf: np.ndarray
-    l2: np.ndarray
-    misclassified: np.ndarray
-    scores: np.ndarray
-    rejected: np.ndarray
-
-    @property
-    def broken(self) -> np.ndarray:
-        """Misclassified and let through by the detector."""
-        return self.misclassified & ~self.rejected
-
-
-def _judge(classifier: keras.Model, detector: Detector, result: AttackResult, y: np.ndarray, batch_size: int) -> Outcome:
-    predicted = np.argmax(classifier.predict(result.x_adv, batch_size=batch_size, verbose=0), axis=-1)
-    scores = np.asarray(detector.score(result.x_adv), np.float64)
-    return Outcome(np.asarray(result.x_adv), np.asarray(result.linf), np.asarray(result.l2), predicted != y, scores,
-                   flagged(scores, detector.threshold))
-
-
-def _targeted(attack: Attack, classifier: keras.Model, detector: Detector, joint: keras.Model, x: np.ndarray,
-              y: np.ndarray, count: int, batch_size: int, progress: bool) -> tuple[Outcome | None, int]:
-    """Targeted runs at each input's `count` most likely other classes in turn, each on the inputs
-    no earlier target broke, and how many targets ran; (None, 0) for fewer than 4 classes (targeted
-    DLR needs 4)."""
-    logits = classifier.predict(x, batch_size=batch_size, verbose=0)
-    classes = logits.shape[-1]
-    if classes < 4:
-        return None, 0
-    order = np.argsort(-logits, axis=-1, kind="stable")
-    others = np.stack([row[row != label] for row, label in zip(order, y, strict=True)])
-    outcome, tried = None, 0
-    for rank in range(min(count, classes - 1)):
-        rows = np.arange(len(x)) if outcome is None else np.flatnonzero(~outcome.broken)
-        if not len(rows):
-            break
-        result = attack(joint, x[rows], y[rows], targets=others[rows, rank], index=rows, batch_size=batch_size,
-                        progress=progress)
-        judged, tried = _judge(classifier, detector, result, y[rows], batch_size), rank + 1
-        if outcome is None:
-            outcome = judged
-            continue
-        for name in FIELDS:
-            getattr(outcome, name)[rows[judged.broken]] = getattr(judged, name)[judged.broken]
-    return outcome, tried
-
-
-def _worst_case(outcomes: dict[str, Outcome]) -> tuple[np.ndarray, Outcome]:
-    """Per input, which attack's example is kept (an index into `outcomes`): among those that broke
-    it, the one with the lowest score; where none did, the lowest score of all."""
-    names = list(outcomes)
-    broken = np.stack([outcomes[k].broken for k in names])
-    scores = np.stack([np.nan_to_num(outcomes[k].scores, nan=np.inf) for k in names])
-    choice = np.lexsort((scores, ~broken), axis=0)[0]  # broken first, then the lowest score
-    rows = np.arange(broken.shape[1])
-    return choice, Outcome(*(np.stack([getattr(outcomes[k], f) for k in names])[choice, rows] for f in FIELDS))
-
-
 def _masking_note(row: dict[str, Any], baseline_key: str, method: str, margin: float) -> str:
     return (
         f"Worst-case guarded accuracy under the adaptive attacks ({row['guarded_accuracy']:.3f}) is within "
@@ -263,22 +199,22 @@ def evaluate_adaptive(
         tried: dict[str, int] = {}
         for name, attack in attacks.items():
             if name == "apgd_dlr_targeted":
-                outcome, tried[name] = _targeted(attack, classifier, detector, joint, x, y, settings.target_classes,
-                                                 batch_size, progress)
+                outcome, tried[name] = targeted(attack, classifier, detector, joint, x, y, settings.target_classes,
+                                                batch_size, progress)
                 if outcome is not None:
                     outcomes[name] = outcome
                 continue
             result = attack(joint, x, y, batch_size=batch_size, progress=progress)
-            outcomes[name] = _judge(classifier, detector, result, y, batch_size)
+            outcomes[name] = judge(classifier, detector, result, y, batch_size)
         if not outcomes:
             raise ValueError("the adaptive suite holds only apgd_dlr_targeted, which needs 4 or more classes")
         same = [k for k, (a, _) in keyed.items() if getattr(a, "eps", None) == template.eps and getattr(a, "norm", None) == template.norm]
         for name in same:  # the evaluated attacks at this budget join the worst case per input: an example
             attack, result = keyed[name]  # made without the detector that gets through counts the same
             attacks[name] = attack
-            outcomes[name] = _judge(classifier, detector, AttackResult(result.x_adv[:count], result.success[:count],
-                                                                       result.linf[:count], result.l2[:count]), y, batch_size)
-        choice, kept = _worst_case(outcomes)
+            outcomes[name] = judge(classifier, detector, AttackResult(result.x_adv[:count], result.success[:count],
+                                                                      result.linf[:count], result.l2[:count]), y, batch_size)
+        choice, kept = worst_case(outcomes)
         names = list(outcomes)
         won = np.bincount(choice[kept.broken], minlength=len(names))
         key = _key(template)
