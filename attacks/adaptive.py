@@ -34,7 +34,6 @@ score), which the ordinary engine compiles once for TensorFlow or JAX.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import keras
@@ -44,7 +43,7 @@ from keras import ops
 from foundation.backend import Forward
 from attacks.apgd import APGD, apgd_ascend
 from attacks.base import AttackResult
-from foundation.validation import check_finite_nonnegative
+from foundation.validation import Interval, Options, Satisfies
 from attacks.engine import Plan, ascend
 from attacks.gradient_sign import GradientSignAttack
 from attacks.norms import perturbation_norms
@@ -72,22 +71,26 @@ def joint_model(classifier: keras.Model | None, score_model: keras.Model) -> ker
     return keras.Model(inputs, ops.concatenate([logits, score], axis=-1), name="classifier_and_detector")
 
 
+def _weights(values: Any) -> tuple[float, ...]:
+    weights = tuple(Interval(float, 0).convert(v) for v in np.atleast_1d(values))
+    if not weights:
+        raise ValueError(values)
+    return weights
+
+
+# the constraints of the parameters every attack on a joint model has, and of its weights lambda
+DETECTOR_TERMS = {"threshold": [Interval(float)], "score_scale": [Interval(float, 0, closed="neither")]}
+LAMBDAS = Satisfies("one or more finite weights >= 0", _weights)
+
+
 class OnJointModel:
-    """What the attacks on a `joint_model` share: the threshold and score scale checked, labels
-    checked against the K classes (not the K + 1 outputs), the logits read from the first K columns,
-    and one weight lambda per restart turned into a runtime budget."""
+    """What the attacks on a `joint_model` share: labels checked against the K classes (not the
+    K + 1 outputs), the logits read from the first K columns, and one weight lambda per restart
+    turned into a runtime budget. Their parameters `threshold` and `score_scale` are declared in
+    `DETECTOR_TERMS`."""
 
     threshold: float
     score_scale: float
-
-    def _check_detector_terms(self) -> None:
-        if not math.isfinite(float(self.threshold)):
-            raise ValueError(f"threshold must be a finite number, got {self.threshold}")
-        object.__setattr__(self, "threshold", float(self.threshold))
-        scale = float(self.score_scale)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"score_scale must be a finite number > 0, got {self.score_scale}")
-        object.__setattr__(self, "score_scale", scale)
 
     def _classes(self, model: keras.Model) -> int:
         return int(model.output_shape[-1]) - 1
@@ -101,14 +104,6 @@ class OnJointModel:
         if self._classes(model) < 2:
             raise ValueError(f"the joint model must output K >= 2 logits and a score, got {self._classes(model) + 1} columns")
         return super().__call__(model, x, y, targets=targets, **kwargs)  # type: ignore[misc]
-
-
-def check_lambdas(lambdas: Any) -> tuple[float, ...]:
-    """One or more finite weights >= 0, as a tuple of floats."""
-    values = tuple(check_finite_nonnegative("lambdas", v) for v in np.atleast_1d(lambdas))
-    if not values:
-        raise ValueError("lambdas must hold at least one weight")
-    return values
 
 
 def restart_weights(lambdas: tuple[float, ...], given: Any, n: int, repeat: int = 1) -> np.ndarray:
@@ -135,6 +130,8 @@ class AdaptivePGD(OnJointModel, GradientSignAttack):
 
     name = "adaptive_pgd"
     budgets: ClassVar[tuple[str, ...]] = ("eps", "step_size", "rel_stepsize", "momentum", "lambdas")
+    _parameter_constraints = {**GradientSignAttack._parameter_constraints, **DETECTOR_TERMS, "lambdas": [LAMBDAS],
+                              "loss": [Options("margin", "ce", "dlr")], "confidence": [Interval(float, 0)]}
     threshold: float
     score_scale: float = 1.0
     lambdas: tuple[float, ...] = (0.1, 1.0, 10.0)
@@ -143,14 +140,6 @@ class AdaptivePGD(OnJointModel, GradientSignAttack):
     confidence: float = 1.0
     restarts: int = dataclasses.field(default=1, init=False)
     early_stop: bool = dataclasses.field(default=False, init=False)
-
-    def __post_init__(self) -> None:
-        if self.loss not in ("margin", "ce", "dlr"):
-            raise ValueError(f"loss must be 'margin', 'ce' or 'dlr', got {self.loss!r}")
-        self._check_detector_terms()
-        object.__setattr__(self, "lambdas", check_lambdas(self.lambdas))
-        object.__setattr__(self, "confidence", check_finite_nonnegative("confidence", self.confidence))
-        super().__post_init__()
 
     def _objective(self) -> DetectorAware:
         return DetectorAware(self.threshold, self.score_scale, self.loss, self.confidence)
@@ -212,17 +201,12 @@ class AdaptiveAPGD(OnJointModel, APGD):
 
     name = "adaptive_apgd"
     budgets: ClassVar[tuple[str, ...]] = ("eps", "lambdas")
+    _parameter_constraints = {**APGD._parameter_constraints, **DETECTOR_TERMS, "lambdas": [LAMBDAS],
+                              "loss": [Options("ce", "dlr")]}
     threshold: float
     score_scale: float = 1.0
     lambdas: tuple[float, ...] = (0.1, 1.0)
     loss: str = "ce"
-
-    def __post_init__(self) -> None:
-        if self.loss not in ("ce", "dlr"):
-            raise ValueError(f"loss must be 'ce' or 'dlr', got {self.loss!r}")
-        self._check_detector_terms()
-        object.__setattr__(self, "lambdas", check_lambdas(self.lambdas))
-        super().__post_init__()
 
     def _objective(self) -> JointMargin:
         return JointMargin(self.threshold, self.score_scale, self.loss)

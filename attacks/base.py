@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 import weakref
 from typing import Any, Callable, ClassVar
 
@@ -12,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from attacks.batches import run_batches
-from attacks.objectives import fooled
+from attacks.objectives import Objective, fooled
 from foundation.backend import (
     Array,
     Forward,
@@ -20,7 +19,14 @@ from foundation.backend import (
     distribute,
     is_backend_array,
 )
-from foundation.validation import check_images, check_labels, check_model_input
+from foundation.validation import (
+    CLIP_RANGE,
+    Interval,
+    Parameterized,
+    check_images,
+    check_labels,
+    check_model_input,
+)
 
 
 class AttackResult:
@@ -78,8 +84,11 @@ _compiled: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDicti
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Attack(abc.ABC):
+class Attack(Parameterized, abc.ABC):
     """Base of all attacks: immutable, keyword-only parameters, called as `attack(model, x, y)`.
+
+    The parameters are the dataclass fields; `_parameter_constraints` declares what each may be,
+    checked at construction (`foundation.validation`), and `get_params` records them.
 
     Subclasses implement `_batch(forward, x, y, noise, targeted, **budget)` in `keras.ops`, which is
     compiled once per model and structure and reused for every batch. The parameters named in
@@ -90,14 +99,13 @@ class Attack(abc.ABC):
 
     name: ClassVar[str]
     budgets: ClassVar[tuple[str, ...]] = ()
+    _parameter_constraints = {"clip": [CLIP_RANGE], "seed": [Interval(int, 0)]}
     clip: tuple[float, float] = (0.0, 1.0)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        low, high = (float(v) for v in self.clip)
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"clip must be a finite range (low, high) with low < high, got {self.clip}")
-        object.__setattr__(self, "clip", (low, high))
+        """Check and convert every declared parameter; subclasses add checks between parameters."""
+        self._set_params({name: getattr(self, name) for name in self._parameter_constraints})
 
     @abc.abstractmethod
     def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool, **budget: Any) -> tuple:
@@ -224,9 +232,14 @@ class Attack(abc.ABC):
             return np.argmin(logits, axis=-1)
         raise ValueError(f"unknown target mode {mode!r}: give classes, 'random' or 'least_likely'")
 
-    def params(self) -> dict[str, Any]:
-        """The attack's effective parameters as JSON-able values (for manifests and reports);
-        `make_attack(**params)` rebuilds the same attack."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-        values["clip"] = list(self.clip)
-        return {"attack": self.name, **values}
+    def _param_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if f.init]
+
+    def _plain(self, value: Any) -> Any:
+        """As `Parameterized._plain`; an Objective of the caller's own is recorded by its repr (not rebuildable)."""
+        return repr(value) if isinstance(value, Objective) else super()._plain(value)
+
+    def get_params(self) -> dict[str, Any]:
+        """The attack's name and effective parameters as JSON-able values (for manifests and
+        reports); the class called with them (less "attack") rebuilds the same attack."""
+        return {"attack": self.name, **super().get_params()}

@@ -51,7 +51,7 @@ from keras import ops
 from attacks.base import Attack
 from attacks.norms import per_image, per_sample_norm, perturbation_norms
 from foundation.backend import Forward, value_and_grad
-from foundation.validation import check_integer
+from foundation.validation import BOOLEAN, Interval
 
 # where on tanh an input pixel on a clip bound starts (see the module docstring)
 _TANH_SHRINK = 0.9
@@ -66,19 +66,6 @@ _NO_UPPER_BOUND = 1e10
 # current length, and the first c as a multiple of the linearised model's smallest working c
 _RATE_FRACTION = 0.2
 _CONST_FACTOR = 2.0
-
-
-def _number(name: str, value: Any, *, positive: bool, optional: bool = False) -> float | None:
-    if optional and value is None:
-        return None
-    bound = "> 0" if positive else ">= 0"
-    kind = "None or a finite number" if optional else "a finite number"
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be {kind} {bound}, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {kind} {bound}, got {value}")
-    return value
 
 
 def next_const(hit: Any, const: Any, lower: Any, upper: Any) -> tuple[Any, Any, Any]:
@@ -116,27 +103,21 @@ class CarliniWagnerL2(Attack):
     """
 
     name = "cw"
+    _parameter_constraints = {
+        **Attack._parameter_constraints,
+        "confidence": [Interval(float, 0)],
+        "learning_rate": [None, Interval(float, 0, closed="neither")],
+        "binary_search_steps": [Interval(int, 1)],
+        "steps": [Interval(int, 1)],
+        "initial_const": [None, Interval(float, 0, closed="neither")],
+        "abort_early": [BOOLEAN],
+    }
     confidence: float = 0.0
     learning_rate: float | None = None
     binary_search_steps: int = 9
     steps: int = 100
     initial_const: float | None = None
     abort_early: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "confidence", _number("confidence", self.confidence, positive=False))
-        object.__setattr__(self, "learning_rate",
-                           _number("learning_rate", self.learning_rate, positive=True, optional=True))
-        object.__setattr__(self, "initial_const",
-                           _number("initial_const", self.initial_const, positive=True, optional=True))
-        object.__setattr__(
-            self, "binary_search_steps", check_integer("binary_search_steps", self.binary_search_steps, 1)
-        )
-        object.__setattr__(self, "steps", check_integer("steps", self.steps, 1))
-        if not isinstance(self.abort_early, (bool, np.bool_)):
-            raise ValueError(f"abort_early must be True or False, got {self.abort_early!r}")
-        object.__setattr__(self, "abort_early", bool(self.abort_early))
 
     def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool) -> tuple:
         low, high = self.clip

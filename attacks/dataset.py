@@ -56,7 +56,7 @@ def _part_range(count: int, part: tuple[int, int]) -> tuple[int, int]:
 def _config(attack: Attack, model: keras.Model, transfer_to: keras.Model | None, source: dict, count: int,
             shard_size: int, part: tuple[int, int], targets: Any) -> dict[str, Any]:
     return {
-        "attack": attack.params(),
+        "attack": attack.get_params(),
         "classifier_fingerprint": model_fingerprint(transfer_to or model),
         "crafted_on": model_fingerprint(model),
         "source": source,

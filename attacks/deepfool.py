@@ -22,16 +22,15 @@ and the whole loop runs inside the compiled function (`keras.ops.while_loop`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import numpy as np
 from keras import ops
 
 from attacks.base import Attack, AttackResult
-from attacks.norms import check_norm, per_image, perturbation_norms
+from attacks.norms import NORM, per_image, perturbation_norms
 from foundation.backend import Forward, value_and_grad
-from foundation.validation import check_integer
+from foundation.validation import Interval
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,24 +48,12 @@ class DeepFool(Attack):
     """
 
     name = "deepfool"
+    _parameter_constraints = {**Attack._parameter_constraints, "norm": [NORM], "steps": [Interval(int, 1)],
+                              "overshoot": [Interval(float, 0)], "candidates": [Interval(int, 2)]}
     norm: str = "2"
     steps: int = 50
     overshoot: float = 0.02
     candidates: int = 10
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        norm = check_norm(self.norm)
-        object.__setattr__(self, "norm", norm)
-        object.__setattr__(self, "steps", check_integer("steps", self.steps, 1))
-        object.__setattr__(self, "candidates", check_integer("candidates", self.candidates, 2))
-        overshoot = self.overshoot
-        if isinstance(overshoot, bool) or not isinstance(overshoot, (int, float, np.integer, np.floating)):
-            raise ValueError(f"overshoot must be a finite number >= 0, got {overshoot!r}")
-        overshoot = float(overshoot)
-        if not math.isfinite(overshoot) or overshoot < 0:
-            raise ValueError(f"overshoot must be a finite number >= 0, got {overshoot}")
-        object.__setattr__(self, "overshoot", overshoot)
 
     def __call__(self, model: Any, x: Any, y: Any, *, targets: Any = None, **kwargs: Any) -> AttackResult:
         """Attack `x` (true labels `y`); DeepFool is untargeted, so `targets` must stay None."""

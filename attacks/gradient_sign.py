@@ -15,10 +15,10 @@ from keras import ops
 
 from attacks.base import Attack, per_sample
 from attacks.engine import Plan, ascend, unit_noise
-from attacks.norms import check_norm, perturbation_norms
+from attacks.norms import NORM, perturbation_norms
 from attacks.objectives import CrossEntropy, DifferenceOfLogitsRatio, Margin, Objective
 from foundation.backend import Forward
-from foundation.validation import check_finite_nonnegative, check_integer
+from foundation.validation import BOOLEAN, InstanceOf, Interval, Options, param_error
 
 LOSSES = {"ce": CrossEntropy(), "margin": Margin(), "dlr": DifferenceOfLogitsRatio()}
 
@@ -43,6 +43,19 @@ class GradientSignAttack(Attack):
 
     name = "gradient_sign"
     budgets: ClassVar[tuple[str, ...]] = ("eps", "step_size", "rel_stepsize", "momentum")
+    _parameter_constraints = {
+        **Attack._parameter_constraints,
+        "eps": [Interval(float, 0)],
+        "norm": [NORM],
+        "steps": [Interval(int, 1)],
+        "step_size": [None, Interval(float, 0)],
+        "rel_stepsize": [None, Interval(float, 0)],
+        "random_start": [BOOLEAN],
+        "restarts": [Interval(int, 1)],
+        "momentum": [Interval(float, 0)],
+        "early_stop": [BOOLEAN],
+        "loss": [Options(*LOSSES), InstanceOf(Objective, "an Objective")],
+    }
     eps: float
     norm: str = "inf"
     steps: int = 10
@@ -56,27 +69,19 @@ class GradientSignAttack(Attack):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "norm", check_norm(self.norm))
-        object.__setattr__(self, "eps", check_finite_nonnegative("eps", self.eps))
         self._check_eps_range(np.array([self.eps]))
-        object.__setattr__(self, "steps", check_integer("steps", self.steps))
-        object.__setattr__(self, "restarts", check_integer("restarts", self.restarts))
         if self.restarts > 1 and not self.random_start:
-            raise ValueError("restarts > 1 needs random_start=True: without it every restart is identical")
-        object.__setattr__(self, "momentum", check_finite_nonnegative("momentum", self.momentum))
+            raise param_error(type(self).__name__, "restarts", "1 without random_start (every restart would be identical)",
+                              self.restarts)
         if self.step_size is not None and self.rel_stepsize is not None:
             raise ValueError("give step_size (absolute) or rel_stepsize (a fraction of eps), not both")
-        for name in ("step_size", "rel_stepsize"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, check_finite_nonnegative(name, getattr(self, name)))
-        if not isinstance(self.loss, Objective) and self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)} or an Objective, got {self.loss!r}")
 
     def _check_eps_range(self, eps: np.ndarray) -> None:
         """An L-inf eps beyond the clip range's width is a mistake (every pixel could go anywhere)."""
         width = self.clip[1] - self.clip[0]
         if self.norm == "inf" and (eps > width).any():
-            raise ValueError(f"eps must lie in [0, {width}] for L-inf, got {eps.max():.6g}")
+            raise ValueError(f"{type(self).__name__}: eps must lie in [0, {width}] for L-inf (the clip range's width), "
+                             f"got {eps.max():.6g}")
 
     def relative_step(self) -> float | None:
         """The step as a fraction of eps (None when the step is absolute): rel_stepsize, by default 2.5 / steps."""
@@ -110,14 +115,12 @@ class GradientSignAttack(Attack):
         step = per_sample("step_size", step_size, n) if step_size is not None else per_sample("rel_stepsize", rel, n) * eps
         return {"eps": eps, "step": step, "momentum": per_sample("momentum", overrides.get("momentum", self.momentum), n)}
 
-    def params(self) -> dict[str, Any]:
-        """As `Attack.params`, with the effective relative step (so a report shows the step taken: eps
-        times rel_stepsize); an Objective of the caller's own is recorded by its repr (not rebuildable)."""
-        values = super().params()
+    def get_params(self) -> dict[str, Any]:
+        """As `Attack.get_params`, with the effective relative step (so a report shows the step
+        taken: eps times rel_stepsize)."""
+        values = super().get_params()
         if "rel_stepsize" in values:
             values["rel_stepsize"] = self.relative_step()
-        if isinstance(self.loss, Objective):
-            values["loss"] = repr(self.loss)
         return values
 
     def _batch_noise(self, shape: tuple[int, ...], index: np.ndarray) -> np.ndarray | None:

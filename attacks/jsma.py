@@ -29,7 +29,6 @@ the full pair map for it took about 200 s. JSMA-Z reached 86% of 200 images with
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import numpy as np
@@ -38,17 +37,9 @@ from keras import ops
 from attacks.base import Attack, AttackResult
 from attacks.norms import perturbation_norms
 from foundation.backend import Forward, value_and_grad
+from foundation.validation import BOOLEAN, Interval, param_error
 
 PAIR_SCORES_PER_BATCH = 1 << 26
-
-
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,24 +58,18 @@ class JSMA(Attack):
     """
 
     name = "jsma"
+    _parameter_constraints = {**Attack._parameter_constraints, "theta": [Interval(float)],
+                              "gamma": [Interval(float, 0, 1, closed="right")], "logits": [BOOLEAN]}
     theta: float = 1.0
     gamma: float = 0.145
     logits: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        theta = _finite("theta", self.theta)
         span = self.clip[1] - self.clip[0]
-        if theta == 0 or abs(theta) > span:
-            raise ValueError(f"theta must be nonzero with |theta| <= {span} (the clip range), got {theta}")
-        object.__setattr__(self, "theta", theta)
-        gamma = _finite("gamma", self.gamma)
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must lie in (0, 1] (a fraction of the features), got {gamma}")
-        object.__setattr__(self, "gamma", gamma)
-        if not isinstance(self.logits, (bool, np.bool_)):
-            raise ValueError(f"logits must be True or False, got {self.logits!r}")
-        object.__setattr__(self, "logits", bool(self.logits))
+        if self.theta == 0 or abs(self.theta) > span:
+            raise param_error(type(self).__name__, "theta", f"nonzero with |theta| <= {span:g} (the clip range's width)",
+                              self.theta)
 
     def max_pairs(self, features: int) -> int:
         """How many feature pairs one input may change: floor(gamma * features / 2), at least 1."""

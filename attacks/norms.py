@@ -5,6 +5,8 @@ from typing import Any
 
 from keras import ops
 
+from foundation.validation import Satisfies
+
 NORMS = ("inf", "2")
 
 
@@ -14,6 +16,9 @@ def check_norm(norm: Any) -> str:
     if name not in NORMS:
         raise ValueError(f"unknown norm {norm!r}: expected one of 'inf', '2'")
     return name
+
+
+NORM = Satisfies("'inf' or '2' (also written inf, 2, 'Linf', 'L2')", check_norm)
 
 
 def per_sample_norm(values: Any, norm: str) -> Any:

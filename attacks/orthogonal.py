@@ -26,12 +26,13 @@ from typing import Any, ClassVar
 
 from keras import ops
 
-from attacks.adaptive import OnJointModel
+from attacks.adaptive import DETECTOR_TERMS, OnJointModel
 from attacks.engine import Plan, keep_better, over_restarts, steepest_step
 from attacks.gradient_sign import GradientSignAttack
 from attacks.norms import per_image, perturbation_norms, project
 from attacks.objectives import DetectorAware, logit_margin
 from foundation.backend import Forward, repeat, value_and_grad
+from foundation.validation import Options
 
 # an input counts as misclassified for the switch only past this logit margin, so that the
 # detector's steps do not push it straight back over the decision boundary (as in the authors' code)
@@ -56,18 +57,14 @@ class OrthogonalPGD(OnJointModel, GradientSignAttack):
 
     name = "orthogonal_pgd"
     budgets: ClassVar[tuple[str, ...]] = ("eps", "step_size", "rel_stepsize")
+    _parameter_constraints = {**GradientSignAttack._parameter_constraints, **DETECTOR_TERMS,
+                              "loss": [Options("ce", "margin", "dlr")]}
     threshold: float
     score_scale: float = 1.0
     steps: int = 100
     selective: ClassVar[bool] = False
     momentum: float = dataclasses.field(default=0.0, init=False)
     early_stop: bool = dataclasses.field(default=False, init=False)
-
-    def __post_init__(self) -> None:
-        if self.loss not in ("ce", "margin", "dlr"):
-            raise ValueError(f"loss must be 'ce', 'margin' or 'dlr', got {self.loss!r}")
-        self._check_detector_terms()
-        super().__post_init__()
 
     def _objective(self) -> DetectorAware:
         # uncapped for the margin and DLR: the switch, not a cap, hands over to the detector

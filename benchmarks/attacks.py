@@ -146,7 +146,7 @@ def minimal_attack_comparison(name: str, model: keras.Model, x: np.ndarray, y: n
     success = ours.success
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {
-        "n": len(x), "params": attack.params(), "images_per_s": len(x) / seconds, "success_rate": float(success.mean()),
+        "n": len(x), "params": attack.get_params(), "images_per_s": len(x) / seconds, "success_rate": float(success.mean()),
         "median_l2": float(np.median(ours.l2[success])) if success.any() else None,
     }
     if with_art:

@@ -66,7 +66,7 @@ def ours(model: keras.Model, spec: str, x: np.ndarray, y: np.ndarray, batch: int
     success = fooled(model, result.x_adv, y, batch)
     if not np.array_equal(success, result.success):
         raise RuntimeError("the attack's success flags disagree with the model on its own images")
-    return {"params": attack.params(), "x_adv": result.x_adv, "success": success,
+    return {"params": attack.get_params(), "x_adv": result.x_adv, "success": success,
             "seconds": seconds, "compile_seconds": compile_seconds}
 
 

@@ -95,7 +95,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "backend": keras.backend.backend(), "versions": {"keras": keras.__version__},
-        "data": args.data, "n_train": len(x), "args": vars(args), "training_attack": attack.params(),
+        "data": args.data, "n_train": len(x), "args": vars(args), "training_attack": attack.get_params(),
     }
 
     def write() -> None:

@@ -15,7 +15,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from detector.base import Detector
 from detector.features import (
-    check_images,
+    LAYERS,
     extract,
     feature_extractor,
     image_shape,
@@ -24,6 +24,7 @@ from detector.features import (
     resolve_layers,
 )
 from foundation.storage import model_fingerprint
+from foundation.validation import Interval, check_image_shape
 
 MODEL_FILE = "activations.keras"
 
@@ -79,6 +80,17 @@ class ActivationDetector(Detector):
     kind = "activations"
     learned = "model"
     uses_classifier: ClassVar[bool] = True
+    _parameter_constraints = {
+        "layers": [None, LAYERS],
+        "auto_layers": [Interval(int, 1)],
+        "width": [Interval(int, 1)],
+        "epochs": [Interval(int, 1)],
+        "batch_size": [Interval(int, 1)],
+        "learning_rate": [Interval(float, 0, closed="neither")],
+        "validation_fraction": [Interval(float, 0, 0.5, closed="neither")],
+        "patience": [Interval(int, 1)],
+        "seed": [Interval(int, 0)],
+    }
 
     def __init__(
         self,
@@ -95,32 +107,14 @@ class ActivationDetector(Detector):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("auto_layers", auto_layers), ("width", width), ("epochs", epochs),
-                            ("batch_size", batch_size), ("patience", patience)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not 0.0 < validation_fraction < 0.5:
-            raise ValueError(f"validation_fraction must lie in (0, 0.5), got {validation_fraction}")
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        self._set_params(locals())
         self.classifier = prepare_classifier(classifier)
-        self.layers = resolve_layers(self.classifier, layers, auto_layers)
-        self.auto_layers = auto_layers
-        self.width, self.epochs, self.batch_size = width, epochs, batch_size
-        self.learning_rate, self.validation_fraction = float(learning_rate), float(validation_fraction)
-        self.patience, self.seed = patience, seed
+        self.layers = resolve_layers(self.classifier, self.layers, self.auto_layers)
         self.extractor = feature_extractor(self.classifier, self.layers)
         self.model: keras.Model | None = None
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "layers": list(self.layers), "auto_layers": self.auto_layers, "width": self.width,
-            "epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
-            "validation_fraction": self.validation_fraction, "patience": self.patience, "seed": self.seed,
-        }
-
     def features(self, x: np.ndarray) -> list[np.ndarray]:
-        return extract(self.extractor, check_images(x, image_shape(self.classifier)))
+        return extract(self.extractor, check_image_shape(x, image_shape(self.classifier)))
 
     def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 2) -> None:
         """Train on the activations of clean (label 0) vs adversarial (label 1) images, balanced by
@@ -170,7 +164,7 @@ class ActivationDetector(Detector):
             features = self.extractor(inputs)
         else:
             classifier = prepare_classifier(classifier)
-            if model_fingerprint(classifier) == model_fingerprint(self.classifier):
+            if classifier is self.classifier or model_fingerprint(classifier) == model_fingerprint(self.classifier):
                 outputs["logits"], *features = trunk_model(self.classifier, self.layers)(inputs)
             else:
                 outputs["logits"], features = classifier(inputs), self.extractor(inputs)
@@ -181,10 +175,10 @@ class ActivationDetector(Detector):
         self.model.save(directory / MODEL_FILE)
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
+    def _load_files(cls, directory: Path, params: dict[str, Any],
                     classifier: keras.Model | None = None) -> "ActivationDetector":
         classifier = require_classifier(directory, classifier, cls.kind)
-        detector = cls(classifier, **hyperparameters)
+        detector = cls(classifier, **params)
         path = directory / MODEL_FILE
         if not path.is_file():
             raise FileNotFoundError(f"detector model file missing: {path}")

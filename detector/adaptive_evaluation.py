@@ -145,7 +145,7 @@ def _masking_note(row: dict[str, Any], baseline_key: str, method: str, margin: f
 
 def _suite_row(attack: Attack, outcome: Outcome, won: int, targets: int | None) -> dict[str, Any]:
     """One attack's own figures within a worst-case row."""
-    params = attack.params()
+    params = attack.get_params()
     plan = getattr(attack, "_plan", None)
     row = {"guarded_accuracy": float(np.mean(~outcome.broken)), "success_rate": float(np.mean(outcome.broken)),
            "won": won, "steps": params.get("steps"), "restarts": plan().restarts if plan else params.get("restarts", 1),

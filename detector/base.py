@@ -19,18 +19,21 @@ from detector.calibration import Calibration, calibrate_threshold, flagged
 from detector.features import check_training_pair, image_shape
 from foundation.models import logits_model
 from foundation.storage import atomic_directory, atomic_write_json, read_json
+from foundation.validation import Parameterized
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAMILIES: dict[str, type[Detector]] = {}  # kind -> family; the package (detector/__init__.py) lists them
 
 
-class Detector(abc.ABC):
+class Detector(Parameterized, abc.ABC):
     """Scores inputs (higher = more suspicious) and flags those above a clean-calibrated threshold.
 
     Families implement `_fit` and `_score`; `fit` checks the training pair and `score` the fitted
     state here, once for all of them. `learned` names the attribute that holds what `fit` learns
-    (None when there is nothing to learn)."""
+    (None when there is nothing to learn). A family declares its parameters in
+    `_parameter_constraints` and stores them with `self._set_params(locals())`; `get_params` gives
+    them to the manifest ("hyperparameters") and `_load_files` back to the constructor."""
 
     kind: ClassVar[str]
     uses_classifier: ClassVar[bool] = False  # families that read the classifier get it again at load time
@@ -77,9 +80,10 @@ class Detector(abc.ABC):
     def _score(self, x: np.ndarray) -> np.ndarray:
         """The family's score of `x` (the detector is fitted)."""
 
-    @abc.abstractmethod
-    def hyperparameters(self) -> dict[str, Any]:
-        """Everything needed to rebuild the detector, as JSON-able values."""
+    def _plain(self, value: Any) -> Any:
+        """As `Parameterized._plain`; a member detector is recorded by its kind (it is saved whole
+        in a directory of its own)."""
+        return value.kind if isinstance(value, Detector) else super()._plain(value)
 
     @abc.abstractmethod
     def _save_files(self, directory: Path) -> None:
@@ -87,9 +91,9 @@ class Detector(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any], **context: Any) -> "Detector":
-        """Rebuild the detector from its model files (families with `uses_classifier` receive
-        `classifier=` in `context`)."""
+    def _load_files(cls, directory: Path, params: dict[str, Any], **context: Any) -> "Detector":
+        """Rebuild the detector from its `params` (`get_params()` as saved) and model files
+        (families with `uses_classifier` receive `classifier=` in `context`)."""
 
     def score_graph(self, images: Any) -> Any | None:
         """The score in keras.ops on a (symbolic) batch of images, equal to `score()` in the forward
@@ -142,7 +146,7 @@ class Detector(abc.ABC):
             "kind": self.kind,
             "calibration": None if self.calibration is None else self.calibration.to_json(),
             "classifier_fingerprint": self.classifier_fingerprint,
-            "hyperparameters": self.hyperparameters(),
+            "hyperparameters": self.get_params(),
             "info": self.info,
             "versions": {"keras": keras.__version__, "numpy": np.__version__},
         }

@@ -18,6 +18,7 @@ from keras import ops
 
 from detector.base import Detector, load_detector
 from detector.features import fit_linear_rule, load_arrays, save_arrays
+from foundation.validation import Interval, Satisfies
 
 ARRAYS_FILE = "stacker.npz"
 _ARRAYS = ("score_mean", "score_scale", "coef", "intercept")
@@ -27,32 +28,33 @@ def member_directory(index: int) -> str:
     return f"member_{index}"
 
 
+def _members(members: Any) -> list[Detector]:
+    members = list(members)
+    if len(members) < 2 or not all(isinstance(member, Detector) for member in members):
+        raise ValueError(members)
+    return members
+
+
 class EnsembleDetector(Detector):
     """Logistic regression on the members' (standardised) scores; `score` is its decision function."""
 
     kind = "ensemble"
     learned = "arrays"
     uses_classifier: ClassVar[bool] = True  # handed on to the members that need it
+    _parameter_constraints = {
+        "members": [Satisfies("a list of at least 2 Detector instances", _members)],  # saved as their kinds
+        "C": [Interval(float, 0, closed="neither")],
+        "seed": [Interval(int, 0)],
+    }
 
     def __init__(self, members: Sequence[Detector], *, C: float = 1.0, seed: int = 0) -> None:
         super().__init__()
-        members = list(members)
-        if len(members) < 2:
-            raise ValueError(f"an ensemble needs at least 2 member detectors, got {len(members)}")
-        for member in members:
-            if not isinstance(member, Detector):
-                raise ValueError(f"ensemble members must be Detector instances, got {type(member).__name__}")
-        if not C > 0:
-            raise ValueError(f"C must be > 0, got {C}")
-        fingerprints = {m.classifier_fingerprint for m in members} - {None}
+        self._set_params(locals())
+        fingerprints = {m.classifier_fingerprint for m in self.members} - {None}
         if len(fingerprints) > 1:
             raise ValueError("the ensemble's members were trained for different classifiers")
-        self.members, self.C, self.seed = members, float(C), seed
         self.classifier_fingerprint = fingerprints.pop() if fingerprints else None
         self.arrays: dict[str, np.ndarray] | None = None
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"members": [m.kind for m in self.members], "C": self.C, "seed": self.seed}
 
     def member_scores(self, x: np.ndarray) -> np.ndarray:
         """(n, members): each member's score (a member's shape check raises for wrong images)."""
@@ -96,10 +98,10 @@ class EnsembleDetector(Detector):
         save_arrays(directory / ARRAYS_FILE, **self.arrays)
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
+    def _load_files(cls, directory: Path, params: dict[str, Any],
                     classifier: keras.Model | None = None) -> "EnsembleDetector":
-        hyperparameters = dict(hyperparameters)
-        kinds = hyperparameters.pop("members", None)
+        params = dict(params)
+        kinds = params.pop("members", None)
         if not isinstance(kinds, list) or len(kinds) < 2:
             raise ValueError(f"ensemble manifest in {directory} lists no members")
         members = []
@@ -108,7 +110,7 @@ class EnsembleDetector(Detector):
             if member.kind != kind:
                 raise ValueError(f"ensemble member {index} in {directory} is a {member.kind!r} detector, expected {kind!r}")
             members.append(member)
-        detector = cls(members, **hyperparameters)
+        detector = cls(members, **params)
         arrays = load_arrays(directory / ARRAYS_FILE, _ARRAYS)
         if arrays["coef"].shape != (1, len(members)):
             raise ValueError(f"the stacker in {directory} weighs {arrays['coef'].shape[-1]} members, the ensemble has {len(members)}")

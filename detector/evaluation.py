@@ -35,7 +35,7 @@ from detector.base import Detector
 from detector.benign_shift import shifted_fprs
 from detector.calibration import false_positive_interval
 from detector.metrics import attack_row, fgsm_taylor, flagged, jsonable
-from foundation.storage import atomic_write_json, model_fingerprint
+from foundation.storage import atomic_write_json, model_fingerprint, remembered_fingerprints
 
 TAYLOR_POINTS = 21
 PACKAGES = ("safetynet", "numpy", "keras", "tensorflow", "jax", "scikit-learn", "scipy", "opencv-python-headless", "matplotlib")
@@ -100,7 +100,7 @@ def detector_fingerprint(detector: Detector) -> str:
     def feed(value: Any) -> None:
         if isinstance(value, Detector):
             calibration = None if value.calibration is None else value.calibration.to_json()
-            digest.update(json.dumps([value.kind, value.hyperparameters(), calibration], sort_keys=True, default=str).encode())
+            digest.update(json.dumps([value.kind, value.get_params(), calibration], sort_keys=True, default=str).encode())
             for name in sorted(vars(value)):
                 feed(getattr(value, name))
         elif isinstance(value, keras.Model):
@@ -134,6 +134,7 @@ def run_attacks(classifier: keras.Model, x: np.ndarray, y: np.ndarray, attacks: 
     return [attack(classifier, x, y, targets=targets, batch_size=batch_size, progress=progress) for attack in attacks]
 
 
+@remembered_fingerprints()  # the classifier is hashed once, not for each check and record
 def evaluate(
     classifier: keras.Model,
     detector: Detector,
@@ -195,7 +196,7 @@ def evaluate(
         scores = np.asarray(detector.score(result.x_adv), np.float64)
         row, curves[key] = attack_row(clean_scores, threshold, scores, result, misclassified)
         handled[key] = flagged(scores, threshold) | ~misclassified
-        report["attacks"][key] = {"eps": getattr(attack, "eps", None), **row, "label": attack_label(attack), "params": attack.params()}
+        report["attacks"][key] = {"eps": getattr(attack, "eps", None), **row, "label": attack_label(attack), "params": attack.get_params()}
     if adaptive is not None:
         section, adaptive_curves = evaluate_adaptive(
             classifier, detector, x, y, keyed, handled, clean_scores, adaptive, seed=seed,

@@ -2,7 +2,8 @@
 
 - layer choice: `available_layers`, `default_layers` (the last representation layers before the
   logits) and `feature_extractor`, which works for functional and Sequential Keras models alike;
-- input checks (`check_images`) and array files (`save_arrays` / `load_arrays`, never pickled);
+- the training pair's check (`check_training_pair`) and array files (`save_arrays` / `load_arrays`,
+  never pickled);
 - loading: `require_classifier` (the classifier is never stored beside a detector: it is supplied
   again at load time and checked against the fingerprint in the manifest).
 """
@@ -17,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 
 from foundation.models import logits_model
 from foundation.storage import model_fingerprint, read_json
+from foundation.validation import Satisfies, check_image_shape
 
 _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
          keras.layers.SeparableConv2D)
@@ -49,18 +51,8 @@ def image_shape(classifier: keras.Model) -> tuple[int | None, ...]:
     return tuple(classifier.input_shape[1:])
 
 
-def check_images(x: Any, expected: Sequence[int | None]) -> np.ndarray:
-    """`x` as float32 after checking it is a batch of images of the `expected` (H, W, C) shape."""
-    x = np.asarray(x)
-    if x.ndim != len(expected) + 1 or any(e is not None and s != e for s, e in zip(x.shape[1:], expected)):
-        raise ValueError(f"images of shape {x.shape[1:]} do not fit the classifier's input {tuple(expected)}")
-    if not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"images must be numeric, got dtype {x.dtype}")
-    return x.astype(np.float32, copy=False)
-
-
 def check_training_pair(x_clean: Any, x_adversarial: Any, expected: Sequence[int | None]) -> tuple[np.ndarray, np.ndarray]:
-    x_clean, x_adversarial = check_images(x_clean, expected), check_images(x_adversarial, expected)
+    x_clean, x_adversarial = check_image_shape(x_clean, expected), check_image_shape(x_adversarial, expected)
     if len(x_clean) < 2 or len(x_adversarial) < 2:
         raise ValueError(f"fitting needs at least 2 clean and 2 adversarial images, got {len(x_clean)} and {len(x_adversarial)}")
     return x_clean, x_adversarial
@@ -104,20 +96,26 @@ def is_relu_layer(layer: keras.layers.Layer) -> bool:
     return activation is keras.activations.relu or getattr(activation, "__name__", "") == "relu"
 
 
-def resolve_layers(classifier: keras.Model, layers: Sequence[str] | None, count: int,
+def _layer_names(layers: Any) -> list[str]:
+    if isinstance(layers, str) or not layers or not all(isinstance(n, str) for n in layers) or len(set(layers)) != len(layers):
+        raise ValueError(layers)
+    return list(layers)
+
+
+# the `layers` parameter of the families that read the classifier's activations
+LAYERS = Satisfies("a non-empty list of distinct layer names", _layer_names)
+
+
+def resolve_layers(classifier: keras.Model, layers: list[str] | None, count: int,
                    accept: Callable[[keras.layers.Layer], bool] | None = None) -> list[str]:
-    """`layers` checked against the classifier, or the automatic choice when None."""
+    """`layers` (checked by `LAYERS`) found in the classifier, or the automatic choice when None."""
     if layers is None:
         return default_layers(classifier, count, accept)
-    if isinstance(layers, str) or not layers or not all(isinstance(n, str) for n in layers):
-        raise ValueError(f"layers must be a non-empty list of layer names, got {layers!r}")
     available = available_layers(classifier)
     unknown = [n for n in layers if n not in available]
     if unknown:
         raise ValueError(f"unknown layer(s) {unknown} in classifier {classifier.name!r}; available layers: {available}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers must not repeat, got {list(layers)}")
-    return list(layers)
+    return layers
 
 
 def feature_extractor(classifier: keras.Model, names: Sequence[str]) -> keras.Model:

@@ -17,25 +17,28 @@ import keras
 from detector.base import Detector, load_detector
 from foundation.models import load_model, logits_model, save_model
 from foundation.storage import atomic_directory, atomic_write_json, model_fingerprint, read_json
+from foundation.validation import CLIP_RANGE, InstanceOf, Interval, Options, validate_params
 
 POLICIES = ("reject", "flag")
 GUARD_FILE = "guard.json"
 CLASSIFIER_FILE = "classifier.keras"
 DETECTOR_DIR = "detector"
 FORMAT_VERSION = 1
-SETTINGS = ("name", "policy", "batch_size", "clip")
+# the guard's settings (`serving.guard.Guard`'s parameters), in guard.json's order
+SETTINGS = {
+    "name": [InstanceOf(str, "a string")],
+    "policy": [Options(*POLICIES)],
+    "clip": [CLIP_RANGE],
+    "batch_size": [Interval(int, 1)],
+}
 
 
-def check_guard(classifier: keras.Model | None, detector: Detector, *, policy: str, batch_size: int,
-                clip: tuple[float, float], check_fingerprint: bool = True) -> tuple[float, float]:
-    """ValueError unless `detector` may guard `classifier` with these settings; returns the clip range
-    as floats. The detector must be calibrated and, unless `check_fingerprint=False`, trained for
-    this classifier (same weight fingerprint): one trained on another model's adversarial examples
-    gives no guarantee for this one."""
+def check_guard(classifier: keras.Model | None, detector: Detector, check_fingerprint: bool = True) -> None:
+    """ValueError unless `detector` may guard `classifier`: it must be calibrated and, unless
+    `check_fingerprint=False`, trained for this classifier (same weight fingerprint): one trained on
+    another model's adversarial examples gives no guarantee for this one."""
     if detector.calibration is None:
         raise ValueError("the detector is not calibrated: call calibrate(clean_x, target_fpr) first")
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
     if classifier is None and detector.uses_classifier:
         raise ValueError(f"the {detector.kind!r} detector reads the classifier: a guard with it needs the classifier")
     if check_fingerprint and classifier is not None and detector.classifier_fingerprint not in (None, model_fingerprint(classifier)):
@@ -43,23 +46,17 @@ def check_guard(classifier: keras.Model | None, detector: Detector, *, policy: s
             "the detector was trained for a different classifier (weight fingerprints differ); "
             "retrain it for this model or pass check_fingerprint=False"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    low, high = (float(v) for v in clip)
-    if not low < high:
-        raise ValueError(f"clip must be a range (low, high) with low < high, got {clip}")
-    return low, high
 
 
 def save_guard_directory(directory: str | os.PathLike, classifier: keras.Model | None, detector: Detector, *,
                          name: str = "safetynet", policy: str = "reject", batch_size: int = 64,
                          clip: tuple[float, float] = (0.0, 1.0), check_fingerprint: bool = True) -> Path:
-    """Write the guard directory atomically (an existing one is replaced whole) after `check_guard`;
-    a classifier ending in a softmax is saved with it cut (the logits contract)."""
-    low, high = check_guard(classifier, detector, policy=policy, batch_size=batch_size, clip=clip,
-                            check_fingerprint=check_fingerprint)
-    config = {"format_version": FORMAT_VERSION, "name": name, "policy": policy, "clip": [low, high],
-              "batch_size": batch_size, "has_classifier": classifier is not None}
+    """Write the guard directory atomically (an existing one is replaced whole) after checking the
+    settings and `check_guard`; a classifier ending in a softmax is saved with it cut (the logits contract)."""
+    settings = validate_params("Guard", SETTINGS, {"name": name, "policy": policy, "clip": clip, "batch_size": batch_size})
+    check_guard(classifier, detector, check_fingerprint)
+    config = {"format_version": FORMAT_VERSION, **settings, "clip": list(settings["clip"]),
+              "has_classifier": classifier is not None}
     with atomic_directory(directory) as temp:
         if classifier is not None:
             save_model(logits_model(classifier), temp / CLASSIFIER_FILE)
@@ -69,9 +66,8 @@ def save_guard_directory(directory: str | os.PathLike, classifier: keras.Model |
 
 
 def load_guard_directory(directory: str | os.PathLike) -> tuple[keras.Model | None, Detector, dict[str, Any]]:
-    """(classifier or None, detector, the saved settings among name, policy, batch_size and clip) of
-    a guard directory; models load in Keras safe mode and the detector re-checks its classifier's
-    fingerprint."""
+    """(classifier or None, detector, the saved `SETTINGS`) of a guard directory; models load in
+    Keras safe mode and the detector re-checks its classifier's fingerprint."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"guard directory not found: {directory}")
@@ -84,7 +80,4 @@ def load_guard_directory(directory: str | os.PathLike) -> tuple[keras.Model | No
     if config.get("has_classifier") and classifier is None:
         raise FileNotFoundError(f"guard {directory} lacks its classifier file {CLASSIFIER_FILE}")
     detector = load_detector(directory / DETECTOR_DIR, classifier=classifier)
-    settings = {key: config[key] for key in SETTINGS if key in config}
-    if "clip" in settings:
-        settings["clip"] = tuple(settings["clip"])
-    return classifier, detector, settings
+    return classifier, detector, {key: config[key] for key in SETTINGS if key in config}

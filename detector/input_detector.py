@@ -13,6 +13,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from detector.base import Detector
 from foundation.models import logits_model
+from foundation.validation import BOOLEAN, Interval
 
 MODEL_FILE = "detector.keras"
 
@@ -60,6 +61,14 @@ class InputDetector(Detector):
 
     kind = "input"
     learned = "model"
+    _parameter_constraints = {
+        "epochs": [Interval(int, 1)],
+        "batch_size": [Interval(int, 1)],
+        "learning_rate": [Interval(float, 0, closed="neither")],
+        "validation_fraction": [Interval(float, 0, 0.5, closed="neither")],
+        "highpass": [BOOLEAN],
+        "seed": [Interval(int, 0)],
+    }
 
     def __init__(
         self,
@@ -72,27 +81,8 @@ class InputDetector(Detector):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if epochs < 1 or batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-        if not 0.0 < validation_fraction < 0.5:
-            raise ValueError(f"validation_fraction must lie in (0, 0.5), got {validation_fraction}")
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.validation_fraction = validation_fraction
-        self.highpass = highpass
-        self.seed = seed
+        self._set_params(locals())
         self.model: keras.Model | None = None
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "validation_fraction": self.validation_fraction,
-            "highpass": self.highpass,
-            "seed": self.seed,
-        }
 
     def image_shape(self) -> tuple[int | None, ...] | None:
         """The trained CNN's input shape (None before training: any shape)."""
@@ -161,8 +151,8 @@ class InputDetector(Detector):
         self.model.save(directory / MODEL_FILE)
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any], **context: Any) -> "InputDetector":
-        detector = cls(**hyperparameters)
+    def _load_files(cls, directory: Path, params: dict[str, Any], **context: Any) -> "InputDetector":
+        detector = cls(**params)
         path = directory / MODEL_FILE
         if not path.is_file():
             raise FileNotFoundError(f"detector model file missing: {path}")

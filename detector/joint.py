@@ -23,6 +23,7 @@ from keras import ops
 from foundation.models import logits_model
 from detector.base import Detector, load_detector
 from detector.features import fit_linear_rule, load_arrays, predict, require_classifier, save_arrays
+from foundation.validation import Interval, Satisfies
 
 ARRAYS_FILE = "rule.npz"
 MEMBER_DIRECTORY = "member"
@@ -36,26 +37,30 @@ def logit_gap(logits: Any) -> Any:
     return top[:, 0] - top[:, 1]
 
 
+def _member(member: Any) -> Detector:
+    if not isinstance(member, Detector) or isinstance(member, JointDetector):
+        raise TypeError(member)
+    return member
+
+
 class JointDetector(Detector):
     """Logistic regression on (member score, -logit gap); `score` is its decision function."""
 
     kind = "joint"
     learned = "arrays"
     uses_classifier: ClassVar[bool] = True
+    _parameter_constraints = {
+        "member": [Satisfies("a fitted detector of another family", _member)],  # saved as its kind
+        "C": [Interval(float, 0, closed="neither")],
+        "seed": [Interval(int, 0)],
+    }
 
     def __init__(self, member: Detector, classifier: keras.Model, *, C: float = 1.0, seed: int = 0) -> None:
         super().__init__()
-        if not isinstance(member, Detector) or isinstance(member, JointDetector):
-            raise ValueError(f"the joint rule needs a fitted detector of another family as member, got {type(member).__name__}")
-        if not C > 0:
-            raise ValueError(f"C must be > 0, got {C}")
-        self.member, self.C, self.seed = member, float(C), seed
+        self._set_params(locals())
         self.classifier = logits_model(classifier)
         self.classifier_fingerprint = member.classifier_fingerprint
         self.arrays: dict[str, np.ndarray] | None = None
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"member": self.member.kind, "C": self.C, "seed": self.seed}
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """(n, 2): the member's score and the negative top-two logit gap (higher = more suspicious)."""
@@ -106,15 +111,15 @@ class JointDetector(Detector):
         self.member.save(directory / MEMBER_DIRECTORY)
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
+    def _load_files(cls, directory: Path, params: dict[str, Any],
                     classifier: keras.Model | None = None) -> "JointDetector":
-        hyperparameters = dict(hyperparameters)
-        kind = hyperparameters.pop("member", None)
+        params = dict(params)
+        kind = params.pop("member", None)
         classifier = require_classifier(directory, classifier, cls.kind)
         member = load_detector(directory / MEMBER_DIRECTORY, classifier)
         if member.kind != kind:
             raise ValueError(f"the joint rule's member in {directory} is a {member.kind!r} detector, expected {kind!r}")
-        detector = cls(member, classifier, **hyperparameters)
+        detector = cls(member, classifier, **params)
         arrays = load_arrays(directory / ARRAYS_FILE, _ARRAYS)
         if arrays["coef"].shape != (1, len(FEATURES)):
             raise ValueError(f"the joint rule in {directory} weighs {arrays['coef'].shape[-1]} features, expected {len(FEATURES)}")

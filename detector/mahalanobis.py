@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 
 from detector.base import Detector
 from detector.features import (
-    check_images,
+    LAYERS,
     extract,
     feature_extractor,
     image_shape,
@@ -35,6 +35,7 @@ from detector.features import (
 )
 from foundation.backend import value_and_grad
 from foundation.storage import model_fingerprint
+from foundation.validation import Interval, Options, check_image_shape
 
 ARRAYS_FILE = "mahalanobis.npz"
 COVARIANCES = {"ledoit_wolf": LedoitWolf, "empirical": EmpiricalCovariance}
@@ -68,6 +69,14 @@ class MahalanobisDetector(Detector):
     kind = "mahalanobis"
     learned = "arrays"
     uses_classifier: ClassVar[bool] = True
+    _parameter_constraints = {
+        "layers": [None, LAYERS],
+        "auto_layers": [Interval(int, 1)],
+        "noise": [Interval(float, 0)],
+        "covariance": [Options(*COVARIANCES)],
+        "C": [Interval(float, 0, closed="neither")],
+        "seed": [Interval(int, 0)],
+    }
 
     def __init__(
         self,
@@ -81,24 +90,11 @@ class MahalanobisDetector(Detector):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(auto_layers, bool) or not isinstance(auto_layers, int) or auto_layers < 1:
-            raise ValueError(f"auto_layers must be an integer >= 1, got {auto_layers!r}")
-        if not (np.isfinite(noise) and noise >= 0):
-            raise ValueError(f"noise must be a finite number >= 0, got {noise}")
-        if covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {sorted(COVARIANCES)}, got {covariance!r}")
-        if not C > 0:
-            raise ValueError(f"C must be > 0, got {C}")
+        self._set_params(locals())
         self.classifier = prepare_classifier(classifier)
-        self.layers = resolve_layers(self.classifier, layers, auto_layers)
-        self.auto_layers, self.noise, self.covariance = auto_layers, float(noise), covariance
-        self.C, self.seed = float(C), seed
+        self.layers = resolve_layers(self.classifier, self.layers, self.auto_layers)
         self.extractor = feature_extractor(self.classifier, self.layers)
         self.arrays: dict[str, np.ndarray] | None = None
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "auto_layers": self.auto_layers, "noise": self.noise,
-                "covariance": self.covariance, "C": self.C, "seed": self.seed}
 
     def _array_names(self) -> list[str]:
         per_layer = [f"{kind}_{i}" for i in range(len(self.layers)) for kind in ("means", "precision")]
@@ -130,7 +126,7 @@ class MahalanobisDetector(Detector):
     def layer_scores(self, x: np.ndarray) -> np.ndarray:
         """(n, layers): each layer's squared Mahalanobis distance to the closest clean class."""
         self.check_fitted()
-        x = check_images(x, image_shape(self.classifier))
+        x = check_image_shape(x, image_shape(self.classifier))
         if self.noise > 0:
             return np.stack([self._noisy_distances(x, i) for i in range(len(self.layers))], axis=1)
         pooled = self._pooled(x)
@@ -194,10 +190,10 @@ class MahalanobisDetector(Detector):
         save_arrays(directory / ARRAYS_FILE, **self.arrays)
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
+    def _load_files(cls, directory: Path, params: dict[str, Any],
                     classifier: keras.Model | None = None) -> "MahalanobisDetector":
         classifier = require_classifier(directory, classifier, cls.kind)
-        detector = cls(classifier, **hyperparameters)
+        detector = cls(classifier, **params)
         arrays = load_arrays(directory / ARRAYS_FILE, detector._array_names())
         for index, output in enumerate(keras.tree.flatten(detector.extractor.outputs)):
             if arrays[f"means_{index}"].shape[1] != output.shape[-1]:

@@ -20,7 +20,6 @@ from keras import ops
 
 from detector.base import Detector
 from detector.features import (
-    check_images,
     image_shape,
     predict,
     prepare_classifier,
@@ -28,6 +27,7 @@ from detector.features import (
     softmax,
 )
 from foundation.storage import model_fingerprint
+from foundation.validation import Interval, Satisfies, check_image_shape
 
 DEFAULT_SQUEEZERS = {1: ["bit_depth:1", "median:3"], 3: ["bit_depth:5", "median:3", "nl_means:13:3:2"]}
 FALLBACK_SQUEEZERS = ["bit_depth:5", "median:3"]
@@ -95,6 +95,18 @@ def parse_squeezer(spec: str, image_size: tuple[int | None, ...] = (None, None))
     )
 
 
+def _squeezer_specs(specs: Any) -> list[str]:
+    if isinstance(specs, str) or not specs:
+        raise ValueError(specs)
+    for spec in specs:
+        parse_squeezer(spec)
+    return [str(spec) for spec in specs]
+
+
+SQUEEZERS = Satisfies("a non-empty list of squeezer specs: 'bit_depth:B' (1 <= B <= 8), 'median:K' (odd K >= 3) "
+                      "or 'nl_means:S:P:H' (odd S, P >= 1, H > 0)", _squeezer_specs)
+
+
 # the squeezers in keras.ops, for the scoring graph (non-local means has none)
 def _straight_through(x: Any, squeezed: Any) -> Any:
     """`squeezed` in the forward pass, the identity in the backward pass."""
@@ -135,26 +147,19 @@ class SqueezeDetector(Detector):
 
     kind = "squeeze"
     uses_classifier: ClassVar[bool] = True
+    _parameter_constraints = {"squeezers": [None, SQUEEZERS], "batch_size": [Interval(int, 1)]}
 
     def __init__(self, classifier: keras.Model, *, squeezers: Sequence[str] | None = None, batch_size: int = 256) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self._set_params(locals())
         self.classifier = prepare_classifier(classifier)
         shape = image_shape(self.classifier)
         if len(shape) != 3:
             raise ValueError(f"feature squeezing needs (H, W, C) image inputs, the classifier takes {shape}")
-        if squeezers is None:
-            squeezers = DEFAULT_SQUEEZERS.get(shape[-1], FALLBACK_SQUEEZERS)
-        if isinstance(squeezers, str) or not squeezers:
-            raise ValueError(f"squeezers must be a non-empty list of squeezer specs, got {squeezers!r}")
-        self.squeezers = [str(s) for s in squeezers]
+        if self.squeezers is None:
+            self.squeezers = list(DEFAULT_SQUEEZERS.get(shape[-1], FALLBACK_SQUEEZERS))
         self._functions = [parse_squeezer(s, shape[:2]) for s in self.squeezers]
-        self.batch_size = batch_size
         self.classifier_fingerprint = model_fingerprint(self.classifier)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"squeezers": list(self.squeezers), "batch_size": self.batch_size}
 
     def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 0) -> None:
         """Nothing to learn (the squeezers were chosen at construction); `fit` checked the images."""
@@ -164,7 +169,7 @@ class SqueezeDetector(Detector):
 
     def distances(self, x: np.ndarray) -> np.ndarray:
         """(n, squeezers): L1 distance of each squeezed prediction from the plain one."""
-        x = check_images(x, image_shape(self.classifier))
+        x = check_image_shape(x, image_shape(self.classifier))
         plain = self._softmax(x)
         return np.stack([np.abs(plain - self._softmax(f(x))).sum(axis=1) for f in self._functions], axis=1)
 
@@ -189,6 +194,6 @@ class SqueezeDetector(Detector):
         """No model files: the squeezers are hyper-parameters and the classifier comes at load time."""
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
+    def _load_files(cls, directory: Path, params: dict[str, Any],
                     classifier: keras.Model | None = None) -> "SqueezeDetector":
-        return cls(require_classifier(directory, classifier, cls.kind), **hyperparameters)
+        return cls(require_classifier(directory, classifier, cls.kind), **params)

@@ -23,7 +23,7 @@ from sklearn.svm import SVC
 
 from detector.base import Detector
 from detector.features import (
-    check_images,
+    LAYERS,
     extract,
     feature_extractor,
     image_shape,
@@ -35,6 +35,7 @@ from detector.features import (
     save_arrays,
 )
 from foundation.storage import model_fingerprint
+from foundation.validation import Interval, Options, Satisfies, check_image_shape
 
 ARRAYS_FILE = "safetynet.npz"
 _ARRAYS = ("thresholds", "support_vectors", "dual_coef", "intercept", "gamma")
@@ -58,6 +59,13 @@ def rbf_decision_function(x: np.ndarray, support_vectors: np.ndarray, dual_coef:
     return out
 
 
+def _quantiles(values: Any) -> list[float]:
+    quantiles = [Interval(float, 0, 1, closed="neither").convert(q) for q in values]
+    if not quantiles or quantiles != sorted(set(quantiles)):
+        raise ValueError(values)
+    return quantiles
+
+
 class SafetyNetDetector(Detector):
     """RBF-SVM on quantised late-ReLU codes; `score` is the SVM decision function.
 
@@ -71,6 +79,15 @@ class SafetyNetDetector(Detector):
     kind = "safetynet"
     learned = "arrays"
     uses_classifier: ClassVar[bool] = True
+    _parameter_constraints = {
+        "layers": [None, LAYERS],
+        "auto_layers": [Interval(int, 1)],
+        "quantiles": [Satisfies("increasing values strictly between 0 and 1", _quantiles)],
+        "C": [Interval(float, 0, closed="neither")],
+        "gamma": [Options("scale", "auto"), Interval(float, 0, closed="neither")],
+        "max_train": [Interval(int, 4)],
+        "seed": [Interval(int, 0)],
+    }
 
     def __init__(
         self,
@@ -85,31 +102,15 @@ class SafetyNetDetector(Detector):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(auto_layers, bool) or not isinstance(auto_layers, int) or auto_layers < 1:
-            raise ValueError(f"auto_layers must be an integer >= 1, got {auto_layers!r}")
-        quantiles = [float(q) for q in quantiles]
-        if any(not 0.0 < q < 1.0 for q in quantiles) or quantiles != sorted(set(quantiles)):
-            raise ValueError(f"quantiles must be increasing values strictly between 0 and 1, got {quantiles}")
-        if not C > 0:
-            raise ValueError(f"C must be > 0, got {C}")
-        if not (gamma in ("scale", "auto") or (isinstance(gamma, (int, float)) and gamma > 0)):
-            raise ValueError(f"gamma must be 'scale', 'auto' or a positive number, got {gamma!r}")
-        if isinstance(max_train, bool) or not isinstance(max_train, int) or max_train < 4:
-            raise ValueError(f"max_train must be an integer >= 4, got {max_train!r}")
+        self._set_params(locals())
         self.classifier = prepare_classifier(classifier)
-        self.layers = resolve_layers(self.classifier, layers, auto_layers, accept=is_relu_layer)
-        self.auto_layers, self.quantiles, self.C, self.gamma = auto_layers, quantiles, float(C), gamma
-        self.max_train, self.seed = max_train, seed
+        self.layers = resolve_layers(self.classifier, self.layers, self.auto_layers, accept=is_relu_layer)
         self.extractor = feature_extractor(self.classifier, self.layers)
         self.arrays: dict[str, np.ndarray] | None = None
 
-    def hyperparameters(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "auto_layers": self.auto_layers, "quantiles": list(self.quantiles),
-                "C": self.C, "gamma": self.gamma, "max_train": self.max_train, "seed": self.seed}
-
     def activations(self, x: np.ndarray) -> np.ndarray:
         """The tapped layers' activations, flattened and concatenated: (n, units)."""
-        x = check_images(x, image_shape(self.classifier))
+        x = check_image_shape(x, image_shape(self.classifier))
         return np.concatenate([f.reshape(len(x), -1) for f in extract(self.extractor, x)], axis=1)
 
     def codes(self, x: np.ndarray) -> np.ndarray:
@@ -195,10 +196,10 @@ class SafetyNetDetector(Detector):
         save_arrays(directory / ARRAYS_FILE, **self.arrays)
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any],
+    def _load_files(cls, directory: Path, params: dict[str, Any],
                     classifier: keras.Model | None = None) -> "SafetyNetDetector":
         classifier = require_classifier(directory, classifier, cls.kind)
-        detector = cls(classifier, **hyperparameters)
+        detector = cls(classifier, **params)
         arrays = load_arrays(directory / ARRAYS_FILE, _ARRAYS)
         units = sum(int(np.prod(o.shape[1:])) for o in keras.tree.flatten(detector.extractor.outputs))
         if arrays["thresholds"].shape != (len(detector.quantiles) + 1, units) or arrays["support_vectors"].shape[1:] != (units,):

@@ -7,11 +7,13 @@ built under a temporary name and renamed whole, so a crash leaves either the old
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,14 +29,40 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+# within `remembered_fingerprints`: each model's fingerprint, computed once
+_remembered: contextvars.ContextVar[weakref.WeakKeyDictionary | None] = contextvars.ContextVar("fingerprints", default=None)
+
+
 def model_fingerprint(model: keras.Model) -> str:
-    """sha256 over a model's weights (shapes and values, in order): which model data was made for."""
+    """sha256 over a model's weights (shapes and values, in order): which model data was made for.
+    Inside `remembered_fingerprints()` each model is hashed once."""
+    remembered = _remembered.get()
+    if remembered is not None and model in remembered:
+        return remembered[model]
     digest = hashlib.sha256()
     for weight in model.weights:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
         digest.update(str(value.shape).encode())
         digest.update(value.tobytes())
+    if remembered is not None:
+        remembered[model] = digest.hexdigest()
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def remembered_fingerprints() -> Iterator[None]:
+    """Within the block, `model_fingerprint` hashes each model object once (loading a guard, one
+    evaluation: the classifier is checked against the detector, recorded in the report and hashed
+    into the detector's fingerprint). No model's weights may change inside the block. Nested blocks
+    share the outer one's memory."""
+    if _remembered.get() is not None:
+        yield
+        return
+    token = _remembered.set(weakref.WeakKeyDictionary())
+    try:
+        yield
+    finally:
+        _remembered.reset(token)
 
 
 def _read_umask() -> int:

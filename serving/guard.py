@@ -23,9 +23,10 @@ import keras
 import numpy as np
 
 from detector import Detector, load_detector
-from detector.guard_directory import check_guard, load_guard_directory, save_guard_directory
+from detector.guard_directory import SETTINGS, check_guard, load_guard_directory, save_guard_directory
 from foundation.models import load_model, logits_model
-from foundation.validation import check_images, check_model_input
+from foundation.storage import model_fingerprint, remembered_fingerprints
+from foundation.validation import Parameterized, check_image_shape, check_images
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class GuardStats:
     detector_errors: int = 0
 
 
-class Guard:
+class Guard(Parameterized):
     """Classify inputs and reject those the detector flags at its calibrated threshold.
 
     policy: "reject" (default) rejects flagged inputs; "flag" only reports them (a dry run before
@@ -65,8 +66,13 @@ class Guard:
     `check_fingerprint=False`: a detector trained on another model's adversarial examples gives
     no guarantee for this one. A classifier ending in a softmax has it cut (the logits contract).
     `scoring_model` is the detector's fused model for this classifier, or None: see `predict`.
+    The settings (name, policy, clip, batch_size) are declared in `detector.guard_directory.SETTINGS`;
+    `get_params` gives them as guard.json records them.
     """
 
+    _parameter_constraints = SETTINGS
+
+    @remembered_fingerprints()  # the classifier is hashed once for the check and `classifier_fingerprint`
     def __init__(
         self,
         classifier: keras.Model | None,
@@ -78,15 +84,13 @@ class Guard:
         clip: tuple[float, float] = (0.0, 1.0),
         check_fingerprint: bool = True,
     ) -> None:
-        low, high = check_guard(classifier, detector, policy=policy, batch_size=batch_size, clip=clip,
-                                check_fingerprint=check_fingerprint)
+        self._set_params(locals())
+        check_guard(classifier, detector, check_fingerprint)
         self.classifier = None if classifier is None else logits_model(classifier)
+        self.classifier_fingerprint = (detector.classifier_fingerprint if self.classifier is None
+                                       else model_fingerprint(self.classifier))
         self.detector = detector
         self.scoring_model = detector.scoring_model(self.classifier)
-        self.policy = policy
-        self.name = name
-        self.batch_size = batch_size
-        self.clip = (low, high)
         self.stats = GuardStats()
         self._lock = threading.Lock()
 
@@ -99,19 +103,15 @@ class Guard:
         return tuple(model.input_shape[1:])
 
     def check(self, x: Any) -> np.ndarray:
-        """`x` as float32 NHWC after checking rank, dtype, finiteness, range and shape."""
-        x = check_images(x, self.clip)
-        expected = self.input_shape
-        if any(e is not None and e != a for e, a in zip(expected, x.shape[1:], strict=True)):
-            raise ValueError(f"images of shape {x.shape[1:]} do not fit the guard's input shape {expected}")
-        if self.classifier is not None:
-            check_model_input(self.classifier, x)
-        return x
+        """`x` as float32 NHWC numpy after checking rank, dtype, finiteness, range and shape."""
+        return check_image_shape(check_images(x, self.clip), self.input_shape, "the guard's input shape")
 
-    def predict(self, x: Any) -> GuardResult:
+    def predict(self, x: Any, *, checked: bool = False) -> GuardResult:
         """Guarded predictions for a batch of images (float NHWC in the clip range), `batch_size`
-        inputs at a time; a NaN score (detector failure) counts as a detector error."""
-        x = self.check(x)
+        inputs at a time; a NaN score (detector failure) counts as a detector error. `checked=True`:
+        `x` is already `check`'s output (the HTTP service checks each request once, as it arrives)."""
+        if not checked:
+            x = self.check(x)
         batches = [self._predict_batch(x[start : start + self.batch_size]) for start in range(0, len(x), self.batch_size)]
         scores = np.concatenate([batch_scores for _, batch_scores in batches])
         probabilities = labels = None
@@ -150,16 +150,17 @@ class Guard:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the guard directory atomically: guard.json, classifier.keras, detector/
         (`detector.guard_directory`; the guard was checked when it was built)."""
-        return save_guard_directory(directory, self.classifier, self.detector, name=self.name, policy=self.policy,
-                                    batch_size=self.batch_size, clip=self.clip, check_fingerprint=False)
+        return save_guard_directory(directory, self.classifier, self.detector, **self.get_params(), check_fingerprint=False)
 
     @classmethod
+    @remembered_fingerprints()  # the classifier is hashed once: by the detector's check and the guard's
     def load(cls, directory: str | os.PathLike, **overrides: Any) -> Guard:
         """Load a guard directory (models in Keras safe mode); `overrides` replace saved settings."""
         classifier, detector, settings = load_guard_directory(directory)
         return cls(classifier, detector, **(settings | overrides))
 
     @classmethod
+    @remembered_fingerprints()
     def from_paths(cls, classifier: str | os.PathLike | None, detector: str | os.PathLike, **options: Any) -> Guard:
         """A guard from a saved classifier (or None) and a detector directory."""
         model = None if classifier is None else load_model(classifier)

@@ -46,7 +46,6 @@ try:
 except ImportError as error:  # pragma: no cover
     raise ImportError(f"the HTTP service needs the serve extra: pip install 'safetynet[serve]' ({error})") from error
 
-from foundation.storage import model_fingerprint
 from serving.asgi import ApiError, Gate, error_response
 from serving.answers import AnswerPolicy, prediction_rows
 from serving.batcher import Batcher
@@ -100,7 +99,7 @@ def create_app(
             raise ValueError(f"{name} must be > 0 seconds, got {seconds}")
     metrics = ServiceMetrics(guard, max_batch, quarantine)
     query_metrics = None if query_detector is None else QueryAttackMetrics(metrics.registry, query_detector.rule.top_k)
-    fingerprint = model_fingerprint(guard.classifier) if guard.classifier is not None else guard.detector.classifier_fingerprint
+    fingerprint = guard.classifier_fingerprint
     resources: dict[str, Any] = {}  # made in the server's event loop, at startup
 
     @contextlib.asynccontextmanager

@@ -11,12 +11,9 @@ from detector import Detector
 
 
 class SyntheticDetector(Detector):
-    """A detector with no model files and no hyper-parameters (never saved in the tests)."""
+    """A detector with no model files and no declared parameters (never saved in the tests)."""
 
     kind = "synthetic-test"
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {}
 
     def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, **fit_params: Any) -> None:
         """Nothing to learn: the score is a fixed function of the image."""
@@ -25,8 +22,8 @@ class SyntheticDetector(Detector):
         pass
 
     @classmethod
-    def _load_files(cls, directory: Path, hyperparameters: dict[str, Any], **context: Any) -> Detector:  # pragma: no cover
-        return cls(**hyperparameters)
+    def _load_files(cls, directory: Path, params: dict[str, Any], **context: Any) -> Detector:  # pragma: no cover
+        return cls(**params)
 
 
 class NaNForDarkImages(SyntheticDetector):

@@ -106,7 +106,7 @@ def test_adaptive_pgd_succeeds_only_when_misclassified_and_under_the_threshold(l
     np.testing.assert_array_equal(x, x_before)  # the caller's arrays are left alone
     again = attack(joint, x, y, batch_size=50)  # random starts depend on (seed, index), not on batching
     np.testing.assert_allclose(again.x_adv, result.x_adv, atol=1e-5)
-    assert attack.params()["lambdas"] == (1.0, 10.0)
+    assert attack.get_params()["lambdas"] == [1.0, 10.0]
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def test_adaptive_pgd_succeeds_only_when_misclassified_and_under_the_threshold(l
         ({"lambdas": (1.0, -1.0)}, "lambdas"),
         ({"lambdas": ()}, "lambdas"),
         ({"eps": 1.5}, "eps must lie"),
-        ({"norm": "1"}, "unknown norm"),
+        ({"norm": "1"}, "norm must be"),
         ({"loss": "hinge"}, "loss must be"),
         ({"confidence": -1.0}, "confidence"),
     ],
@@ -134,7 +134,7 @@ def test_adaptive_pgd_validates_its_parameters(kwargs, message):
         ({"threshold": float("inf")}, "threshold"),
         ({"score_scale": -1.0}, "score_scale"),
         ({"eps": 1.5}, "eps must lie"),
-        ({"norm": "1"}, "unknown norm"),
+        ({"norm": "1"}, "norm must be"),
         ({"loss": "hinge"}, "loss must be"),
         ({"steps": 0}, "steps must be"),
         ({"restarts": 0}, "restarts must be"),

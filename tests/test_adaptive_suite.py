@@ -62,7 +62,7 @@ def test_orthogonal_and_selective_pgd_keep_their_best_iterate_within_the_budget(
     assert np.abs(result.x_adv - x).max() <= EPS + 1e-6 and 0.0 <= result.x_adv.min() and result.x_adv.max() <= 1.0
     again = attack(joint, x, y, eps=EPS, batch_size=20)  # eps at run time, random starts per input
     np.testing.assert_allclose(again.x_adv, result.x_adv, atol=1e-5)
-    assert attack.params()["attack"] == cls.name
+    assert attack.get_params()["attack"] == cls.name
 
 
 def test_without_component_leaves_the_part_orthogonal_to_the_other_gradient():

@@ -43,7 +43,7 @@ def test_targeted_apgd_dlr_reaches_its_targets(digits_classifier, images):
 def test_apgd_takes_eps_at_call_and_is_a_cli_name(digits_classifier, images):
     x, y = images
     attack = make_attack("apgd", eps=0.3, steps=5, loss="dlr")
-    assert isinstance(attack, APGD) and attack.params()["loss"] == "dlr"
+    assert isinstance(attack, APGD) and attack.get_params()["loss"] == "dlr"
     small = attack(digits_classifier, x[:10], y[:10], eps=0.01)
     assert np.abs(small.x_adv - x[:10]).max() <= 0.01 + 1e-6
     with pytest.raises(ValueError, match=r"apgd takes no call-time budget \['step_size'\]"):

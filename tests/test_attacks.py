@@ -148,7 +148,7 @@ def test_random_start_is_reproducible_and_seeded(linear_model, interior_batch):
         (lambda: PGD(eps=1.5), "eps must lie"),
         (lambda: PGD(eps=0.1, steps=0), "steps must be"),
         (lambda: PGD(eps=0.1, step_size=-1.0), "step_size must be"),
-        (lambda: PGD(eps=0.1, norm="1"), "unknown norm"),
+        (lambda: PGD(eps=0.1, norm="1"), "PGD: norm must be .inf. or .2."),
         (lambda: PGD(eps=0.1, clip=(1.0, 0.0)), "clip must be"),
         (lambda: make_attack("fgsm", eps=0.1, steps=3), "no parameter"),
         (lambda: make_attack("cw2", eps=0.1), "unknown attack"),
@@ -226,7 +226,7 @@ def test_momentum_zero_is_bim_and_momentum_changes_the_path(digits, digits_class
     "build, message",
     [
         (lambda: PGD(eps=0.1, restarts=0), "restarts must be"),
-        (lambda: BIM(eps=0.1, restarts=3), "needs random_start"),
+        (lambda: BIM(eps=0.1, restarts=3), "BIM: restarts must be 1 without random_start"),
         (lambda: MIFGSM(eps=0.1, momentum=-1.0), "momentum must be"),
     ],
 )

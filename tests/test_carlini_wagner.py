@@ -68,13 +68,13 @@ def test_parameters_are_keyword_only_normalised_and_rebuild_the_attack():
     attack = CarliniWagnerL2(confidence=1, learning_rate=np.float32(0.05), steps=np.int64(7), initial_const=2)
     assert attack.confidence == 1.0 and isinstance(attack.confidence, float)
     assert attack.steps == 7 and type(attack.steps) is int
-    params = attack.params()
+    params = attack.get_params()
     assert params["attack"] == "cw"
     assert CarliniWagnerL2(**{k: v for k, v in params.items() if k != "attack"}) == attack
     # the adaptive defaults are None and survive the round trip through params
     default = CarliniWagnerL2()
     assert default.learning_rate is None and default.initial_const is None
-    assert CarliniWagnerL2(**{k: v for k, v in default.params().items() if k != "attack"}) == default
+    assert CarliniWagnerL2(**{k: v for k, v in default.get_params().items() if k != "attack"}) == default
 
 
 def test_outputs_stay_in_a_custom_clip_range_and_flags_match_the_model(linear_model):

@@ -55,7 +55,7 @@ def test_round_trip_keeps_every_array_and_the_manifest_describes_it(tmp_path, ti
     assert manifest["count"] == 25 and manifest["complete"]
     assert manifest["success_rate"] == pytest.approx(direct.success_rate)
     assert manifest["classifier_fingerprint"] == model_fingerprint(tiny_model)
-    assert manifest["attack"] == attack.params() and manifest["source"] == {"data": "synthetic"}
+    assert manifest["attack"] == attack.get_params() and manifest["source"] == {"data": "synthetic"}
     assert manifest["image_shape"] == [6, 6, 1] and data.attack == "pgd"
 
 

@@ -192,7 +192,7 @@ def test_batching_and_padding_give_the_same_result_as_one_batch(digits, digits_c
 
 def test_params_rebuild_the_same_attack():
     attack = DeepFool(norm="Linf", steps=7, overshoot=0.1, candidates=3, clip=(0, 1), seed=2)
-    params = attack.params()
+    params = attack.get_params()
     assert params == {"attack": "deepfool", "clip": [0.0, 1.0], "seed": 2, "norm": "inf", "steps": 7,
                       "overshoot": 0.1, "candidates": 3}
     assert DeepFool(**{k: v for k, v in params.items() if k != "attack"}) == attack
@@ -209,7 +209,7 @@ def test_params_rebuild_the_same_attack():
         ({"overshoot": "0.02"}, "overshoot must be"),
         ({"candidates": 1}, "candidates must be"),
         ({"candidates": 3.0}, "candidates must be"),
-        ({"norm": "1"}, "unknown norm"),
+        ({"norm": "1"}, "norm must be"),
         ({"clip": (1.0, 0.0)}, "clip must be"),
     ],
 )

@@ -381,7 +381,7 @@ def test_save_load_round_trip(detector, saved, digits):
     manifest = json.loads((saved / MANIFEST).read_text())
     assert manifest["format_version"] == FORMAT_VERSION
     assert manifest["kind"] == "input"
-    assert manifest["hyperparameters"] == detector.hyperparameters()
+    assert manifest["hyperparameters"] == detector.get_params()
 
     loaded = load_detector(saved)
     assert isinstance(loaded, InputDetector)
@@ -392,7 +392,7 @@ def test_save_load_round_trip(detector, saved, digits):
     assert loaded.threshold == detector.threshold
     assert loaded.classifier_fingerprint == detector.classifier_fingerprint
     assert loaded.info == detector.info
-    assert loaded.hyperparameters() == detector.hyperparameters()
+    assert loaded.get_params() == detector.get_params()
 
 
 def test_save_replaces_existing_directory_atomically(detector, tmp_path):

@@ -110,7 +110,7 @@ def test_the_margin_loss_is_a_hook_and_success_is_judged_by_it(digits, digits_cl
     predicted = np.argmax(digits_classifier.predict(margin.x_adv, verbose=0), axis=-1)
     np.testing.assert_array_equal(margin.success, predicted != y)
     assert margin.success.mean() >= ce.success.mean() - 0.05
-    assert PGD(eps=0.1, loss=Margin(confidence=2.0)).params()["loss"] == "Margin(confidence=2.0)"
+    assert PGD(eps=0.1, loss=Margin(confidence=2.0)).get_params()["loss"] == "Margin(confidence=2.0)"
     with pytest.raises(ValueError, match="loss must be one of"):
         PGD(eps=0.1, loss="hinge")
 

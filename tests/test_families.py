@@ -114,7 +114,7 @@ def test_family_save_load_round_trip(family, fitted, digits, digits_classifier, 
     assert type(loaded) is type(detector)
     x = np.concatenate([digits.x_test, digits.x_train[:40]])
     np.testing.assert_array_equal(loaded.score(x), detector.score(x))
-    assert loaded.hyperparameters() == detector.hyperparameters()
+    assert loaded.get_params() == detector.get_params()
     assert loaded.calibration == detector.calibration
     assert loaded.classifier_fingerprint == detector.classifier_fingerprint
     with pytest.raises(ValueError, match=f"the {family} detector needs the classifier it was trained for"):
@@ -330,7 +330,7 @@ def test_ensemble_is_at_least_as_good_as_its_worst_member(members, fitted, digit
     assert sorted(p.name for p in (tmp_path / "e").iterdir()) == sorted([MANIFEST, "member_0", "member_1", "stacker.npz"])
     loaded = load(tmp_path / "e", digits_classifier)
     assert [m.kind for m in loaded.members] == list(members)
-    assert loaded.hyperparameters() == ensemble.hyperparameters()
+    assert loaded.get_params() == ensemble.get_params()
     np.testing.assert_array_equal(loaded.score(digits.x_test), ensemble.score(digits.x_test))
     with pytest.raises(ValueError, match="needs the classifier it was trained for"):
         load(tmp_path / "e", None)

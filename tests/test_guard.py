@@ -211,7 +211,7 @@ def test_flag_policy_reports_but_never_rejects(digits_classifier, detector, digi
     assert not flagging.rejected.any()
     assert flagging.flagged.mean() > 0.9
     np.testing.assert_array_equal(flagging.flagged, rejecting.rejected)
-    with pytest.raises(ValueError, match="unknown policy"):
+    with pytest.raises(ValueError, match=r"Guard: policy must be one of \['flag', 'reject'\], got 'block'"):
         Guard(digits_classifier, detector, policy="block")
 
 

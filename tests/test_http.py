@@ -115,13 +115,23 @@ def test_predictions_equal_the_in_process_guard(client, guard, digits, pgd):
     assert any(p["rejected"] for p in response.json()["predictions"])
 
 
+def test_each_request_is_checked_once(client, digits, monkeypatch):
+    """A request's images are checked as they arrive (serving.validation), not again by the guard."""
+    checked = []
+    check = Guard.check
+    monkeypatch.setattr(Guard, "check", lambda self, x: checked.append(len(x)) or check(self, x))
+    response = post(client, digits.x_test[:5])
+    assert response.status_code == 200, response.text
+    assert checked == [5]
+
+
 def test_concurrent_requests_are_merged_into_one_guard_call_and_split_back(guard, digits, pgd):
     calls = []
 
-    def slow_predict(x: np.ndarray):
+    def slow_predict(x: np.ndarray, **options):
         calls.append(len(x))
         time.sleep(0.5)  # long enough for the other requests to queue up behind this one
-        return guard.predict(x)
+        return guard.predict(x, **options)
 
     counting = copy.copy(guard)
     counting.predict = slow_predict

@@ -200,7 +200,7 @@ def test_batching_and_the_logits_batch_cap_give_the_same_result(digits, digits_c
 
 def test_params_rebuild_the_same_attack():
     attack = JSMA(theta=-0.5, gamma=0.2, logits=True, seed=3)
-    params = attack.params()
+    params = attack.get_params()
     assert params == {"attack": "jsma", "clip": [0.0, 1.0], "seed": 3, "theta": -0.5, "gamma": 0.2, "logits": True}
     assert JSMA(**{k: v for k, v in params.items() if k != "attack"}) == attack
 
@@ -212,8 +212,8 @@ def test_params_rebuild_the_same_attack():
         ({"theta": 1.5}, "theta must be"),
         ({"theta": float("nan")}, "theta must be"),
         ({"theta": "1"}, "theta must be"),
-        ({"gamma": 0.0}, "gamma must lie"),
-        ({"gamma": 1.2}, "gamma must lie"),
+        ({"gamma": 0.0}, r"gamma must be a number in \(0, 1\]"),
+        ({"gamma": 1.2}, r"gamma must be a number in \(0, 1\]"),
         ({"gamma": float("inf")}, "gamma must be"),
         ({"logits": "yes"}, "logits must be"),
         ({"clip": (0.0, 0.0)}, "clip must be"),

@@ -238,7 +238,7 @@ def robustness_report(
         else:
             broken = misclassified(attack, np.arange(len(x)))
         held &= ~broken
-        report[name] = {"attack": attack.params(), "robust_accuracy": float((correct & ~broken).mean())}
+        report[name] = {"attack": attack.get_params(), "robust_accuracy": float((correct & ~broken).mean())}
         if name == "apgd_dlr_targeted":
             report[name]["target_classes"] = tried
     report["robust_accuracy"] = float(held.mean())
@@ -249,7 +249,7 @@ def robustness_report(
         size = result.linf if report["norm"] == "inf" else result.l2
         found = result.success & correct[:cw_n]
         report["cw"] = {
-            "attack": cw.params(), "n": len(result.x_adv),
+            "attack": cw.get_params(), "n": len(result.x_adv),
             "robust_accuracy": float((correct[:cw_n] & ~(result.success & (size <= eps + 1e-6))).mean()),
             "median_l2": float(np.median(result.l2[found])) if found.any() else None,
         }

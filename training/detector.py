@@ -221,7 +221,7 @@ def retrain_input_detector(
     names = [f"{'new' if i < len(new) else 'replay'}:{d.attack}:{i}" for i, d in enumerate(datasets)]
     before = detection_rates(detector, split, names)
 
-    retrained = InputDetector(**(detector.hyperparameters() | {"epochs": epochs, "seed": seed}))
+    retrained = InputDetector(**(detector.get_params() | {"epochs": epochs, "seed": seed}))
     retrained.model = _clone(detector)
     retrained.fit(split.x_clean_fit, np.concatenate(split.adversarial_fit), warm_start=True,
                   learning_rate=learning_rate, verbose=verbose)

@@ -154,7 +154,7 @@ def harden(
     if settings.schedule == "cosine":  # robust accuracy gains most as the rate decays (Rice et al. 2020)
         steps = settings.epochs * math.ceil(len(fit) / settings.batch_size)
         learning_rate = keras.optimizers.schedules.CosineDecay(settings.learning_rate, steps, alpha=0.02)
-    log(f"[1/4] adversarial fine-tuning against {attack.params()}" + ("" if settings.trades_beta is None else f", TRADES beta {settings.trades_beta}"))
+    log(f"[1/4] adversarial fine-tuning against {attack.get_params()}" + ("" if settings.trades_beta is None else f", TRADES beta {settings.trades_beta}"))
     train_adversarial(
         data.x_train[fit], data.y_train[fit], data.num_classes, attack, model=classifier, epochs=settings.epochs,
         batch_size=settings.batch_size, learning_rate=learning_rate, warmup_epochs=settings.warmup_epochs,

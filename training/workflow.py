@@ -89,7 +89,7 @@ def train_classifier_stage(
     log(f"training classifier on {data.name}: {len(data.x_train)} images {data.input_shape}, {data.num_classes} classes")
     common = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "verbose": _fit_verbosity()}
     if attack is not None:
-        log(f"adversarial training against {attack.params()}" + ("" if trades_beta is None else f", TRADES beta {trades_beta}"))
+        log(f"adversarial training against {attack.get_params()}" + ("" if trades_beta is None else f", TRADES beta {trades_beta}"))
         model = train_adversarial(
             data.x_train, data.y_train, data.num_classes, attack, mix=1.0 if mix is None else mix,
             warmup_epochs=eps_warmup, trades_beta=trades_beta, **common,
