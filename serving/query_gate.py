@@ -50,6 +50,8 @@ class QueryAttackMetrics:
     def __init__(self, registry: CollectorRegistry, top_k: int) -> None:
         self.matched = Counter("safetynet_query_attack_matched_inputs", "Inputs that matched a recent query of their "
                                "client (a query attack)", registry=registry)
+        self.between = Counter("safetynet_query_attack_between_inputs", "Inputs that lay between two recent queries "
+                               "of their client (a binary or line search; also counted as matched)", registry=registry)
         self.rejected = Counter("safetynet_query_attack_rejected_inputs", "Inputs rejected for matching a recent "
                                 "query", registry=registry)
         self.blocks = Counter("safetynet_query_attack_blocks", "Clients blocked for a query attack", registry=registry)
@@ -111,6 +113,7 @@ async def screen(detector: QueryAttackDetector, metrics: QueryAttackMetrics, cli
     for shared in verdict.shared:
         metrics.shared.observe(int(shared))
     metrics.matched.inc(int(verdict.matched.sum()))
+    metrics.between.inc(int((verdict.between <= detector.rule.between_tolerance).sum()))
     metrics.rejected.inc(int(verdict.rejected.sum()))
     if verdict.blocked:
         metrics.blocks.inc()

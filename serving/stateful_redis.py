@@ -6,6 +6,8 @@ Keys, under `prefix`:
                   so every replica fingerprints alike)
     h:<client>    a list of the client's recent fingerprints (8 bytes of time, then the row), trimmed
                   to the rule's `history`, expiring `ttl_seconds` after the last append
+    s:<client>    the same for the between rule's samples (8 bytes of time, then the uint8 values),
+                  trimmed to the rule's `between_window`
     b:<client>    present while the client is blocked (expires with the block)
 
 Reading the history and appending the new rows are two round trips, not one transaction: two
@@ -26,6 +28,11 @@ except ImportError as error:  # pragma: no cover
 from serving.stateful import MatchRule
 
 
+def _fresh(entries: list[bytes], cutoff: float) -> list[bytes]:
+    """The values of the entries (8 bytes of time, then the value) stamped at or after `cutoff`."""
+    return [entry[8:] for entry in entries if len(entry) >= 8 and np.frombuffer(entry[:8], np.float64)[0] >= cutoff]
+
+
 class RedisBackend:
     """`serving.stateful.Backend` on a Redis server at `url` (redis://host:port/db)."""
 
@@ -41,21 +48,26 @@ class RedisBackend:
     def key(self) -> bytes:
         return self._key
 
-    def history(self, client: str) -> np.ndarray:
+    def history(self, client: str) -> tuple[np.ndarray, list[bytes]]:
         width = self.rule.top_k + 1
-        entries = self.redis.lrange(f"{self.prefix}h:{client}", 0, -1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(f"{self.prefix}h:{client}", 0, -1)
+            pipe.lrange(f"{self.prefix}s:{client}", 0, -1)
+            entries, samples = pipe.execute()
         cutoff = time.time() - self.rule.ttl_seconds
-        rows = [np.frombuffer(entry[8:], np.uint64) for entry in entries
-                if len(entry) == 8 * (width + 1) and np.frombuffer(entry[:8], np.float64)[0] >= cutoff]
-        return np.stack(rows) if rows else np.zeros((0, width), np.uint64)
+        rows = [np.frombuffer(entry, np.uint64) for entry in _fresh(entries, cutoff) if len(entry) == 8 * width]
+        return np.stack(rows) if rows else np.zeros((0, width), np.uint64), _fresh(samples, cutoff)
 
-    def append(self, client: str, rows: np.ndarray) -> None:
+    def append(self, client: str, rows: np.ndarray, samples: np.ndarray) -> None:
         stamp = np.float64(time.time()).tobytes()
-        key = f"{self.prefix}h:{client}"
+        ttl = max(1, int(self.rule.ttl_seconds))
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, *[stamp + np.ascontiguousarray(row, np.uint64).tobytes() for row in rows])
-            pipe.ltrim(key, -self.rule.history, -1)
-            pipe.expire(key, max(1, int(self.rule.ttl_seconds)))
+            for name, values, keep in (("h", rows, self.rule.history), ("s", samples, self.rule.between_window)):
+                if keep and len(values):
+                    key = f"{self.prefix}{name}:{client}"
+                    pipe.rpush(key, *[stamp + np.ascontiguousarray(value).tobytes() for value in values])
+                    pipe.ltrim(key, -keep, -1)
+                    pipe.expire(key, ttl)
             pipe.execute()
 
     def blocked_for(self, client: str) -> float:

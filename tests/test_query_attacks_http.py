@@ -1,5 +1,6 @@
-"""Query-attack detection in the HTTP service (real uvicorn on localhost): near copies from one client
-are rejected and the client blocked (429 with Retry-After), other clients are not, identity comes
+"""Query-attack detection in the HTTP service (real uvicorn on localhost): near copies from one client,
+and a binary search's query between two earlier ones, are rejected and the client blocked (429 with
+Retry-After), other clients are not, identity comes
 from per-client tokens and never from X-Forwarded-For, and /metrics counts it all."""
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def guard(digits, digits_classifier) -> Guard:
     return Guard(digits_classifier, detector, name="digits")
 
 
-def app_for(guard: Guard, policy: str, **identity):
-    rule = MatchRule()
+def app_for(guard: Guard, policy: str, rule: MatchRule | None = None, **identity):
+    rule = rule or MatchRule()
     detector = QueryAttackDetector(MemoryBackend(rule), rule, guard.clip, policy=policy, block_seconds=60)
     return create_app(guard, clients=ClientIdentity(**identity), query_detector=detector)
 
@@ -74,6 +75,24 @@ def test_near_copies_get_a_client_blocked_and_no_one_else(guard, digits):
         assert metric(url, "safetynet_query_attack_matched_inputs_total") == 1
         assert metric(url, "safetynet_query_attack_refused_requests_total") == 1
         assert metric(url, "safetynet_http_requests_total") >= 5
+
+
+def test_a_binary_search_is_rejected_at_the_query_its_answer_would_end(guard, digits):
+    """HopSkipJump's first L-inf binary-search queries (another digit, then it clipped to 0.5 and to
+    0.25 around the image, within eps 0.3): the third shares at most one hash with the others, so only
+    the between rule stops it, and before its answer leaves."""
+    x = digits.x_test[0]
+    start = digits.x_test[np.flatnonzero(digits.y_test != digits.y_test[0])[0]]
+    queries = [start, np.clip(start, x - 0.5, x + 0.5), np.clip(start, x - 0.25, x + 0.25)]
+    with serving_in_thread(app_for(guard, "block")) as url:
+        answers = [post(url, query[None]).json()["predictions"][0] for query in queries]
+        assert answers[2]["rejected"] and answers[2]["probabilities"] is None
+        assert post(url, x[None]).status_code == 429
+        assert metric(url, "safetynet_query_attack_between_inputs_total") == 1
+        assert metric(url, "safetynet_query_attack_blocks_total") == 1
+    with serving_in_thread(app_for(guard, "block", MatchRule(between_window=0))) as url:  # the rule off
+        assert [post(url, query[None]).status_code for query in queries] == [200, 200, 200]
+        assert metric(url, "safetynet_query_attack_matched_inputs_total") == 0
 
 
 def test_a_forged_forwarded_address_does_not_make_a_new_client(guard, digits):

@@ -1,12 +1,16 @@
 """Tests for serving.stateful: fingerprints, the match rule on clean digits and on attack-like query
-sequences, the in-process backend's limits, and the policies."""
+sequences, the between rule on a HopSkipJump-like binary search, the in-process backend's limits,
+and the policies."""
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
 
 from serving import stateful
-from serving.stateful import MatchRule, MemoryBackend, QueryAttackDetector, best_matches, fingerprints, overlaps
+from serving.stateful import (MatchRule, MemoryBackend, QueryAttackDetector, best_matches, between, between_samples,
+                              fingerprints, overlaps)
 
 KEY = b"k" * 32
 CLIP = (0.0, 1.0)
@@ -65,6 +69,8 @@ def test_a_batch_matches_only_its_earlier_queries(digits):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"step": 0}, "step must be in"), ({"window": 0}, "window must be an integer"),
     ({"top_k": 10, "threshold": 11}, "cannot exceed top_k"), ({"ttl_seconds": 0}, "ttl_seconds must be > 0"),
+    ({"between_window": -1}, "between_window must be an integer >= 0"), ({"between_values": 0}, "between_values must be"),
+    ({"between_tolerance": 1.0}, "between_tolerance must be in"),
 ])
 def test_bad_rules_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -79,20 +85,74 @@ def test_images_smaller_than_the_window_are_refused():
 def test_memory_backend_keeps_recent_history_per_client(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(stateful.time, "monotonic", lambda: clock[0])
-    rule = MatchRule(top_k=4, threshold=2, history=3, ttl_seconds=10)
+    rule = MatchRule(top_k=4, threshold=2, history=3, ttl_seconds=10, between_window=2)
     backend = MemoryBackend(rule, max_clients=2)
     rows = np.arange(1, 26, dtype=np.uint64).reshape(5, 5)
-    backend.append("a", rows)
-    assert np.array_equal(backend.history("a"), rows[-3:])  # the last `history` rows
-    backend.append("b", rows[:1])
-    backend.append("c", rows[:1])  # a third client drops the least recently seen one, "a"
-    assert len(backend.history("a")) == 0 and len(backend.history("b")) == 1
+    samples = np.arange(15, dtype=np.uint8).reshape(5, 3)
+    backend.append("a", rows, samples)
+    history, recent = backend.history("a")
+    assert np.array_equal(history, rows[-3:])  # the last `history` rows
+    assert recent == [samples[3].tobytes(), samples[4].tobytes()]  # the last `between_window` samples
+    backend.append("b", rows[:1], samples[:1])
+    backend.append("c", rows[:1], samples[:1])  # a third client drops the least recently seen one, "a"
+    assert len(backend.history("a")[0]) == 0 and backend.history("a")[1] == []
+    assert len(backend.history("b")[0]) == 1
     clock[0] += 11  # past the TTL
-    assert len(backend.history("c")) == 0
+    assert len(backend.history("c")[0]) == 0 and backend.history("c")[1] == []
     backend.block("c", 5)
     assert backend.blocked_for("c") == pytest.approx(5)
     clock[0] += 6
     assert backend.blocked_for("c") == 0
+
+
+def binary_search(x: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """HopSkipJump's first L-inf binary-search queries without the image itself: the start (another
+    digit), then the start clipped to 0.5 and to 0.25 around the image."""
+    return np.stack([start, np.clip(start, x - 0.5, x + 0.5), np.clip(start, x - 0.25, x + 0.25)]).astype(np.float32)
+
+
+def test_a_binary_search_lies_exactly_between_its_queries(digits):
+    rule = MatchRule()
+    for k in range(20):
+        x = digits.x_test[k]
+        start = digits.x_test[np.flatnonzero(digits.y_test != digits.y_test[k])[k]]
+        for queries in (binary_search(x, start), np.stack([start, (x + start) / 2, 0.75 * x + 0.25 * start])):
+            for order in itertools.permutations(range(3)):  # whichever comes last, the middle one or an end
+                samples = between_samples(queries[list(order)], CLIP, rule, KEY)
+                closest = between(samples, samples[:0], rule)
+                assert closest[:2].tolist() == [np.inf, np.inf] and closest[2] == 0  # the third query: exactly between
+    assert (between(samples, samples[:0], MatchRule(between_window=0)) == np.inf).all()  # the rule off
+
+
+def test_clean_digits_in_order_are_never_between(digits):
+    rule = MatchRule()
+    samples = between_samples(digits.x_train, CLIP, rule, KEY)
+    closest = between(samples, samples[:0], rule)
+    assert closest.min() > 4 * rule.between_tolerance  # measured 0.026
+    copies = between_samples(np.stack([digits.x_test[0]] * 2 + [digits.x_test[1]]), CLIP, rule, KEY)
+    assert between(copies, copies[:0], rule)[2] > rule.between_tolerance  # the very same image twice: no path
+
+
+def test_the_search_query_is_rejected_in_its_own_request_and_clean_requests_are_not(digits):
+    rule = MatchRule()
+    detector = QueryAttackDetector(MemoryBackend(rule), rule, CLIP, policy="block", block_seconds=60)
+    start = digits.x_test[np.flatnonzero(digits.y_test != digits.y_test[0])[0]]
+    verdicts = [detector.check("attacker", query[None]) for query in binary_search(digits.x_test[0], start)]
+    assert [bool(v.matched[0]) for v in verdicts] == [False, False, True]
+    assert verdicts[2].rejected[0] and verdicts[2].blocked and verdicts[2].shared[0] < rule.threshold
+    for first in range(0, len(digits.x_test), 20):  # the previous request's queries are history
+        assert not detector.check("reader", digits.x_test[first : first + 20]).matched.any()
+
+
+def test_between_samples_are_keyed_positions_in_256_levels():
+    rule = MatchRule(between_values=16)
+    x = np.random.default_rng(0).uniform(size=(3, 10, 10, 1)).astype(np.float32)
+    samples = between_samples(x, CLIP, rule, KEY)
+    assert samples.shape == (3, 16) and samples.dtype == np.uint8
+    assert np.array_equal(samples, between_samples(x, CLIP, rule, KEY))
+    assert not np.array_equal(samples, between_samples(x, CLIP, rule, b"x" * 32))  # other positions
+    assert np.isin(samples[0], np.rint(x[0].ravel() * 255)).all()
+    assert np.array_equal(between_samples(x * 2 - 1, (-1.0, 1.0), MatchRule(), KEY), between_samples(x, CLIP, MatchRule(), KEY))
 
 
 @pytest.mark.parametrize(("policy", "rejected", "blocked"), [("flag", False, False), ("reject", True, False),

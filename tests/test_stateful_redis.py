@@ -1,5 +1,5 @@
 """serving.stateful_redis against a real redis-server started here (two backends play two service
-replicas). Skipped when redis-server or the redis package is missing (.ci/run installs both)."""
+replicas, sharing fingerprints, the between rule's samples and blocks). Skipped when redis-server or the redis package is missing (.ci/run installs both)."""
 from __future__ import annotations
 
 import shutil
@@ -62,26 +62,46 @@ def test_replicas_share_history_and_blocks(redis_url, digits):
     assert not second.check("someone else", digits.x_test[8:9]).matched.any()
 
 
+def test_a_binary_search_spread_over_replicas_is_caught(redis_url, digits):
+    rule = MatchRule()
+    first, second = (detector(redis_url, "t3:", rule) for _ in range(2))
+    x, start = digits.x_test[0], digits.x_test[np.flatnonzero(digits.y_test != digits.y_test[0])[0]]
+    assert not first.check("searcher", start[None]).matched.any()
+    assert not second.check("searcher", np.clip(start, x - 0.5, x + 0.5)[None]).matched.any()
+    verdict = first.check("searcher", np.clip(start, x - 0.25, x + 0.25)[None])
+    assert verdict.between[0] == 0 and verdict.matched.all() and verdict.blocked
+
+
 def test_history_is_trimmed_and_expires(redis_url):
     from serving.stateful_redis import RedisBackend
 
-    rule = MatchRule(top_k=4, threshold=2, history=3, ttl_seconds=1)
+    rule = MatchRule(top_k=4, threshold=2, history=3, ttl_seconds=1, between_window=2)
     backend = RedisBackend(redis_url, rule, prefix="t2:")
     rows = np.arange(1, 26, dtype=np.uint64).reshape(5, 5)
-    backend.append("a", rows)
-    assert np.array_equal(backend.history("a"), rows[-3:])
-    time.sleep(1.2)
-    assert len(backend.history("a")) == 0
+    samples = np.arange(15, dtype=np.uint8).reshape(5, 3)
+    backend.append("a", rows, samples)
+    history, recent = backend.history("a")
+    assert np.array_equal(history, rows[-3:]) and recent == [samples[3].tobytes(), samples[4].tobytes()]
+    backend.append("b", rows[:1], samples[:1])
+    time.sleep(0.6)
+    backend.append("b", rows[1:2], samples[1:2])  # keeps the key alive: older entries are dropped on reading
+    time.sleep(0.6)
+    history, recent = backend.history("b")
+    assert np.array_equal(history, rows[1:2]) and recent == [samples[1].tobytes()]
+    assert len(backend.history("a")[0]) == 0 and backend.history("a")[1] == []
     backend.block("a", 0.2)
     assert backend.blocked_for("a") > 0
     time.sleep(0.3)
     assert backend.blocked_for("a") == 0
+    off = RedisBackend(redis_url, MatchRule(between_window=0), prefix="t4:")
+    off.append("a", rows[:, :1].repeat(51, 1), samples)  # no between rule: no samples kept
+    assert len(off.history("a")[0]) == 5 and off.history("a")[1] == []
 
 
 def test_an_unreachable_server_raises(digits):
     from serving.stateful_redis import RedisBackend
 
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(redis.ConnectionError, match=r"connecting to 127\.0\.0\.1:1\b"):
         RedisBackend("redis://127.0.0.1:1/0", MatchRule(), timeout=0.5)
 
 
