@@ -184,6 +184,7 @@ def _run(out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SCRIPT, str(out)], env=env)
 
 
+@pytest.mark.slow  # 20 s on 2 cores: pytest -m slow
 def test_kill_and_resume_gives_the_bytes_of_an_uninterrupted_run(tmp_path):
     assert _run(tmp_path / "ref").wait(timeout=300) == 0
     victim = _run(tmp_path / "ds")

@@ -25,6 +25,7 @@ FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```$", re.S | re.M)
 NOT_RUN = re.compile(r"<!-- not run by tests: (.+?) -->\s*$")
 # bash blocks that take minutes on 2 CPU cores, by their first line (each must still match a block)
 SLOW = (
+    "safetynet attack --model runs/quickstart/classifier.keras --data digits --attack pgd --out runs/pgd-train",  # PGD on 1,437 images
     "safetynet attack --model runs/quickstart/classifier.keras --attack cw --out runs/cw-train",  # CW on 1,437 images, retrain
     "safetynet train-classifier --data digits --seed 1 --out runs/surrogate.keras",  # a classifier, then a transfer attack
 )

@@ -46,6 +46,7 @@ def saved(tmp_path_factory, digits, digits_classifier) -> dict[str, Any]:
             "fitted": detector}
 
 
+@pytest.mark.slow  # 45 s on 2 cores: pytest -m slow
 def test_evaluate_writes_json_markdown_figures_and_html(saved, digits, tmp_path):
     out = tmp_path / "eval"
     report = evaluate_stage(saved["model"], saved["detector"], digits, out, attacks=["fgsm", "pgd:steps=5"],
