@@ -35,6 +35,7 @@ from detector.evaluation import evaluate
 from training.adversarial import robustness_report, training_attack
 from training.classifier import accuracy, train_adversarial, train_classifier
 from training.data import load_dataset
+from timing import emit
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist_keras_arrays.npz"
 EPS = 0.3
@@ -92,7 +93,7 @@ def main() -> None:
             "setup_seconds": round(setup_s, 1), "evaluation_seconds": round(time.perf_counter() - began, 1),
         }
         print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
-    print(json.dumps(out, indent=2))
+    emit(out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -41,7 +40,7 @@ from foundation.backend import compile_with_model, value_and_grad  # noqa: E402
 from foundation.models import bfloat16_copy, load_model  # noqa: E402
 from benchmark_models import cifar_cnn  # noqa: E402
 from peers import art_classifier, peer_runs, torchattacks_peer  # noqa: E402
-from timing import best_time, importable, interleaved_rates, rate, sync  # noqa: E402
+from timing import best_time, emit, importable, interleaved_rates, rate, sync  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -273,10 +272,7 @@ def main() -> None:
         with_art = "art" in chosen and backend == "tensorflow" and importable("art")
         report["cw_l2"] = minimal_attack_comparison("cw", model, x[:count], y[:count], min(args.batch, count), with_art)
         report["deepfool"] = minimal_attack_comparison("deepfool", model, x[:count], y[:count], min(args.batch, count), with_art)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 def _devices(backend: str) -> list:

@@ -11,7 +11,6 @@ same threshold on each corruption of `detector.benign_shift`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from detector.metrics import flagged  # noqa: E402
 from training.classifier import train_classifier  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.detector import fit_detector  # noqa: E402
+from timing import emit  # noqa: E402
 
 
 def main() -> None:
@@ -62,10 +62,7 @@ def main() -> None:
             report["families"][family] = {"clean_fpr": nominal, "clean_fpr_shifted": shifted_fprs(detector, x_test)}
             print(family, report["families"][family], file=sys.stderr)
     report["seconds"] = time.perf_counter() - started
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

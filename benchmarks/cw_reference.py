@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 from attacks import parse_attack_spec  # noqa: E402
 from foundation.models import load_model  # noqa: E402
 from peers import art_classifier  # noqa: E402
+from timing import emit  # noqa: E402
 from training.classifier import accuracy, train_classifier  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 
@@ -169,10 +170,7 @@ def main() -> None:
                 "success_rate": float(subset["success"].mean()), **compare(subset, peer, x[:m]),
                 "speedup_vs_art": (peer["seconds"] / m) / (run["seconds"] / len(x)),
             }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

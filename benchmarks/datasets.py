@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from timing import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -95,7 +97,7 @@ def main() -> None:
         "runs": {str(n): run for n, run in runs.items()},
         "rss_ratio_largest_vs_smallest": runs[largest]["dataset"]["peak_rss_mib"] / runs[smallest]["dataset"]["peak_rss_mib"],
     }
-    print(json.dumps(report, indent=2))
+    emit(report)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ the old and new attacks is reported before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from detector.evaluation import evaluate  # noqa: E402
 from training.classifier import accuracy, train_classifier  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.detector import fit_detector, retrain_input_detector  # noqa: E402
+from timing import emit  # noqa: E402
 
 FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "ensemble")
 
@@ -96,10 +96,7 @@ def main() -> None:
         auroc, family = max((row["attacks"][name]["auroc"] or 0.0, f) for f, row in report["families"].items())
         report["best"][name] = {"family": family, "auroc": auroc, "tpr": report["families"][family]["attacks"][name]["tpr"]}
     report["seconds"] = time.perf_counter() - started
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Targets (issue 6/8): guarded accuracy under the adaptive attack >= 90% on MNIST 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ from detector.adaptive_evaluation import AdaptiveSettings
 from training.data import load_dataset
 from training.evaluate_stage import evaluate_stage
 from training.workflow import attack_stage, train_classifier_stage, train_detector_stage
+from timing import emit
 
 TARGETS = {1: 0.90, 3: 0.50}  # adaptive guarded accuracy by channel count (MNIST-like, CIFAR-like)
 MAX_CLEAN_FPR = 0.05
@@ -96,7 +96,7 @@ def main() -> None:
         "report": str(out / "report.md"),
         "seconds": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(time.perf_counter() - started, 1)},
     }
-    print(json.dumps(summary, indent=2))
+    emit(summary)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from serving.server import serving_in_thread
 from serving.stateful import MatchRule, MemoryBackend, QueryAttackDetector
 from training.classifier import train_classifier
 from training.data import load_dataset
+from timing import emit
 from training.attack_specs import default_attacks, default_eps
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist_keras_arrays.npz"
@@ -221,7 +222,7 @@ def main() -> None:
         result["seconds"] = round(time.perf_counter() - started, 1)
         report[name] = result
         print(json.dumps({name: result}), file=sys.stderr)
-    print(json.dumps(report, indent=2))
+    emit(report)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from training.adversarial import robustness_report, training_attack
 from training.classifier import build_reference_cnn, train_adversarial
 from training.data import load_dataset
 from training.attack_specs import default_eps
+from timing import emit
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist_keras_arrays.npz"
 
@@ -117,7 +118,7 @@ def main() -> None:
     report["final"]["seconds"] = round(time.perf_counter() - begin, 1)
     report["train_seconds"] = round(curve.train_s, 1)
     write()
-    print(json.dumps(report, indent=2))
+    emit(report)
 
 
 if __name__ == "__main__":

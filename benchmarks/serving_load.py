@@ -33,60 +33,10 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def build_digits_guard(directory: Path):
-    """A digits guard (the reference CNN, an input detector on FGSM eps 0.3, 5% FPR), saved in `directory`."""
-    from attacks import FGSM
-    from detector import InputDetector
-    from foundation.storage import model_fingerprint
-    from serving.guard import Guard
-    from training.classifier import train_classifier
-    from training.data import load_dataset
-
-    data = load_dataset("digits")
-    x, y = data.x_train, data.y_train
-    fit = int(0.8 * len(x))
-    classifier = train_classifier(x, y, data.num_classes, epochs=8, verbose=0)
-    detector = InputDetector(epochs=3).fit(x[:fit], FGSM(eps=0.3)(classifier, x[:fit], y[:fit]).x_adv, verbose=0)
-    detector.calibrate(x[fit:], 0.05)
-    detector.classifier_fingerprint = model_fingerprint(classifier)
-    guard = Guard(classifier, detector, name="digits")
-    guard.save(directory)
-    return guard
-
-
-def start_server(guard_dir: Path, port: int, log: Path, *extra: str) -> subprocess.Popen:
-    """`safetynet serve` in a subprocess, its output appended to `log`."""
-    # --query-policy off: all clients share one address and send clean and PGD versions of the same
-    # images, which query-attack detection would block (benchmarks/query_attacks.py measures that)
-    command = [sys.executable, "-m", "safetynet.cli", "serve", "--guard", str(guard_dir), "--port", str(port),
-               "--query-policy", "off", *extra]
-    with log.open("ab") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT)
-    process.log = log
-    return process
-
-
-def wait_until_up(process: subprocess.Popen, port: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}: {process.log.read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            if sock.recv(64).startswith(b"HTTP/1.1 200"):
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"the server did not come up within {timeout} s")
+from benchmarks.serving_process import build_guard, free_port, start_server, wait_until_up  # noqa: E402
+from benchmarks.timing import emit  # noqa: E402
 
 
 def request_bodies(x_clean: np.ndarray, x_adversarial: np.ndarray, batch: int, fraction: float, count: int,
@@ -260,14 +210,13 @@ def main() -> None:
     from training.data import load_dataset
 
     with tempfile.TemporaryDirectory() as scratch:
-        guard = build_digits_guard(Path(scratch) / "guard")
+        guard = build_guard(Path(scratch) / "guard")
         data = load_dataset("digits")
         x_adversarial = PGD(eps=0.3)(guard.classifier, data.x_test, data.y_test).x_adv
         bodies = request_bodies(data.x_test, x_adversarial, args.batch, args.adversarial, 256)
         result = load_and_kill(Path(scratch) / "guard", Path(scratch) / "quarantine", bodies, args.clients,
                                args.seconds, args.kill_after)
-    print(json.dumps({"clients": args.clients, "batch": args.batch, "adversarial_fraction": args.adversarial,
-                      **result}, indent=2))
+    emit({"clients": args.clients, "batch": args.batch, "adversarial_fraction": args.adversarial, **result})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ and the test images plus random-sign noise of the same budget (a benign perturba
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -42,6 +41,7 @@ from sklearn.metrics import roc_auc_score
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import emit  # noqa: E402 (no keras: it loads in `run`, after KERAS_HOME is set)
 # keras and the project's modules (which import keras) are imported in `run`, after KERAS_HOME is set
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -81,10 +81,7 @@ def main() -> None:
     finally:
         shutil.rmtree(home, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -1,10 +1,15 @@
-"""Timing helpers the benchmarks share: best-of-N wall clock, device synchronisation."""
+"""Helpers the benchmarks share: best-of-N wall clock, device synchronisation, the JSON result.
+
+Keras is imported only by `sync`: some benchmarks set KERAS_HOME before it loads, and the serving
+benchmarks never need it in the client.
+"""
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any, Callable
-
-import keras
 
 
 def best_time(run: Callable[[], Any], repeats: int) -> float:
@@ -42,6 +47,8 @@ def sync(value: Any) -> None:
     if hasattr(value, "block_until_ready"):
         value.block_until_ready()
     else:
+        import keras
+
         keras.ops.convert_to_numpy(value[:1])
 
 
@@ -51,3 +58,11 @@ def importable(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def emit(result: dict[str, Any], out: str | os.PathLike | None = None) -> None:
+    """Print the benchmark's result as indented JSON on stdout and, with `out`, write it there too."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

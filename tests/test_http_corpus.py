@@ -11,7 +11,8 @@ from test_http import MAX_BATCH, MAX_BODY, NAME, detector, guard, quarantine, ru
 from serving.http import create_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.serving_fuzz import Case, _request, corpus, send, summarize  # noqa: E402
+from benchmarks.serving_fuzz import send, summarize  # noqa: E402
+from benchmarks.serving_fuzz_corpus import Case, corpus, raw_request  # noqa: E402
 
 TIMEOUT = 1.0  # head and body deadlines of the server under test, seconds
 
@@ -23,7 +24,7 @@ def outcomes(guard, quarantine):  # noqa: F811 (the fixtures imported above)
         port = int(url.rsplit(":", 1)[1])
         results = [send("127.0.0.1", port, case, 3 * TIMEOUT + 5) for case in corpus(NAME, guard.input_shape,
                                                                                        MAX_BATCH, MAX_BODY)]
-        alive = send("127.0.0.1", port, Case("health", _request("GET", "/healthz", {})), 5).status
+        alive = send("127.0.0.1", port, Case("health", raw_request("GET", "/healthz", {})), 5).status
     return summarize(results), alive
 
 
