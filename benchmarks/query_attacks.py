@@ -3,6 +3,7 @@
     python benchmarks/query_attacks.py                       # digits and MNIST guards, 50 images per attack
     python benchmarks/query_attacks.py --data digits --images 10 --benign 0   # a quick look
     python benchmarks/query_attacks.py --query-policy off    # the service without stateful detection
+    python benchmarks/query_attacks.py --between-window 0    # the fingerprints without the between rule
     python benchmarks/query_attacks.py --data mnist --guard mnist=runs/mnist-guard   # an existing guard directory
 
 Per dataset a guard is built (the reference CNN and an input detector fitted on FGSM and PGD-10 at
@@ -11,11 +12,13 @@ per-client tokens: every attacked image is its own client, and so is every benig
 attackers are black boxes that see only the HTTP answers (benchmarks/query_attack_clients.py):
 Square (L-inf at the guard's eps, our own) and HopSkipJump (L-inf, ART's, started from a test image
 the service accepts with another label), each with `--budget` queries. For each run: whether the
-stateful detector matched a query and at which query (read from the detector in this process), and
-whether the attack got an accepted, misclassified answer within eps. The benign replay sends the
+stateful detector matched a query and at which query (read from the detector in this process), whether
+that first match was the between rule's, and whether the attack got an accepted, misclassified answer
+within eps. The benign replay sends the
 test set (MNIST: 10,000 images) in random order, each image flipped, cropped and JPEG re-encoded,
 split over clients of `--per-client` images sent `--request` at a time; a client is a false alarm
-when any of its queries matched.
+when any of its queries matched (reported beside: the most hashes shared and the closest any query
+came to the between rule).
 """
 from __future__ import annotations
 
@@ -74,22 +77,28 @@ def build_guard(name: str, work: Path, directory: Path | None = None) -> Guard:
 
 
 class RecordingDetector(QueryAttackDetector):
-    """The service's detector, also noting per client the query count at its first match and the
-    most hashes any of its queries shared with an earlier one."""
+    """The service's detector, also noting per client the query count at its first match (and at its
+    first between-rule match), the most hashes any of its queries shared with an earlier one, and the
+    closest it came to the between rule."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.queries: dict[str, int] = {}
         self.first_match: dict[str, int] = {}
+        self.first_between: dict[str, int] = {}
         self.most_shared: dict[str, int] = {}
+        self.closest_between: dict[str, float] = {}
 
     def check(self, client, x):
         verdict = super().check(client, x)
         before = self.queries.get(client, 0)
         self.queries[client] = before + len(x)
         self.most_shared[client] = max(self.most_shared.get(client, 0), int(verdict.shared.max()))
-        if verdict.matched.any() and client not in self.first_match:
-            self.first_match[client] = before + int(np.argmax(verdict.matched)) + 1
+        self.closest_between[client] = min(self.closest_between.get(client, np.inf), float(verdict.between.min()))
+        between = verdict.between <= self.rule.between_tolerance
+        for first, hits in ((self.first_match, verdict.matched), (self.first_between, between)):
+            if hits.any() and client not in first:
+                first[client] = before + int(np.argmax(hits)) + 1
         return verdict
 
 
@@ -143,9 +152,10 @@ def run_attacks(guard: Guard, data, args, detector: RecordingDetector | None) ->
                 blocked = True
             except BudgetSpent:
                 pass
-            flagged_at = None if detector is None else detector.first_match.get(f"token:{client}")
+            flagged_at, between_at = (None, None) if detector is None else (
+                detector.first_match.get(f"token:{client}"), detector.first_between.get(f"token:{client}"))
             rows[attack].append({"queries": oracle.queries, "success_at": oracle.success_at,
-                                 "flagged_at": flagged_at, "blocked": blocked})
+                                 "flagged_at": flagged_at, "between_at": between_at, "blocked": blocked})
     return {attack: summarize(runs, args.flag_within) for attack, runs in rows.items()}
 
 
@@ -157,6 +167,7 @@ def summarize(runs: list[dict], within: int) -> dict:
         "flagged": len(flagged) / len(runs),
         "median_queries_to_flag": float(np.median(flagged)) if flagged else None,
         "max_queries_to_flag": max(flagged, default=None),
+        "flagged_first_by_between": float(np.mean([r["flagged_at"] is not None and r["between_at"] == r["flagged_at"] for r in runs])),
         "success_through_service": float(np.mean([r["success_at"] is not None for r in runs])),
         "successes_at_queries": sorted(r["success_at"] for r in runs if r["success_at"] is not None),
         "median_queries_sent": float(np.median([r["queries"] for r in runs])),
@@ -184,7 +195,9 @@ def benign_replay(guard: Guard, data, args, detector: RecordingDetector) -> dict
     return {"images": len(images), "clients": len(groups), "images_per_client": int(np.median([len(g) for g in groups])),
             "clients_flagged": len(flagged), "flagged_rate": len(flagged) / len(groups), "clients_blocked": refused,
             "most_shared_hashes": max(detector.most_shared.get(f"token:{client}", 0) for client in tokens),
-            "threshold": detector.rule.threshold}
+            "threshold": detector.rule.threshold,
+            "closest_between": min(detector.closest_between.get(f"token:{client}", np.inf) for client in tokens),
+            "between_tolerance": detector.rule.between_tolerance}
 
 
 def main() -> None:
@@ -197,6 +210,8 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=200)
     parser.add_argument("--request", type=int, default=20, help="images per benign request")
     parser.add_argument("--query-policy", default="block", choices=["block", "reject", "flag", "off"])
+    parser.add_argument("--between-window", type=int, default=MatchRule().between_window,
+                        help="the between rule's window (0: the fingerprints alone)")
     parser.add_argument("--work", type=Path, default=Path("runs/query-attacks"))
     parser.add_argument("--guard", action="append", default=[], metavar="NAME=DIR",
                         help="serve this guard directory for dataset NAME instead of building one")
@@ -204,7 +219,8 @@ def main() -> None:
     guards = {name: Path(directory) for name, _, directory in (spec.partition("=") for spec in args.guard)}
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, "
-              f"{os.cpu_count()} cores", "policy": args.query_policy, "rule": vars(MatchRule()), "budget": args.budget}
+              f"{os.cpu_count()} cores", "policy": args.query_policy, "rule": vars(MatchRule(between_window=args.between_window)),
+              "budget": args.budget}
     for name in args.data:
         started = time.perf_counter()
         guard = build_guard(name, args.work, guards.get(name))
@@ -213,7 +229,7 @@ def main() -> None:
         def detector() -> RecordingDetector | None:
             if args.query_policy == "off":
                 return None
-            rule = MatchRule()
+            rule = MatchRule(between_window=args.between_window)
             return RecordingDetector(MemoryBackend(rule), rule, guard.clip, policy=args.query_policy)
 
         result = {"guard": str(guards.get(name, args.work / f"guard-{name}")), "eps": default_eps(guard.input_shape), "attacks": run_attacks(guard, data, args, detector())}
