@@ -32,7 +32,7 @@ from foundation.shards import (
     FORMAT_VERSION, MANIFEST, AdversarialDataset, Verification, as_tf_dataset, describe, iter_shards,
     load_adversarial_dataset, read_manifest, shard_name, shard_problem, verify_dataset, write_shard,
 )
-from foundation.storage import atomic_directory, atomic_write_json, model_fingerprint
+from foundation.storage import atomic_directory, atomic_write_json, model_fingerprint, remembered_fingerprints
 from attacks.sources import ArraySource, NpySource, Source
 from attacks.transfer import fools
 
@@ -93,6 +93,7 @@ def _resume(out: Path, config_hash: str) -> dict[str, Any] | None:
     return manifest
 
 
+@remembered_fingerprints()  # the model is hashed once for the manifest's two fingerprints
 def generate_dataset(
     model: keras.Model,
     attack: Attack,

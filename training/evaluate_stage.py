@@ -19,6 +19,7 @@ from detector.cross_attack import cross_attack_matrix
 from detector.evaluation import attack_label, check_match, evaluate, format_table, run_attacks
 from detector.report import write_report_files
 from foundation.models import load_model
+from foundation.storage import remembered_fingerprints
 from training.attack_specs import resolve_attack, sweep_eps, trained_attacks
 from training.detector import make_detector
 from training.workflow import Data, Log, as_dataset, select
@@ -37,6 +38,7 @@ def _close(bar: bool | tqdm) -> None:
         bar.close()
 
 
+@remembered_fingerprints()  # the classifier is hashed once: by the detector's load and by evaluate
 def evaluate_stage(
     model_path: str | os.PathLike,
     detector_dir: str | os.PathLike,
