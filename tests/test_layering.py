@@ -12,7 +12,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ALLOWED = {
@@ -134,9 +133,5 @@ def test_cycle_finder_finds_a_cycle_through_three_modules():
     assert cycles(graph) == [["a", "b", "c"]]
 
 
-# Engineers are splitting the last long files (safetynet/cli.py, training/workflow.py,
-# detector/adaptive_evaluation.py, benchmarks/serving_*.py) as this test lands: the assertion lists
-# the offenders, and the lead removes this xfail once they are split.
-@pytest.mark.xfail(strict=False, reason="long files are being split (issue 14)")
 def test_no_source_file_outside_tests_is_over_300_lines():
     assert long_files() == []
