@@ -149,8 +149,9 @@ def test_harden_refuses_before_training(tmp_path, digits_classifier, capsys):
         HardenSettings(target_fpr=0.7)
     with pytest.raises(ValueError, match="inside the joint rule"):
         HardenSettings(family="joint")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage error
         cli.main(["harden", "--model", str(model), "--out", str(tmp_path / "o"), "--family", "ensemble"])
+    assert "argument --family: invalid choice: 'ensemble'" in capsys.readouterr().err
 
 
 def test_quickstart_table_reports_each_guards_worst_case():
