@@ -119,6 +119,7 @@ def _serving(args: argparse.Namespace) -> int:
             head_timeout=args.head_timeout, body_timeout=args.body_timeout, keep_alive=args.keep_alive,
             max_head_kb=args.max_head_kb, tokens_file=args.tokens, trusted_proxies=tuple(args.trusted_proxy),
             query_policy=args.query_policy, query_state=args.query_state, query_block_seconds=args.query_block_seconds,
+            query_between_window=args.query_between_window,
         )
     elif args.command == "guard":
         serving.write_guard(args.model, args.detector, args.out, name=args.name, policy=args.policy)

@@ -266,6 +266,9 @@ def _add_serving(commands: Commands) -> None:
     serve.add_argument("--query-state", default="memory", metavar="URL",
                        help="where query fingerprints live: memory (default, this process) or redis://host:6379/0 "
                        "(shared by replicas; pip install 'safetynet[redis]')")
+    serve.add_argument("--query-between-window", type=int, default=32, metavar="N",
+                       help="also match a query that lies between two of its client's last N queries in every pixel "
+                       "(a binary or line search of HopSkipJump, Boundary); 0 turns it off (default 32)")
 
     guard = commands.add_parser("guard", help="write a guard directory (classifier + detector + policy) for serve, export and demo")
     guard.add_argument("--model", help=".keras or .h5 classifier (leave out for a detector that does not read it, "

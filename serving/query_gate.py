@@ -23,16 +23,17 @@ log = logging.getLogger(__name__)
 
 def query_detection(guard: Guard, *, token: str | None = None, tokens_file: str | None = None,
                     trusted_proxies: tuple[str, ...] = (), policy: str = "block", state: str = "memory",
-                    block_seconds: float = 600.0) -> tuple[ClientIdentity, QueryAttackDetector | None]:
+                    block_seconds: float = 600.0, between_window: int = 32) -> tuple[ClientIdentity, QueryAttackDetector | None]:
     """`safetynet serve`'s client identity and query-attack detector (None for policy "off"); `state`
-    is "memory" (this process) or a redis:// URL shared by replicas."""
+    is "memory" (this process) or a redis:// URL shared by replicas; `between_window` is the rule's
+    (`serving.stateful.MatchRule`; 0: fingerprints only)."""
     if policy not in (*POLICIES, "off"):
         raise ValueError(f"unknown query-attack policy {policy!r}; choose one of {[*POLICIES, 'off']}")
     clients = ClientIdentity(token=None if tokens_file else token,
                              tokens=read_tokens(tokens_file) if tokens_file else None, trusted_proxies=trusted_proxies)
     if policy == "off":
         return clients, None
-    rule = MatchRule()
+    rule = MatchRule(between_window=between_window)
     if state == "memory":
         backend = MemoryBackend(rule)
     elif state.startswith(("redis://", "rediss://", "unix://")):

@@ -98,11 +98,13 @@ def serve(
     query_policy: str = "block",
     query_state: str = "memory",
     query_block_seconds: float = 600.0,
+    query_between_window: int = 32,
 ) -> None:
     """Load a guard directory and serve it with uvicorn until stopped (Ctrl-C or SIGTERM). The token
     falls back to $SAFETYNET_TOKEN; `policy` overrides the saved one. Query-attack detection
     (`serving.query_gate.query_detection`): per client (`tokens_file`, else the address, behind
-    `trusted_proxies` the forwarded one), `query_policy` block, reject, flag or off."""
+    `trusted_proxies` the forwarded one), `query_policy` block, reject, flag or off; the between rule
+    over each client's last `query_between_window` queries (0: off)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if sample_accepted and quarantine_dir is None:
         raise ValueError("--sample-accepted needs --quarantine DIR to store the samples in")
@@ -113,7 +115,8 @@ def serve(
     if token and tokens_file:
         raise ValueError("--token and --tokens are exclusive: give one shared token or per-client tokens")
     clients, query_detector = query_detection(guard, token=token, tokens_file=tokens_file, trusted_proxies=trusted_proxies,
-                                              policy=query_policy, state=query_state, block_seconds=query_block_seconds)
+                                              policy=query_policy, state=query_state, block_seconds=query_block_seconds,
+                                              between_window=query_between_window)
     if token is None and tokens_file is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone who reaches the port can use the model", host)
     store = None if quarantine_dir is None else Quarantine(quarantine_dir, sample_accepted=sample_accepted)

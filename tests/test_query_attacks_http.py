@@ -146,6 +146,17 @@ def test_serve_settings(guard, tmp_path):
         query_detection(guard, state="memcached://host")
     with pytest.raises(ValueError, match="unknown query-attack policy 'ban'"):
         query_detection(guard, policy="ban")
+    assert detector.rule.between_window == 32 and query_detection(guard, between_window=0)[1].rule.between_window == 0
+
+
+def test_serve_passes_the_between_window_on(monkeypatch):
+    import serving.server
+    from safetynet.cli import main
+
+    seen = {}
+    monkeypatch.setattr(serving.server, "serve", lambda guard, **options: seen.update(options))
+    main(["serve", "--guard", "g", "--query-between-window", "0"])
+    assert seen["query_between_window"] == 0
 
 
 def test_uvicorn_never_takes_the_client_from_forwarded_headers(guard):
