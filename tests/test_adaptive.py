@@ -208,9 +208,21 @@ def test_no_drop_under_the_adaptive_attack_is_flagged_for_gradient_masking(digit
     assert report["detector"]["gradient_masking_check"] is True
 
 
-def test_adaptive_settings_are_validated():
-    for kwargs in ({"steps": 0}, {"lambdas": ()}, {"lambdas": (float("inf"),)}, {"masking_margin": 1.5},
-                   {"loss": "hinge"}, {"max_inputs": 0}, {"restarts": 0}, {"target_classes": 0}, {"apgd_lambdas": (-1.0,)},
-                   {"apgd_lambdas": ()}, {"suite": ()}, {"suite": ("pgd",)}, {"suite": ("apgd_ce", "cw")}):
-        with pytest.raises(ValueError):
-            AdaptiveSettings(**kwargs)
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"steps": 0}, "adaptive steps must be an integer >= 1, got 0"),
+    ({"lambdas": ()}, r"lambdas must be one or more finite numbers >= 0, got \[\]"),
+    ({"lambdas": (float("inf"),)}, r"lambdas must be one or more finite numbers >= 0, got \[inf\]"),
+    ({"masking_margin": 1.5}, r"masking_margin must lie in \[0, 1\), got 1.5"),
+    ({"loss": "hinge"}, "the adaptive loss must be 'margin', 'ce' or 'dlr', got 'hinge'"),
+    ({"max_inputs": 0}, "adaptive max_inputs must be an integer >= 1, got 0"),
+    ({"restarts": 0}, "adaptive restarts must be an integer >= 1, got 0"),
+    ({"target_classes": 0}, "target_classes must be an integer >= 1, got 0"),
+    ({"apgd_lambdas": (-1.0,)}, r"apgd_lambdas must be one or more finite numbers >= 0, got \[-1.0\]"),
+    ({"apgd_lambdas": ()}, r"apgd_lambdas must be one or more finite numbers >= 0, got \[\]"),
+    ({"suite": ()}, r"the adaptive suite must be one or more of \[.*\], got \[\]$"),
+    ({"suite": ("pgd",)}, r"the adaptive suite must be one or more of \[.*\], got \['pgd'\]"),
+    ({"suite": ("apgd_ce", "cw")}, r"the adaptive suite must be one or more of \[.*\], got \['apgd_ce', 'cw'\]"),
+])
+def test_adaptive_settings_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdaptiveSettings(**kwargs)

@@ -63,7 +63,7 @@ def test_bad_parameters_are_refused_at_construction(kwargs, message):
 
 
 def test_parameters_are_keyword_only_normalised_and_rebuild_the_attack():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="takes 1 positional argument but 2 were given"):
         CarliniWagnerL2(0.0)  # type: ignore[misc]
     attack = CarliniWagnerL2(confidence=1, learning_rate=np.float32(0.05), steps=np.int64(7), initial_const=2)
     assert attack.confidence == 1.0 and isinstance(attack.confidence, float)

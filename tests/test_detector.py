@@ -350,11 +350,13 @@ def test_fit_rejects_mismatched_shapes():
 
 
 @pytest.mark.parametrize(
-    "options",
-    [{"epochs": 0}, {"batch_size": 0}, {"validation_fraction": 0.0}, {"validation_fraction": 0.5}],
+    ("options", "message"),
+    [({"epochs": 0}, "epochs must be an integer >= 1, got 0"), ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+     ({"validation_fraction": 0.0}, r"validation_fraction must be a number in \(0, 0.5\), got 0.0"),
+     ({"validation_fraction": 0.5}, r"validation_fraction must be a number in \(0, 0.5\), got 0.5")],
 )
-def test_input_detector_rejects_bad_hyperparameters(options):
-    with pytest.raises(ValueError):
+def test_input_detector_rejects_bad_hyperparameters(options, message):
+    with pytest.raises(ValueError, match=f"^InputDetector: {message}$"):
         InputDetector(**options)
 
 
@@ -445,7 +447,7 @@ def test_load_corrupt_manifest(saved, tmp_path):
 def test_load_manifest_that_is_not_an_object(saved, tmp_path):
     directory = _copy(saved, tmp_path)
     (directory / MANIFEST).write_text("[]")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"detector manifest is corrupt \(.*\): expected a JSON object, got list"):
         load_detector(directory)
 
 
@@ -459,7 +461,7 @@ def test_load_missing_model_file(saved, tmp_path):
 def test_load_corrupt_model_file(saved, tmp_path):
     directory = _copy(saved, tmp_path)
     (directory / MODEL_FILE).write_bytes(b"not a keras archive")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"detector model .*{MODEL_FILE} is corrupt"):
         load_detector(directory)
 
 

@@ -155,23 +155,40 @@ def test_fit_checks_the_training_pair_before_training(family, digits_classifier)
         detector.fit(np.zeros((4, 8, 8, 1), np.float32), np.zeros((1, 8, 8, 1), np.float32))
 
 
+SQUEEZER_SPECS = r"squeezers must be None or a non-empty list of squeezer specs: .*, got "
+
+
 @pytest.mark.parametrize(
-    ("cls", "options"),
+    ("cls", "options", "message"),
     [
-        (ActivationDetector, {"auto_layers": 0}), (ActivationDetector, {"epochs": 0}),
-        (ActivationDetector, {"validation_fraction": 0.5}), (ActivationDetector, {"layers": "dense"}),
-        (SafetyNetDetector, {"quantiles": (0.5, 0.2)}), (SafetyNetDetector, {"quantiles": (1.0,)}),
-        (SafetyNetDetector, {"C": 0.0}), (SafetyNetDetector, {"gamma": "wide"}), (SafetyNetDetector, {"max_train": 2}),
-        (MahalanobisDetector, {"noise": -0.1}), (MahalanobisDetector, {"covariance": "oas"}),
-        (MahalanobisDetector, {"C": -1.0}), (SqueezeDetector, {"squeezers": []}),
-        (SqueezeDetector, {"squeezers": ["median:2"]}), (SqueezeDetector, {"squeezers": ["median:9"]}),
-        (SqueezeDetector, {"squeezers": ["bit_depth:0"]}), (SqueezeDetector, {"squeezers": ["blur:3"]}),
-        (SqueezeDetector, {"squeezers": ["nl_means:13:3"]}), (SqueezeDetector, {"batch_size": 0}),
+        (ActivationDetector, {"auto_layers": 0}, "auto_layers must be an integer >= 1, got 0"),
+        (ActivationDetector, {"epochs": 0}, "epochs must be an integer >= 1, got 0"),
+        (ActivationDetector, {"validation_fraction": 0.5}, r"validation_fraction must be a number in \(0, 0.5\), got 0.5"),
+        (ActivationDetector, {"layers": "dense"}, "layers must be None or a non-empty list of distinct layer names, got 'dense'"),
+        (SafetyNetDetector, {"quantiles": (0.5, 0.2)}, r"quantiles must be increasing values strictly between 0 and 1, got \(0.5, 0.2\)"),
+        (SafetyNetDetector, {"quantiles": (1.0,)}, r"quantiles must be increasing values strictly between 0 and 1, got \(1.0,\)"),
+        (SafetyNetDetector, {"C": 0.0}, "C must be a finite number > 0, got 0.0"),
+        (SafetyNetDetector, {"gamma": "wide"}, r"gamma must be one of \['auto', 'scale'\] or a finite number > 0, got 'wide'"),
+        (SafetyNetDetector, {"max_train": 2}, "max_train must be an integer >= 4, got 2"),
+        (MahalanobisDetector, {"noise": -0.1}, "noise must be a finite number >= 0, got -0.1"),
+        (MahalanobisDetector, {"covariance": "oas"}, r"covariance must be one of \['empirical', 'ledoit_wolf'\], got 'oas'"),
+        (MahalanobisDetector, {"C": -1.0}, "C must be a finite number > 0, got -1.0"),
+        (SqueezeDetector, {"squeezers": []}, SQUEEZER_SPECS + r"\[\]"),
+        (SqueezeDetector, {"squeezers": ["median:2"]}, SQUEEZER_SPECS + r"\['median:2'\]"),
+        (SqueezeDetector, {"squeezers": ["bit_depth:0"]}, SQUEEZER_SPECS + r"\['bit_depth:0'\]"),
+        (SqueezeDetector, {"squeezers": ["blur:3"]}, SQUEEZER_SPECS + r"\['blur:3'\]"),
+        (SqueezeDetector, {"squeezers": ["nl_means:13:3"]}, SQUEEZER_SPECS + r"\['nl_means:13:3'\]"),
+        (SqueezeDetector, {"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
     ],
 )
-def test_families_reject_bad_hyperparameters(cls, options, digits_classifier):
-    with pytest.raises(ValueError):
+def test_families_reject_bad_hyperparameters(cls, options, message, digits_classifier):
+    with pytest.raises(ValueError, match=f"^{cls.__name__}: {message}$"):
         cls(digits_classifier, **options)
+
+
+def test_a_squeezer_window_larger_than_the_image_is_refused(digits_classifier):
+    with pytest.raises(ValueError, match=r"squeezer 'median:9': a 9 x 9 window is larger than the \(8, 8\) image"):
+        SqueezeDetector(digits_classifier, squeezers=["median:9"])
 
 
 # --------------------------------------------------------------------------------------------

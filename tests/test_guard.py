@@ -170,7 +170,7 @@ def test_from_paths_passes_options(tmp_path, digits_classifier, detector):
 
 def test_from_paths_missing_files(tmp_path, detector):
     detector_dir = detector.save(tmp_path / "detector")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="classifier model not found: .*missing.keras"):
         Guard.from_paths(tmp_path / "missing.keras", detector_dir)
 
 

@@ -526,11 +526,16 @@ def test_upstream_failures_answer_502_or_504(detector, digits):
                     assert httpx.get(f"{url}/metrics").text.count("safetynet_upstream_errors_total 1.0") == 1
 
 
-def test_create_app_refuses_bad_settings(guard):
-    for kwargs in ({"max_batch": 0}, {"max_body_bytes": 0}, {"token": ""}, {"upstream": "ftp://host/v1/models/x"},
-                   {"upstream": "http://host:8501/v1/models/x:predict"}):
-        with pytest.raises(ValueError):
-            create_app(guard, **kwargs)
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"max_batch": 0}, "max_batch must be an integer >= 1, got 0"),
+    ({"max_body_bytes": 0}, "max_body_bytes must be >= 1, got 0"),
+    ({"token": ""}, "token must be a non-empty string"),
+    ({"upstream": "ftp://host/v1/models/x"}, "upstream must be a model URL .*, got 'ftp://host/v1/models/x'"),
+    ({"upstream": "http://host:8501/v1/models/x:predict"}, "upstream must be a model URL .*, got 'http://host:8501/v1/models/x:predict'"),
+])
+def test_create_app_refuses_bad_settings(guard, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_app(guard, **kwargs)
 
 
 def test_safetynet_serve_command(guard, digits, tmp_path):
