@@ -44,6 +44,24 @@ def digits_classifier(digits) -> keras.Model:
 
 
 @pytest.fixture(scope="session")
+def digits_detector(digits, digits_classifier):
+    """An InputDetector(epochs=4) fitted on the first 1,100 digits training images and their FGSM and
+    PGD (eps 0.3) versions, calibrated at 5% FPR on the other training images, carrying the
+    classifier's fingerprint. Shared by the guard, evaluation and HTTP tests: copy it before
+    changing it."""
+    from attacks import FGSM, PGD
+    from detector import InputDetector
+    from foundation.storage import model_fingerprint
+
+    x, y = digits.x_train[:1100], digits.y_train[:1100]
+    adversarial = np.concatenate([attack(digits_classifier, x, y).x_adv for attack in (FGSM(eps=0.3), PGD(eps=0.3))])
+    detector = InputDetector(epochs=4).fit(x, adversarial, verbose=0)
+    detector.calibrate(digits.x_train[1100:], 0.05)
+    detector.classifier_fingerprint = model_fingerprint(digits_classifier)
+    return detector
+
+
+@pytest.fixture(scope="session")
 def mnist(shared_data):
     """MNIST from ../shared/data as an ImageDataset."""
     from training.data import load_dataset

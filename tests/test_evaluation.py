@@ -15,14 +15,13 @@ from sklearn.metrics import roc_auc_score
 from attacks import FGSM, PGD
 from attacks.base import Attack, AttackResult
 from foundation.storage import model_fingerprint
-from detector import InputDetector, metrics
+from detector import metrics
 from detector.calibration import Calibration
 from detector.evaluation import evaluate, format_table, write_report
 
 from doubles import SyntheticDetector
 
 EPS = 0.3
-N_FIT = 1100
 FAST: dict[str, Any] = {"adaptive": None, "taylor_inputs": 0}  # tests of the adaptive part: test_adaptive.py
 
 
@@ -305,21 +304,10 @@ def test_attack_without_eps_gives_valid_json(digits, digits_classifier, corner, 
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def input_detector(digits, digits_classifier) -> InputDetector:
-    x_fit, y_fit = digits.x_train[:N_FIT], digits.y_train[:N_FIT]
-    adversarial = np.concatenate(
-        [attack(digits_classifier, x_fit, y_fit).x_adv for attack in (FGSM(eps=EPS), PGD(eps=EPS))]
-    )
-    detector = InputDetector(epochs=4).fit(x_fit, adversarial, verbose=0)
-    detector.calibrate(digits.x_train[N_FIT:], 0.05)
-    return detector
-
-
-def test_real_detector_detects_fgsm_and_pgd(digits, digits_classifier, input_detector):
+def test_real_detector_detects_fgsm_and_pgd(digits, digits_classifier, digits_detector):
     attacks = [FGSM(eps=EPS), PGD(eps=EPS)]
     report = evaluate(
-        digits_classifier, input_detector, digits.x_test, digits.y_test, attacks, data="digits", progress=False, **FAST
+        digits_classifier, digits_detector, digits.x_test, digits.y_test, attacks, data="digits", progress=False, **FAST
     )
     assert report["detector"]["kind"] == "input"
     assert report["classifier"]["clean_accuracy"] > 0.85

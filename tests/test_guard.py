@@ -9,28 +9,20 @@ import pytest
 from doubles import NaNForDarkImages
 from scipy.stats import binomtest
 
-from attacks import FGSM, PGD
+from attacks import PGD
 from detector import InputDetector
 from foundation.models import save_model
 from foundation.storage import model_fingerprint
 from serving.guard import Guard, GuardResult
 
 EPS = 0.3
-TARGET_FPR = 0.05
-N_FIT = 1100  # training images used to fit the detector; the rest calibrate it
+TARGET_FPR = 0.05  # conftest's digits_detector: calibrated at this FPR on the training images after
+N_FIT = 1100  # the first N_FIT, which it is fitted on
 
 
 @pytest.fixture(scope="module")
-def detector(digits, digits_classifier) -> InputDetector:
-    """Fit on the first N_FIT training images and their FGSM/PGD versions; calibrate on the rest."""
-    x_fit, y_fit = digits.x_train[:N_FIT], digits.y_train[:N_FIT]
-    adversarial = np.concatenate(
-        [attack(digits_classifier, x_fit, y_fit).x_adv for attack in (FGSM(eps=EPS), PGD(eps=EPS))]
-    )
-    detector = InputDetector(epochs=4).fit(x_fit, adversarial, verbose=0)
-    detector.calibrate(digits.x_train[N_FIT:], TARGET_FPR)
-    detector.classifier_fingerprint = model_fingerprint(digits_classifier)
-    return detector
+def detector(digits_detector) -> InputDetector:
+    return digits_detector
 
 
 @pytest.fixture(scope="module")

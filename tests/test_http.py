@@ -25,9 +25,7 @@ import pytest
 from fastapi import FastAPI, Request
 from prometheus_client.parser import text_string_to_metric_families
 
-from attacks import FGSM, PGD
-from detector import InputDetector
-from foundation.storage import model_fingerprint
+from attacks import PGD
 from serving.answers import AnswerPolicy
 from serving.guard import Guard
 from serving.http import create_app
@@ -35,7 +33,6 @@ from serving.quarantine import Quarantine
 from serving.server import serving_in_thread
 
 EPS = 0.3
-N_FIT = 1000  # training images the detector is fitted on; the rest calibrate it
 MAX_BATCH = 64
 MAX_BODY = 200_000
 NAME = "digits"
@@ -47,17 +44,8 @@ running = serving_in_thread  # the other HTTP test modules import it from here
 
 
 @pytest.fixture(scope="module")
-def detector(digits, digits_classifier) -> InputDetector:
-    x, y = digits.x_train[:N_FIT], digits.y_train[:N_FIT]
-    detector = InputDetector(epochs=2).fit(x, FGSM(eps=EPS)(digits_classifier, x, y).x_adv, verbose=0)
-    detector.calibrate(digits.x_train[N_FIT:], 0.05)
-    detector.classifier_fingerprint = model_fingerprint(digits_classifier)
-    return detector
-
-
-@pytest.fixture(scope="module")
-def guard(digits_classifier, detector) -> Guard:
-    return Guard(digits_classifier, detector, name=NAME)
+def guard(digits_classifier, digits_detector) -> Guard:
+    return Guard(digits_classifier, digits_detector, name=NAME)
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +138,8 @@ def test_concurrent_requests_are_merged_into_one_guard_call_and_split_back(guard
                 np.testing.assert_allclose(p["adversarial_score"], score, rtol=1e-5, atol=1e-5)
 
 
-def test_flag_policy_answers_flagged_inputs_and_quarantines_them(digits_classifier, detector, pgd, tmp_path):
-    flagging = Guard(digits_classifier, detector, name=NAME, policy="flag")
+def test_flag_policy_answers_flagged_inputs_and_quarantines_them(digits_classifier, digits_detector, pgd, tmp_path):
+    flagging = Guard(digits_classifier, digits_detector, name=NAME, policy="flag")
     with Quarantine(tmp_path / "q") as store, running(create_app(flagging, quarantine=store)) as url:
         predictions = httpx.post(f"{url}{PREDICT}", json={"instances": pgd[:16].tolist()}).json()["predictions"]
         store.flush(timeout=10)
@@ -490,8 +478,8 @@ class FakeTFServing:
             return {"predictions": [np.eye(10)[int(np.sum(x)) % 10].tolist() for x in instances]}
 
 
-def test_upstream_gets_only_accepted_inputs_and_its_answers_are_merged(detector, digits, pgd):
-    remote = Guard(None, detector, name=NAME)  # the classifier lives upstream only
+def test_upstream_gets_only_accepted_inputs_and_its_answers_are_merged(digits_detector, digits, pgd):
+    remote = Guard(None, digits_detector, name=NAME)  # the classifier lives upstream only
     fake = FakeTFServing()
     x = np.stack([image for pair in zip(digits.x_test[:12], pgd[:12]) for image in pair])
     with running(fake.app) as upstream, running(create_app(remote, upstream=f"{upstream}/v1/models/tfs")) as url, \
@@ -510,8 +498,8 @@ def test_upstream_gets_only_accepted_inputs_and_its_answers_are_merged(detector,
         assert all_rejected.status_code == 200 and fake.received == []
 
 
-def test_upstream_failures_answer_502_or_504(detector, digits):
-    remote = Guard(None, detector, name=NAME)
+def test_upstream_failures_answer_502_or_504(digits_detector, digits):
+    remote = Guard(None, digits_detector, name=NAME)
     body = {"instances": digits.x_test[:4].tolist()}
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))

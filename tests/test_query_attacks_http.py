@@ -11,9 +11,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from attacks import FGSM
-from detector import InputDetector
-from foundation.storage import model_fingerprint
 from serving.clients import ClientIdentity
 from serving.guard import Guard
 from serving.http import create_app
@@ -25,12 +22,8 @@ TOKENS = {"alice": "alice-token", "bob": "bob-token-"}
 
 
 @pytest.fixture(scope="module")
-def guard(digits, digits_classifier) -> Guard:
-    x, y = digits.x_train[:500], digits.y_train[:500]
-    detector = InputDetector(epochs=1).fit(x, FGSM(eps=0.3)(digits_classifier, x, y).x_adv, verbose=0)
-    detector.calibrate(digits.x_train[500:], 0.05)
-    detector.classifier_fingerprint = model_fingerprint(digits_classifier)
-    return Guard(digits_classifier, detector, name="digits")
+def guard(digits_classifier, digits_detector) -> Guard:
+    return Guard(digits_classifier, digits_detector, name="digits")
 
 
 def app_for(guard: Guard, policy: str, rule: MatchRule | None = None, **identity):
