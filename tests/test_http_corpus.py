@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_http import MAX_BATCH, MAX_BODY, NAME, detector, guard, quarantine, running  # noqa: F401 (fixtures)
+from test_http import MAX_BATCH, MAX_BODY, NAME, guard, quarantine, running  # noqa: F401 (fixtures)
 
 from serving.http import create_app
 

@@ -13,8 +13,6 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from test_http import running
 
-from attacks import FGSM
-from detector import InputDetector
 from serving.guard import Guard
 from serving.http import create_app
 
@@ -23,13 +21,9 @@ MAX_BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def client(digits, digits_classifier) -> Iterator[httpx.Client]:
-    """A real server with a quickly fitted guard (its detection quality does not matter here)."""
-    x, y = digits.x_train[:200], digits.y_train[:200]
-    detector = InputDetector(epochs=1).fit(x, FGSM(eps=0.3)(digits_classifier, x, y).x_adv, verbose=0)
-    detector.calibrate(digits.x_train[200:400], 0.05)
-    app = create_app(Guard(digits_classifier, detector, name="fuzz", check_fingerprint=False),
-                     max_batch=MAX_BATCH, max_body_bytes=50_000)
+def client(digits_classifier, digits_detector) -> Iterator[httpx.Client]:
+    """A real server guarding with conftest's digits detector (its detection quality does not matter here)."""
+    app = create_app(Guard(digits_classifier, digits_detector, name="fuzz"), max_batch=MAX_BATCH, max_body_bytes=50_000)
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as client:
         yield client
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_http import detector, guard, pgd  # noqa: F401 (fixtures)
+from test_http import guard, pgd  # noqa: F401 (fixtures)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.serving_load import load_and_kill, request_bodies  # noqa: E402
