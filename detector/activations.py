@@ -15,7 +15,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from detector.base import Detector
 from detector.features import (
-    LAYERS,
+    LAYER_CONSTRAINTS,
     extract,
     feature_extractor,
     image_shape,
@@ -81,8 +81,7 @@ class ActivationDetector(Detector):
     learned = "model"
     uses_classifier: ClassVar[bool] = True
     _parameter_constraints = {
-        "layers": [None, LAYERS],
-        "auto_layers": [Interval(int, 1)],
+        **LAYER_CONSTRAINTS,
         "width": [Interval(int, 1)],
         "epochs": [Interval(int, 1)],
         "batch_size": [Interval(int, 1)],

@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 
 from foundation.models import logits_model
 from foundation.storage import model_fingerprint, read_json
-from foundation.validation import Satisfies, check_image_shape
+from foundation.validation import Interval, Satisfies, check_image_shape
 
 _CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.DepthwiseConv2D,
          keras.layers.SeparableConv2D)
@@ -104,6 +104,8 @@ def _layer_names(layers: Any) -> list[str]:
 
 # the `layers` parameter of the families that read the classifier's activations
 LAYERS = Satisfies("a non-empty list of distinct layer names", _layer_names)
+# the parameters those families share: which layers (None: the last `auto_layers` eligible ones)
+LAYER_CONSTRAINTS = {"layers": [None, LAYERS], "auto_layers": [Interval(int, 1)]}
 
 
 def resolve_layers(classifier: keras.Model, layers: list[str] | None, count: int,

@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 
 from detector.base import Detector
 from detector.features import (
-    LAYERS,
+    LAYER_CONSTRAINTS,
     extract,
     feature_extractor,
     image_shape,
@@ -70,8 +70,7 @@ class MahalanobisDetector(Detector):
     learned = "arrays"
     uses_classifier: ClassVar[bool] = True
     _parameter_constraints = {
-        "layers": [None, LAYERS],
-        "auto_layers": [Interval(int, 1)],
+        **LAYER_CONSTRAINTS,
         "noise": [Interval(float, 0)],
         "covariance": [Options(*COVARIANCES)],
         "C": [Interval(float, 0, closed="neither")],

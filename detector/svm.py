@@ -23,7 +23,7 @@ from sklearn.svm import SVC
 
 from detector.base import Detector
 from detector.features import (
-    LAYERS,
+    LAYER_CONSTRAINTS,
     extract,
     feature_extractor,
     image_shape,
@@ -80,8 +80,7 @@ class SafetyNetDetector(Detector):
     learned = "arrays"
     uses_classifier: ClassVar[bool] = True
     _parameter_constraints = {
-        "layers": [None, LAYERS],
-        "auto_layers": [Interval(int, 1)],
+        **LAYER_CONSTRAINTS,
         "quantiles": [Satisfies("increasing values strictly between 0 and 1", _quantiles)],
         "C": [Interval(float, 0, closed="neither")],
         "gamma": [Options("scale", "auto"), Interval(float, 0, closed="neither")],

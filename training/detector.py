@@ -50,7 +50,7 @@ def _common_fingerprint(datasets: Sequence[AdversarialDataset]) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Split:
+class SourceSplit:
     """Clean images for fitting and for calibration, and each dataset's adversarial images on both sides."""
 
     x_clean_fit: np.ndarray
@@ -67,7 +67,7 @@ def _hold_out(ids: np.ndarray, fraction: float, rng: np.random.Generator, what: 
     return rng.choice(ids, size=n_held_out, replace=False)
 
 
-def split_by_source(datasets: Sequence[AdversarialDataset], calibration_fraction: float, seed: int) -> Split:
+def split_by_source(datasets: Sequence[AdversarialDataset], calibration_fraction: float, seed: int) -> SourceSplit:
     """Hold out a random `calibration_fraction` of the source images (all their versions), and the
     same fraction of each adversarial-only dataset's records (by record index)."""
     if not 0.0 < calibration_fraction < 1.0:
@@ -88,7 +88,7 @@ def split_by_source(datasets: Sequence[AdversarialDataset], calibration_fraction
             held.append(np.isin(data.index, _hold_out(np.unique(data.index), calibration_fraction, rng, what)))
         else:
             held.append(np.isin(data.index, held_out))
-    return Split(
+    return SourceSplit(
         x_clean_fit=np.stack([clean_by_index[s] for s in sources[~is_held]]),
         x_clean_held_out=np.stack([clean_by_index[s] for s in sources[is_held]]),
         adversarial_fit=[d.x_adv[~h] for d, h in zip(datasets, held, strict=True)],
@@ -183,7 +183,7 @@ def fit_detector(
     return detector
 
 
-def detection_rates(detector: Detector, split: Split, names: Sequence[str]) -> dict[str, float]:
+def detection_rates(detector: Detector, split: SourceSplit, names: Sequence[str]) -> dict[str, float]:
     """TPR at the calibrated threshold on each dataset's held-out successful adversarial images."""
     return {
         name: float(detector.predict(x).mean()) if len(x) else float("nan")
