@@ -4,11 +4,17 @@ Protocol (README "Detectors"): a reference classifier is trained; FGSM and PGD d
 from `--n-train` training images; every family is fitted on them (20% of the sources held out to
 calibrate its threshold at 5% clean FPR); then on `--n-test` test images each family is scored on
 the seen attacks (FGSM, PGD) and unseen ones (CW-L2, DeepFool), counting only successful adversarial
-examples. Finally the `input` detector is retrained on DeepFool with replay, and the held-out TPR of
-the old and new attacks is reported before and after.
+examples. Finally the `input` detector is retrained on DeepFool (`--retrain-on cw`: CW-L2) made from
+the first `--n-retrain` training images, with replay, and the held-out TPR of the old and new attacks
+is reported before and after.
+
+`--art` adds IBM ART's CW-L2 and DeepFool as unseen attacks beside ours (benchmarks/art_unseen.py;
+ART is never a dependency). `--n-unseen` runs the unseen attacks, ours and ART's, on the first that
+many test images only (ART's CW is slow); the clean FPR and the AUROC's negatives stay all `--n-test`.
 
     python benchmarks/detection.py --data ../shared/data/mnist/mnist_keras_arrays.npz --eps 0.3
     python benchmarks/detection.py --data ../shared/data/cifar10 --eps 8/255 --epochs 15
+    python benchmarks/detection.py --data digits --families input --unseen --retrain-on cw
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 
 from attacks import make_attack, parse_attack_spec  # noqa: E402
@@ -44,10 +51,22 @@ def main() -> None:
     parser.add_argument("--detector-epochs", type=int, default=10)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--unseen", nargs="*", default=["cw", "deepfool"])
+    parser.add_argument("--n-unseen", type=int, help="unseen attacks on the first this many test images (default all)")
+    parser.add_argument("--art", action="store_true", help="also ART's CW-L2 and DeepFool as unseen attacks")
+    parser.add_argument("--art-cw-search-steps", type=int, default=5)
+    parser.add_argument("--art-cw-iter", type=int, default=50)
+    parser.add_argument("--art-cw-const", type=float, default=1.0, help="ART's initial c (its default 0.01)")
     parser.add_argument("--no-retrain", action="store_true")
+    parser.add_argument("--retrain-on", choices=("deepfool", "cw"), default="deepfool")
+    parser.add_argument("--n-retrain", type=int, help="training images the retraining attack runs on (default --n-train)")
+    parser.add_argument("--retrain-epochs", type=int, default=5)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     eps = parse_attack_spec(f"fgsm:eps={args.eps}").eps
+    if args.art:
+        from art_unseen import art_attacks, art_rows, require_art
+
+        require_art()
 
     started = time.perf_counter()
     data = load_dataset(args.data)
@@ -55,15 +74,15 @@ def main() -> None:
     report: dict = {
         "data": args.data, "eps": eps, "n_train": args.n_train, "n_test": args.n_test,
         "classifier_clean_accuracy": accuracy(classifier, data.x_test, data.y_test),
-        "families": {}, "fit_seconds": {},
+        "families": {}, "fit_seconds": {}, "attack_seconds": {},
     }
     seen = [make_attack("fgsm", eps=eps), make_attack("pgd", eps=eps, steps=10)]
     x, y = data.x_train[: args.n_train], data.y_train[: args.n_train]
     with tempfile.TemporaryDirectory() as scratch:
         paths = []
-        for attack in seen + ([make_attack("deepfool")] if not args.no_retrain else []):
-            path = Path(scratch) / attack.name
-            generate_dataset(classifier, attack, ArraySource(x, y), path, progress=False,
+        for i, attack in enumerate(seen + ([make_attack(args.retrain_on)] if not args.no_retrain else [])):
+            path, n = Path(scratch) / attack.name, args.n_retrain if i == 2 and args.n_retrain else len(x)
+            generate_dataset(classifier, attack, ArraySource(x[:n], y[:n]), path, progress=False,
                              source_info={"data": args.data, "split": "train"})
             paths.append(path)
         datasets = [load_adversarial_dataset(p) for p in paths]
@@ -71,7 +90,18 @@ def main() -> None:
 
         x_test, y_test = data.x_test[: args.n_test], data.y_test[: args.n_test]
         test_attacks = seen + [make_attack(name) for name in args.unseen]
-        results = [a(classifier, x_test, y_test, batch_size=256) for a in test_attacks]
+        results = []
+        for i, attack in enumerate(test_attacks):  # the unseen ones on the first n_unseen images
+            m, begin = len(x_test) if i < len(seen) else args.n_unseen or len(x_test), time.perf_counter()
+            results.append(attack(classifier, x_test[:m], y_test[:m], batch_size=256))
+            report["attack_seconds"][attack.name] = time.perf_counter() - begin
+        if args.art:
+            m = args.n_unseen or len(x_test)
+            art_runs = art_attacks(classifier, x_test[:m], y_test[:m], {
+                "binary_search_steps": args.art_cw_search_steps, "max_iter": args.art_cw_iter,
+                "initial_const": args.art_cw_const, "learning_rate": 0.01, "confidence": 0.0, "batch_size": 256})
+            report["art_cw_params"] = art_runs["art_cw"]["params"]
+            report["attack_seconds"] |= {name: run["seconds"] for name, run in art_runs.items()}
         detectors = {}
         for family in args.families:
             begin = time.perf_counter()
@@ -86,11 +116,14 @@ def main() -> None:
                 "attacks": {name: {k: row[k] for k in ("success_rate", "auroc", "tpr")}
                             for name, row in evaluation["attacks"].items()},
             }
+            if args.art:
+                report["families"][family]["attacks"] |= art_rows(detectors[family], x_test, art_runs)
             print(f"{family}: " + ", ".join(f"{n} AUROC {r['auroc']} TPR {r['tpr']}"
                                             for n, r in report["families"][family]["attacks"].items()), file=sys.stderr)
         if "input" in detectors and not args.no_retrain:
-            _, retrain = retrain_input_detector(detectors["input"], datasets[2:], seen_sets, epochs=5, verbose=0)
-            report["retrain_input_on_deepfool"] = retrain
+            _, retrain = retrain_input_detector(detectors["input"], datasets[2:], seen_sets,
+                                                 epochs=args.retrain_epochs, verbose=0)
+            report[f"retrain_input_on_{args.retrain_on}"] = retrain
     report["best"] = {}
     for name in report["families"][args.families[0]]["attacks"] if report["families"] else []:
         auroc, family = max((row["attacks"][name]["auroc"] or 0.0, f) for f, row in report["families"].items())

@@ -1,0 +1,53 @@
+"""IBM ART's CW-L2 and DeepFool as unseen attacks for benchmarks/detection.py, beside ours.
+
+Imported only when `--art` asks for them: ART is a peer measured against, never a dependency of
+safetynet. ART's CW runs through cw_reference's `art` (the same wrapping as there, peers'
+`art_classifier`); its images are scored like ours: AUROC against every clean test image and TPR at
+the detector's calibrated threshold, on the images that fool the classifier.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import keras
+import numpy as np
+
+from cw_reference import art as art_cw
+from cw_reference import fooled
+from detector.base import Detector
+from detector.metrics import detection
+from peers import art_classifier
+from timing import importable
+
+
+def require_art() -> None:
+    """One clear error when ART is missing, before any work is done."""
+    if not importable("art"):
+        raise SystemExit("--art needs IBM ART (pip install adversarial-robustness-toolbox): it is only a peer"
+                         " to measure against, never a dependency of safetynet")
+
+
+def art_attacks(model: keras.Model, x: np.ndarray, y: np.ndarray, cw_params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """ART's CarliniL2Method (untargeted, `cw_params`) and DeepFool (its defaults) on (x, y): images,
+    success (the model's argmax differs from y) and wall time of each."""
+    from art.attacks.evasion import DeepFool
+
+    runs = {"art_cw": art_cw(model, x, y, cw_params)}
+    start = time.perf_counter()
+    x_adv = DeepFool(art_classifier(model), batch_size=cw_params["batch_size"], verbose=False).generate(x).astype(np.float32)
+    runs["art_deepfool"] = {"x_adv": x_adv, "success": fooled(model, x_adv, y, cw_params["batch_size"]),
+                            "seconds": time.perf_counter() - start}
+    return runs
+
+
+def art_rows(detector: Detector, x_clean: np.ndarray, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per ART attack: success rate, AUROC and TPR at the calibrated threshold on its successful images."""
+    clean_scores = np.asarray(detector.score(x_clean), np.float64)
+    rows = {}
+    for name, run in runs.items():
+        scores = np.asarray(detector.score(run["x_adv"]), np.float64)
+        found = detection(clean_scores, scores[run["success"]], detector.threshold)
+        rows[name] = {"success_rate": float(np.mean(run["success"])), "auroc": found["auroc"], "tpr": found["tpr"],
+                      "n": len(scores), "n_successful": int(np.sum(run["success"]))}
+    return rows
