@@ -109,15 +109,18 @@ class Interval:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, wanted):
             raise TypeError(value)
         number = self.kind(value)
-        low_open, high_open = self.closed in ("right", "neither"), self.closed in ("left", "neither")
+        low_open, high_open = self._open_ends()
         if (not math.isfinite(number)
                 or self.low is not None and (number < self.low or low_open and number == self.low)
                 or self.high is not None and (number > self.high or high_open and number == self.high)):
             raise ValueError(value)
         return number
 
+    def _open_ends(self) -> tuple[bool, bool]:
+        return self.closed in ("right", "neither"), self.closed in ("left", "neither")
+
     def __str__(self) -> str:
-        low_open, high_open = self.closed in ("right", "neither"), self.closed in ("left", "neither")
+        low_open, high_open = self._open_ends()
         if self.kind is int:
             what = "an integer"
         else:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import keras
 import numpy as np
 
 from attacks import PGD
-from foundation.validation import check_integer
+from foundation.validation import Interval, Options, Parameterized
 from foundation.models import load_model, save_model
 from detector import load_detector
 from detector.guard_directory import save_guard_directory
@@ -36,7 +36,7 @@ from training.workflow import Data, Log, as_dataset, attack_stage, train_detecto
 
 
 @dataclasses.dataclass(frozen=True)
-class HardenSettings:
+class HardenSettings(Parameterized):
     """attack: the training attack spec (`pgd:steps=10`, `fgsm_rs` for a fast CPU run); eps: its
     budget and the guard's (default: 0.3 for grey images, 8/255 for colour). epochs: at most this
     many; training stops earlier once robust validation accuracy has not improved for `patience`
@@ -60,17 +60,17 @@ class HardenSettings:
     target_fpr: float = 0.05
     seed: int = 0
 
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        **{name: [Interval(int, 1)] for name in ("epochs", "batch_size", "validation_n", "validation_steps", "patience",
+                                                 "n_attack", "detector_epochs")},
+        "warmup_epochs": [Interval(float, 0)],
+        "learning_rate": [Interval(float, 0, closed="neither")],
+        "target_fpr": [Interval(float, 0, 0.5, closed="neither")],
+        "schedule": [Options("cosine", "constant")],
+    }
+
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "validation_n", "validation_steps", "patience", "n_attack", "detector_epochs"):
-            check_integer(name, getattr(self, name))
-        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
-            raise ValueError(f"warmup_epochs must be a finite number >= 0, got {self.warmup_epochs}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
-        if not 0.0 < self.target_fpr < 0.5:
-            raise ValueError(f"target_fpr must lie in (0, 0.5), got {self.target_fpr}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        self._set_params({name: getattr(self, name) for name in self._parameter_constraints})
         if self.family in ("joint", "ensemble"):
             raise ValueError(f"family is the detector inside the joint rule; {self.family!r} cannot be one")
 
