@@ -1,9 +1,12 @@
-"""The ordinary corruptions of a real image pipeline, and a detector's clean FPR under each.
+"""The ordinary corruptions of a real image pipeline, a detector's clean FPR under each, and the
+augmentation that fits and calibrates detectors on them.
 
 A guard calibrated at 5% on pristine test images may reject far more honest traffic once images
 have been JPEG re-encoded, resized or shifted by a camera or an upload pipeline (issue 15 measured
 20-54% on digits and MNIST). `shifted_fprs` reports the clean FPR at the detector's threshold on
-each corruption of the clean test images, beside the nominal one.
+each corruption of the clean test images, beside the nominal one; `augment_benign` gives
+`training.detector` clean images with corrupted copies, so that the detector learns and the
+threshold covers them.
 
 Images are float NHWC in [0, 1] (the project's contract); every corruption returns the same shape
 and range. All use OpenCV, seeded per call, so a report is reproducible.
@@ -80,6 +83,23 @@ BENIGN_SHIFTS: dict[str, Corruption] = {
     "resize0.75": resize_down_up,
     "jpeg90+noise0.02": lambda x, rng: gaussian_noise(jpeg(x, rng), rng),
 }
+
+
+AUGMENTATIONS: tuple[str, ...] = tuple(BENIGN_SHIFTS)
+
+
+def augment_benign(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`x` followed by one corrupted copy of each image, each copy's corruption drawn from
+    `AUGMENTATIONS` by `rng` (so twice as many images, the originals first, in order)."""
+    if x.ndim != 4 or x.min() < 0.0 or x.max() > 1.0:
+        raise ValueError(f"benign augmentation needs float NHWC images in [0, 1], got shape {x.shape}")
+    x = np.asarray(x, np.float32)
+    choice = rng.integers(len(AUGMENTATIONS), size=len(x))
+    copies = np.empty_like(x)
+    for index, name in enumerate(AUGMENTATIONS):
+        if (chosen := choice == index).any():
+            copies[chosen] = BENIGN_SHIFTS[name](x[chosen], rng)
+    return np.concatenate([x, copies])
 
 
 def shifted_fprs(detector: Detector, x: np.ndarray, *, seed: int = 0) -> dict[str, float]:

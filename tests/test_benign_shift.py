@@ -6,7 +6,7 @@ import pytest
 from doubles import SyntheticDetector
 
 from attacks import FGSM
-from detector.benign_shift import BENIGN_SHIFTS, jpeg, shift, shifted_fprs
+from detector.benign_shift import AUGMENTATIONS, BENIGN_SHIFTS, augment_benign, jpeg, shift, shifted_fprs
 from detector.evaluation import evaluate, format_table
 from detector.report import markdown
 
@@ -52,6 +52,23 @@ def test_shift_moves_the_content_by_whole_pixels(digits):
         matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)
                    and np.allclose(np.roll(image, (dy, dx), axis=(0, 1))[1:-1, 1:-1], after[1:-1, 1:-1])]
         assert matches, "each image is its own copy moved by one pixel (inside the replicated border)"
+
+
+def test_augment_benign_appends_one_corrupted_copy_of_each_image_drawn_from_every_shift(digits):
+    x = digits.x_test[:200]
+    augmented = augment_benign(x, np.random.default_rng(0))
+    assert augmented.shape == (400, *x.shape[1:]) and augmented.dtype == np.float32
+    np.testing.assert_array_equal(augmented[:200], x)
+    copies = augmented[200:]
+    assert (np.abs(copies - x).reshape(200, -1).max(axis=1) > 0).all()
+    assert copies.min() >= 0.0 and copies.max() <= 1.0
+    np.testing.assert_array_equal(augment_benign(x, np.random.default_rng(0)), augmented)  # seeded
+    # whole-pixel shifts keep the digits' 1/16 grey levels, noise, JPEG and resizing leave them
+    on_grid = OffTheDigitsGrid()._score(copies) < 0
+    assert AUGMENTATIONS == tuple(BENIGN_SHIFTS)
+    assert 0.2 < on_grid.mean() < 0.5  # 2 of the 6 corruptions
+    with pytest.raises(ValueError, match="benign augmentation needs float NHWC images in \\[0, 1\\]"):
+        augment_benign(x[0], np.random.default_rng(0))
 
 
 def test_shifted_fprs_count_the_clean_images_flagged_after_each_shift(digits):

@@ -23,6 +23,7 @@ from attacks.dataset import ArraySource, generate_dataset, load_adversarial_data
 from foundation.storage import model_fingerprint
 from detector import FAMILIES, Calibration, InputDetector, calibrate_threshold, load_detector
 from detector.base import FORMAT_VERSION, MANIFEST
+from detector.benign_shift import shifted_fprs
 from detector.input_detector import MODEL_FILE
 from training.detector import fit_detector
 
@@ -274,21 +275,30 @@ def test_fit_detector_holds_out_calibration_images(fitted, datasets, digits_clas
     detector, captured = fitted
     sources = set(np.concatenate([d.index for d in datasets]).tolist())
     info = detector.info
-    assert info["n_calibration"] + info["n_fit_clean"] == len(sources)
-    assert info["n_calibration"] == round(0.2 * len(sources))
+    n_held_out = round(0.2 * len(sources))
+    # benign augmentation (the default): each clean image, fitting and calibration, also comes corrupted
+    assert info["benign_augmentation"] is True
+    assert info["n_calibration"] == 2 * n_held_out
+    assert info["n_fit_clean"] == 2 * (len(sources) - n_held_out)
     assert detector.calibration.n_clean == info["n_calibration"]
     assert detector.calibration.target_fpr == 0.05
     assert len(captured["calibration"]) == info["n_calibration"]
     assert len(captured["fit_clean"]) == info["n_fit_clean"]
-    assert len(captured["fit_adversarial"]) == info["n_fit_adversarial"] == 2 * info["n_fit_clean"]
+    assert len(captured["fit_adversarial"]) == info["n_fit_adversarial"] == info["n_fit_clean"]
 
-    # map images back to their source index (digits has no duplicate images)
+    # map images back to their source index (digits has no duplicate images); the originals come
+    # first, then one corrupted copy of each, which is no clean image of any source
     clean_source = {row: int(i) for d in datasets for row, i in zip(_rows(d.x_clean), d.index)}
     adversarial_source = {row: int(i) for d in datasets for row, i in zip(_rows(d.x_adv), d.index)}
-    held_out = {clean_source[row] for row in _rows(captured["calibration"])}
-    fit_clean = {clean_source[row] for row in _rows(captured["fit_clean"])}
+    for images in (captured["calibration"], captured["fit_clean"]):
+        originals, copies = np.split(images, 2)
+        assert not set(_rows(copies)) & set(clean_source)
+        change = np.abs(copies - originals).reshape(len(copies), -1).mean(axis=1)
+        assert (change > 0).all() and change.mean() < 0.2  # each copy is its own image, corrupted a little
+    held_out = {clean_source[row] for row in _rows(np.split(captured["calibration"], 2)[0])}
+    fit_clean = {clean_source[row] for row in _rows(np.split(captured["fit_clean"], 2)[0])}
     fit_adversarial = {adversarial_source[row] for row in _rows(captured["fit_adversarial"])}
-    assert len(held_out) == info["n_calibration"]
+    assert len(held_out) == n_held_out
     assert held_out.isdisjoint(fit_clean)
     assert held_out.isdisjoint(fit_adversarial)  # no adversarial version of a calibration image
     assert held_out | fit_clean == sources
@@ -301,6 +311,17 @@ def test_fit_detector_holds_out_calibration_images(fitted, datasets, digits_clas
     assert detector.classifier_fingerprint == model_fingerprint(digits_classifier)
     assert [entry["attack"]["attack"] for entry in info["trained_on"]] == ["fgsm", "pgd"]
     assert [entry["count"] for entry in info["trained_on"]] == [len(d.index) for d in datasets]
+
+
+def test_benign_augmentation_lowers_the_clean_fpr_under_shift(detector, datasets, digits):
+    """Fitted and calibrated on pristine images only, the detector rejects many clean test digits moved
+    by one pixel or resized; with the default augmentation far fewer, at the same target FPR."""
+    plain = fit_detector(datasets, target_fpr=0.05, epochs=4, benign_augmentation=False, verbose=0)
+    assert plain.info["benign_augmentation"] is False
+    assert plain.info["n_calibration"] * 2 == detector.info["n_calibration"]
+    off, on = shifted_fprs(plain, digits.x_test), shifted_fprs(detector, digits.x_test)
+    assert on["shift1"] < off["shift1"] - 0.1, (off, on)
+    assert on["resize0.75"] < off["resize0.75"] - 0.3, (off, on)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5])

@@ -22,6 +22,7 @@ import keras
 
 from attacks.dataset import AdversarialDataset
 from detector import FAMILIES, Detector, EnsembleDetector, InputDetector, JointDetector
+from detector.benign_shift import augment_benign
 
 
 def adversarial_only(data: AdversarialDataset) -> bool:
@@ -124,6 +125,11 @@ def make_detector(family: str, classifier: keras.Model | None, *, epochs: int, s
     return cls(classifier, seed=seed)
 
 
+def _benign(x: np.ndarray, augment: bool, seed: int, stream: int) -> np.ndarray:
+    """`x`, with a benignly corrupted copy of each image appended when `augment` (seeded per stream)."""
+    return augment_benign(x, np.random.default_rng([seed, stream])) if augment else x
+
+
 def _fit(detector: Detector, x_clean: np.ndarray, x_adversarial: np.ndarray, verbose: int | str) -> Detector:
     return detector.fit(x_clean, x_adversarial, verbose=verbose)
 
@@ -139,12 +145,18 @@ def fit_detector(
     calibration_fraction: float = 0.2,
     epochs: int = 10,
     seed: int = 0,
+    benign_augmentation: bool = True,
     verbose: int | str = 2,
 ) -> Detector:
     """Train a detector of `family` on clean vs adversarial pairs and calibrate it on held-out clean
     images. An `ensemble` fits its `members` on 75% of the training sources and its stacker on the
     other 25%, so the stacker learns how members behave on images they have not seen; `joint` does
     the same with one member (`members[0]`) and the classifier's logit gap (`detector.joint`).
+
+    `benign_augmentation` appends to the clean fitting images (each part's, for `ensemble` and
+    `joint`) and to the calibration images a copy of each with an ordinary corruption
+    (`detector.benign_shift.augment_benign`: JPEG, noise, shifts, resizing), so that images from a
+    real pipeline are neither learnt as adversarial nor left outside the one threshold.
 
     `paths` (the datasets' directories) are recorded so that retraining can replay them later.
     """
@@ -159,25 +171,31 @@ def fit_detector(
         rng = np.random.default_rng(seed)
         clean_part = rng.random(len(split.x_clean_fit)) < 0.75
         adversarial_part = rng.random(len(x_adversarial)) < 0.75
+        members_clean = _benign(split.x_clean_fit[clean_part], benign_augmentation, seed, 1)
+        stacker_clean = _benign(split.x_clean_fit[~clean_part], benign_augmentation, seed, 2)
         fitted = [
-            _fit(make_detector(m, classifier, epochs=epochs, seed=seed),
-                 split.x_clean_fit[clean_part], x_adversarial[adversarial_part], verbose)
+            _fit(make_detector(m, classifier, epochs=epochs, seed=seed), members_clean, x_adversarial[adversarial_part], verbose)
             for m in (members if family == "ensemble" else members[:1])
         ]
         for member in fitted:
             member.classifier_fingerprint = fingerprint
         stacker = EnsembleDetector(fitted, seed=seed) if family == "ensemble" else JointDetector(fitted[0], classifier, seed=seed)
-        detector = _fit(stacker, split.x_clean_fit[~clean_part], x_adversarial[~adversarial_part], verbose)
+        detector = _fit(stacker, stacker_clean, x_adversarial[~adversarial_part], verbose)
+        n_fit_clean = len(members_clean) + len(stacker_clean)
     else:
-        detector = _fit(make_detector(family, classifier, epochs=epochs, seed=seed), split.x_clean_fit, x_adversarial, verbose)
-    detector.calibrate(split.x_clean_held_out, target_fpr)
+        x_clean = _benign(split.x_clean_fit, benign_augmentation, seed, 1)
+        detector = _fit(make_detector(family, classifier, epochs=epochs, seed=seed), x_clean, x_adversarial, verbose)
+        n_fit_clean = len(x_clean)
+    x_calibration = _benign(split.x_clean_held_out, benign_augmentation, seed, 3)
+    detector.calibrate(x_calibration, target_fpr)
     detector.classifier_fingerprint = fingerprint
     detector.info = {
         "trained_on": _describe(datasets, paths),
         "calibration_fraction": calibration_fraction,
-        "n_fit_clean": int(len(split.x_clean_fit)),
+        "benign_augmentation": benign_augmentation,
+        "n_fit_clean": int(n_fit_clean),
         "n_fit_adversarial": int(len(x_adversarial)),
-        "n_calibration": int(len(split.x_clean_held_out)),
+        "n_calibration": int(len(x_calibration)),
         "version": 1,
     }
     return detector
@@ -200,11 +218,13 @@ def retrain_input_detector(
     epochs: int = 5,
     learning_rate: float = 3e-4,
     seed: int = 0,
+    benign_augmentation: bool = True,
     verbose: int | str = 2,
     version: int | None = None,
 ) -> tuple[InputDetector, dict[str, Any]]:
     """Fine-tune on new attacks mixed with replayed earlier data, recalibrate at the same target
     FPR, and report detection on every attack before and after. The given detector is unchanged.
+    `benign_augmentation` as in `fit_detector`, for the clean fitting and calibration images.
 
     Returns the new detector (its `info.version` is `version`, default one higher) and the
     before/after report.
@@ -223,14 +243,15 @@ def retrain_input_detector(
 
     retrained = InputDetector(**(detector.get_params() | {"epochs": epochs, "seed": seed}))
     retrained.model = _clone(detector)
-    retrained.fit(split.x_clean_fit, np.concatenate(split.adversarial_fit), warm_start=True,
-                  learning_rate=learning_rate, verbose=verbose)
-    retrained.calibrate(split.x_clean_held_out, detector.calibration.target_fpr)
+    retrained.fit(_benign(split.x_clean_fit, benign_augmentation, seed, 1), np.concatenate(split.adversarial_fit),
+                  warm_start=True, learning_rate=learning_rate, verbose=verbose)
+    retrained.calibrate(_benign(split.x_clean_held_out, benign_augmentation, seed, 3), detector.calibration.target_fpr)
     retrained.classifier_fingerprint = fingerprint
     retrained.info = {
         **detector.info,
         "trained_on": detector.info.get("trained_on", []) + _describe(new, paths[: len(new)] if paths else None),
         "version": int(detector.info.get("version", 1)) + 1 if version is None else version,
+        "benign_augmentation": benign_augmentation,
         "retrained_with_replay": _describe(replay, paths[len(new):] if paths else None),
     }
     after = detection_rates(retrained, split, names)
