@@ -36,7 +36,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             args.data, args.out, eps=args.eps, n_attack=args.n_attack, n_eval=args.n_eval,
             classifier_epochs=args.classifier_epochs, detector_epochs=args.detector_epochs,
             target_fpr=args.target_fpr, family=args.family, robust=not args.no_robust, seed=args.seed,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, benign_augmentation=not args.no_benign_augmentation,
         )
     elif args.command == "train-classifier":
         workflow.train_classifier_stage(
@@ -51,6 +51,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             attack=args.attack, eps=args.eps, epochs=args.epochs, warmup_epochs=args.eps_warmup, trades_beta=args.trades,
             learning_rate=args.learning_rate, schedule=args.schedule, batch_size=args.batch_size, patience=args.patience,
             family=args.family, n_attack=args.n_attack, target_fpr=args.target_fpr, seed=args.seed,
+            benign_augmentation=not args.no_benign_augmentation,
         )
         harden(args.model, args.data, args.out, settings, evaluate=not args.no_evaluate, n_eval=args.n_eval)
     elif args.command == "attack":
@@ -69,9 +70,11 @@ def _pipeline(args: argparse.Namespace) -> int:
         workflow.train_detector_stage(
             args.adversarial, args.out, family=args.family, model_path=args.model, members=args.members,
             target_fpr=args.target_fpr, epochs=args.epochs, seed=args.seed,
+            benign_augmentation=not args.no_benign_augmentation,
         )
     elif args.command == "retrain":
-        workflow.retrain_stage(args.detector, args.adversarial, replay=args.replay, out=args.out, epochs=args.epochs, seed=args.seed)
+        workflow.retrain_stage(args.detector, args.adversarial, replay=args.replay, out=args.out, epochs=args.epochs,
+                               seed=args.seed, benign_augmentation=not args.no_benign_augmentation)
     elif args.command == "evaluate":
         from detector.adaptive_evaluation import AdaptiveSettings
         from training.evaluate_stage import evaluate_stage

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_training, _add_datasets, _add_detectors, _add_quarantine, _add_serving):
         add(commands)
+    for fits in ("quickstart", "harden", "train-detector", "retrain"):  # the commands that fit a detector
+        commands.choices[fits].add_argument("--no-benign-augmentation", action="store_true", help="fit and calibrate "
+                                            "on the clean images only, without corrupted copies (JPEG, noise, shifts, resizing)")
     return parser
 
 

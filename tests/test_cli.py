@@ -94,6 +94,24 @@ def test_stages_one_by_one_reproduce_the_pipeline(quickstart_dir, tmp_path, caps
     assert "attacks: 100%|##########| 200/200" in captured.err and "adaptive attacks: " in captured.err
 
 
+@pytest.mark.parametrize("command, target", [
+    (["train-detector", "--adversarial", "a", "--out", "d"], "training.workflow.train_detector_stage"),
+    (["retrain", "--detector", "d", "--adversarial", "a"], "training.workflow.retrain_stage"),
+    (["quickstart", "--out", "q"], "training.quickstart.quickstart"),
+    (["harden", "--model", "m.keras", "--out", "h"], "training.harden.harden"),
+])
+def test_every_command_that_fits_a_detector_passes_benign_augmentation(command, target, monkeypatch):
+    """On by default; --no-benign-augmentation turns it off (harden: in its settings)."""
+    seen = []
+
+    def stage(*args, **kwargs):
+        seen.append(args[3].benign_augmentation if target.endswith("harden") else kwargs["benign_augmentation"])
+
+    monkeypatch.setattr(target, stage)
+    assert main(command) == 0 and main([*command, "--no-benign-augmentation"]) == 0
+    assert seen == [True, False]
+
+
 def test_the_console_script_is_installed():
     script = shutil.which("safetynet", path=str(Path(sys.executable).parent))
     assert script is not None

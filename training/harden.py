@@ -24,7 +24,7 @@ import keras
 import numpy as np
 
 from attacks import PGD
-from foundation.validation import Interval, Options, Parameterized
+from foundation.validation import BOOLEAN, Interval, Options, Parameterized
 from foundation.models import load_model, save_model
 from detector import load_detector
 from detector.guard_directory import save_guard_directory
@@ -41,7 +41,8 @@ class HardenSettings(Parameterized):
     budget and the guard's (default: 0.3 for grey images, 8/255 for colour). epochs: at most this
     many; training stops earlier once robust validation accuracy has not improved for `patience`
     epochs after the warm-up. schedule: "cosine" decays the learning rate to 2% over `epochs`. validation_n: training images held out for that check
-    (`validation_steps`-step PGD). family: the detector family inside the joint rule."""
+    (`validation_steps`-step PGD). family: the detector family inside the joint rule.
+    benign_augmentation: fit and calibrate the joint rule on corrupted clean copies too (`fit_detector`)."""
 
     attack: str = "pgd:steps=10"
     eps: float | None = None
@@ -58,6 +59,7 @@ class HardenSettings(Parameterized):
     n_attack: int = 10_000
     detector_epochs: int = 10
     target_fpr: float = 0.05
+    benign_augmentation: bool = True
     seed: int = 0
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -67,6 +69,7 @@ class HardenSettings(Parameterized):
         "learning_rate": [Interval(float, 0, closed="neither")],
         "target_fpr": [Interval(float, 0, 0.5, closed="neither")],
         "schedule": [Options("cosine", "constant")],
+        "benign_augmentation": [BOOLEAN],
     }
 
     def __post_init__(self) -> None:
@@ -172,7 +175,8 @@ def harden(
     log(f"[3/4] joint rule: {settings.family} detector + the classifier's logit gap, one threshold at FPR {settings.target_fpr}")
     detector_path = out / "detector"
     train_detector_stage(datasets, detector_path, family="joint", members=(settings.family,), model_path=classifier_path,
-                         target_fpr=settings.target_fpr, epochs=settings.detector_epochs, seed=settings.seed, log=log)
+                         target_fpr=settings.target_fpr, epochs=settings.detector_epochs, seed=settings.seed,
+                         benign_augmentation=settings.benign_augmentation, log=log)
     guard_path = save_guard_directory(out / "guard", classifier, load_detector(detector_path, classifier=classifier))
     log(f"guard written to {guard_path} (serve it with: safetynet serve --guard {guard_path})")
     report = None

@@ -184,9 +184,11 @@ def train_detector_stage(
     target_fpr: float = 0.05,
     epochs: int = 10,
     seed: int = 0,
+    benign_augmentation: bool = True,
     log: Log = print,
 ) -> float:
     """Fit a detector on adversarial datasets, calibrate it, save it; return its threshold.
+    `benign_augmentation`: fit and calibrate on corrupted copies of the clean images too (`fit_detector`).
 
     Families that read the classifier (all but `input`) need `model_path`, the classifier the
     datasets were made for (checked against their fingerprint).
@@ -198,7 +200,7 @@ def train_detector_stage(
     detector = fit_detector(
         datasets, family=family, classifier=classifier, members=members,
         paths=[str(Path(p).resolve()) for p in adversarial], target_fpr=target_fpr, epochs=epochs,
-        seed=seed, verbose=_fit_verbosity(),
+        seed=seed, benign_augmentation=benign_augmentation, verbose=_fit_verbosity(),
     )
     detector.save(out)
     calibration = detector.calibration
@@ -217,6 +219,7 @@ def retrain_stage(
     out: str | os.PathLike | None = None,
     epochs: int = 5,
     seed: int = 0,
+    benign_augmentation: bool = True,
     log: Log = print,
 ) -> dict[str, Any]:
     """Fine-tune a detector on new attacks with replay of earlier data; write a new version next
@@ -239,7 +242,7 @@ def retrain_stage(
     replay_sets = [load_adversarial_dataset(p) for p in replay]
     retrained, report = retrain_input_detector(
         detector, new_sets, replay_sets, paths=[str(Path(p).resolve()) for p in [*adversarial, *replay]],
-        epochs=epochs, seed=seed, verbose=_fit_verbosity(), version=version,
+        epochs=epochs, seed=seed, benign_augmentation=benign_augmentation, verbose=_fit_verbosity(), version=version,
     )
     retrained.save(out)
     log(f"{'held-out TPR':<32}{'before':>10}{'after':>10}")
