@@ -2,8 +2,11 @@
 
 The protocol of `safetynet quickstart`'s plain guard: the reference CNN, FGSM + PGD-10 datasets of the
 first `--n-train` training images, each family fitted on them and calibrated at 5% clean FPR on 20%
-held-out sources; then on the first `--n-test` test images the nominal clean FPR and the FPR at the
-same threshold on each corruption of `detector.benign_shift`.
+held-out sources; then on the first `--n-test` test images the nominal clean FPR, the FPR at the
+same threshold on each corruption of `detector.benign_shift`, and AUROC / TPR on the seen attacks
+(FGSM, PGD-10) made on those test images (successful ones only). `--augmentation both` fits each
+family twice, without and with benign augmentation (the default of `fit_detector`), on the same
+classifier and datasets; `--augment-with` restricts the corruptions the augmentation draws from.
 
     python benchmarks/benign_shift.py --data digits --epochs 8 --eps 0.3
     python benchmarks/benign_shift.py --data ../shared/data/mnist/mnist_keras_arrays.npz --n-train 5000 --epochs 3
@@ -24,8 +27,9 @@ import numpy as np  # noqa: E402
 
 from attacks import make_attack  # noqa: E402
 from attacks.dataset import ArraySource, generate_dataset, load_adversarial_dataset  # noqa: E402
-from detector.benign_shift import shifted_fprs  # noqa: E402
-from detector.metrics import flagged  # noqa: E402
+from detector import benign_shift  # noqa: E402
+from detector.benign_shift import BENIGN_SHIFTS, shifted_fprs  # noqa: E402
+from detector.metrics import auroc, flagged  # noqa: E402
 from training.classifier import train_classifier  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.detector import fit_detector  # noqa: E402
@@ -40,27 +44,45 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=5, help="classifier training epochs")
     parser.add_argument("--families", nargs="+", default=["input", "ensemble"])
+    parser.add_argument("--augmentation", choices=("off", "on", "both"), default="both",
+                        help="fit without, with, or both (default) with benign augmentation")
+    parser.add_argument("--augment-with", nargs="+", choices=list(BENIGN_SHIFTS),
+                        help="the corruptions the augmentation draws from (default all)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if args.augment_with:
+        benign_shift.AUGMENTATIONS = tuple(args.augment_with)
+    settings = {"off": [False], "on": [True], "both": [False, True]}[args.augmentation]
 
     started = time.perf_counter()
     data = load_dataset(args.data)
     x, y = data.x_train[: args.n_train], data.y_train[: args.n_train]
     classifier = train_classifier(x, y, data.num_classes, epochs=args.epochs, verbose=0)
     x_test = data.x_test[: args.n_test]
-    report: dict = {"data": args.data, "eps": args.eps, "n_train": len(x), "n_test": len(x_test), "families": {}}
+    report: dict = {"data": args.data, "eps": args.eps, "n_train": len(x), "n_test": len(x_test),
+                    "augment_with": list(benign_shift.AUGMENTATIONS), "families": {}}
+    attacks = (make_attack("fgsm", eps=args.eps), make_attack("pgd", eps=args.eps, steps=10))
+    seen = {a.name: a(classifier, x_test, data.y_test[: args.n_test], batch_size=256) for a in attacks}
+    report["seen_success_rate"] = {name: float(result.success.mean()) for name, result in seen.items()}
     with tempfile.TemporaryDirectory() as scratch:
         datasets = []
-        for attack in (make_attack("fgsm", eps=args.eps), make_attack("pgd", eps=args.eps, steps=10)):
+        for attack in attacks:
             path = Path(scratch) / attack.name
             generate_dataset(classifier, attack, ArraySource(x, y), path, progress=False,
                              source_info={"data": args.data, "split": "train"})
             datasets.append(load_adversarial_dataset(path))
         for family in args.families:
-            detector = fit_detector(datasets, family=family, classifier=classifier, verbose=0)
-            nominal = float(flagged(np.asarray(detector.score(x_test), np.float64), detector.threshold).mean())
-            report["families"][family] = {"clean_fpr": nominal, "clean_fpr_shifted": shifted_fprs(detector, x_test)}
-            print(family, report["families"][family], file=sys.stderr)
+            for augment in settings:
+                detector = fit_detector(datasets, family=family, classifier=classifier, benign_augmentation=augment, verbose=0)
+                clean = np.asarray(detector.score(x_test), np.float64)
+                row = {"clean_fpr": float(flagged(clean, detector.threshold).mean()),
+                       "clean_fpr_shifted": shifted_fprs(detector, x_test), "seen": {}}
+                for name, result in seen.items():
+                    scores = np.asarray(detector.score(result.x_adv[result.success]), np.float64)
+                    row["seen"][name] = {"auroc": auroc(clean, scores), "tpr": float(flagged(scores, detector.threshold).mean())}
+                key = f"{family}/augmentation_{'on' if augment else 'off'}"
+                report["families"][key] = row
+                print(key, row, file=sys.stderr)
     report["seconds"] = time.perf_counter() - started
     emit(report, args.out)
 
