@@ -9,13 +9,13 @@ from __future__ import annotations
 import abc
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import keras
 import numpy as np
 from keras import ops
 
-from detector.calibration import Calibration, calibrate_threshold, flagged
+from detector.calibration import Calibration, calibrate_threshold, capped_calibration, flagged
 from detector.features import check_training_pair, image_shape
 from foundation.models import logits_model
 from foundation.storage import atomic_directory, atomic_write_json, read_json
@@ -128,9 +128,17 @@ class Detector(Parameterized, abc.ABC):
             raise ValueError("the detector is not calibrated: call calibrate(clean_x, target_fpr) first")
         return self.calibration.threshold
 
-    def calibrate(self, clean_x: np.ndarray, target_fpr: float = 0.05) -> "Detector":
-        """Set the threshold so that about `target_fpr` of clean images are flagged."""
-        self.calibration = calibrate_threshold(self.score(clean_x), target_fpr)
+    def calibrate(self, clean_x: np.ndarray, target_fpr: float = 0.05, *,
+                  shifted: Mapping[str, np.ndarray] | None = None, shifted_fpr: float = 0.10) -> "Detector":
+        """Set the threshold so that about `target_fpr` of clean images are flagged; with `shifted`
+        (name -> benignly corrupted clean images), also at most `shifted_fpr` of each corruption's
+        images (the smallest threshold meeting every cap; `detector.calibration.capped_calibration`)."""
+        scores = self.score(clean_x)
+        if shifted is None:
+            self.calibration = calibrate_threshold(scores, target_fpr)
+        else:
+            shifted_scores = {name: self.score(x) for name, x in shifted.items()}
+            self.calibration = capped_calibration(scores, shifted_scores, target_fpr, shifted_fpr)
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -5,15 +5,16 @@ A guard calibrated at 5% on pristine test images may reject far more honest traf
 have been JPEG re-encoded, resized or shifted by a camera or an upload pipeline (issue 15 measured
 20-54% on digits and MNIST). `shifted_fprs` reports the clean FPR at the detector's threshold on
 each corruption of the clean test images, beside the nominal one; `augment_benign` gives
-`training.detector` clean images with corrupted copies, so that the detector learns and the
-threshold covers them.
+`training.detector` clean images with corrupted copies, so that the detector learns them as clean;
+`benign_versions` gives the held-out calibration images under every corruption, so that the
+threshold caps each corruption's FPR (`detector.calibration.capped_calibration`).
 
 Images are float NHWC in [0, 1] (the project's contract); every corruption returns the same shape
 and range. All use OpenCV, seeded per call, so a report is reproducible.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -102,13 +103,19 @@ def augment_benign(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([x, copies])
 
 
-def shifted_fprs(detector: Detector, x: np.ndarray, *, seed: int = 0) -> dict[str, float]:
-    """The clean FPR at the detector's threshold on each benign corruption of `x`, and their maximum."""
+def benign_versions(x: np.ndarray, seed: int | Sequence[int] = 0) -> dict[str, np.ndarray]:
+    """Every image of `x` under each corruption of `BENIGN_SHIFTS` (name -> corrupted copy of `x`),
+    corruption i drawn from the generator seeded with `[*seed, i]`."""
     if x.ndim != 4 or x.min() < 0.0 or x.max() > 1.0:
         raise ValueError(f"benign shifts need float NHWC images in [0, 1], got shape {x.shape}")
-    fprs = {}
-    for index, (name, corrupt) in enumerate(BENIGN_SHIFTS.items()):
-        shifted = corrupt(np.asarray(x, np.float32), np.random.default_rng([seed, index]))
-        fprs[name] = float(flagged(np.asarray(detector.score(shifted), np.float64), detector.threshold).mean())
+    entropy = [int(v) for v in np.atleast_1d(seed)]
+    return {name: corrupt(np.asarray(x, np.float32), np.random.default_rng([*entropy, index]))
+            for index, (name, corrupt) in enumerate(BENIGN_SHIFTS.items())}
+
+
+def shifted_fprs(detector: Detector, x: np.ndarray, *, seed: int = 0) -> dict[str, float]:
+    """The clean FPR at the detector's threshold on each benign corruption of `x`, and their maximum."""
+    fprs = {name: float(flagged(np.asarray(detector.score(shifted), np.float64), detector.threshold).mean())
+            for name, shifted in benign_versions(x, seed).items()}
     fprs["max"] = max(fprs.values())
     return fprs

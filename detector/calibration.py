@@ -1,8 +1,14 @@
-"""One threshold per detector, set on clean images only, with an honest statement of what it achieves."""
+"""One threshold per detector, set on clean images only, with an honest statement of what it achieves.
+
+`calibrate_threshold` caps the FPR of pristine clean images at the target; `capped_calibration`
+also caps the FPR of each benign corruption of them (JPEG, noise, shifts, resizing) at its own
+limit, and records which cap set the threshold, so a user sees why the threshold is where it is.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Mapping
 
 import numpy as np
 from scipy.stats import binomtest
@@ -14,6 +20,12 @@ class Calibration:
 
     `fpr_interval` is the exact (Clopper-Pearson) 95% interval of the false-positive rate on new
     clean data, given `fpr` was observed on `n_clean` calibration images.
+
+    With benign corruptions capped (`capped_calibration`): `shifted_fpr` is the cap on each
+    corruption's FPR, `nominal_threshold` the threshold the pristine images alone give, `shifted`
+    per corruption its own threshold, its FPR at `threshold` and its image count, and `bound_by`
+    "nominal" or the corruption whose threshold is `threshold`. None (and absent from the JSON)
+    when only pristine images were used.
     """
 
     threshold: float
@@ -21,13 +33,21 @@ class Calibration:
     fpr: float
     fpr_interval: tuple[float, float]
     n_clean: int
+    shifted_fpr: float | None = None
+    nominal_threshold: float | None = None
+    shifted: dict[str, dict[str, float]] | None = None
+    bound_by: str | None = None
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self) | {"fpr_interval": list(self.fpr_interval)}
+        data = dataclasses.asdict(self) | {"fpr_interval": list(self.fpr_interval)}
+        return {key: value for key, value in data.items() if value is not None or key in _REQUIRED}
 
     @classmethod
     def from_json(cls, data: dict) -> "Calibration":
         return cls(**(data | {"fpr_interval": tuple(data["fpr_interval"])}))
+
+
+_REQUIRED = ("threshold", "target_fpr", "fpr", "fpr_interval", "n_clean")
 
 
 def flagged(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -59,4 +79,39 @@ def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float) -> Calibrat
         fpr=false_positives / len(scores),
         fpr_interval=false_positive_interval(false_positives, len(scores)),
         n_clean=len(scores),
+    )
+
+
+def capped_calibration(
+    clean_scores: np.ndarray, shifted_scores: Mapping[str, np.ndarray], target_fpr: float, shifted_fpr: float
+) -> Calibration:
+    """The smallest threshold that flags at most `target_fpr` of `clean_scores` and at most
+    `shifted_fpr` of each corruption's scores in `shifted_scores` (name -> scores of the corrupted
+    clean images): the largest of the thresholds each gives alone (every FPR falls as the threshold
+    rises). Ties go to "nominal", then to the first corruption."""
+    if not shifted_scores:
+        raise ValueError("capped calibration needs the scores of at least one benign corruption")
+    if not 0.0 < shifted_fpr < 1.0:
+        raise ValueError(f"shifted_fpr must lie strictly between 0 and 1, got {shifted_fpr}")
+    nominal = calibrate_threshold(clean_scores, target_fpr)
+    own = {name: calibrate_threshold(scores, shifted_fpr) for name, scores in shifted_scores.items()}
+    threshold, bound_by = nominal.threshold, "nominal"
+    for name, calibration in own.items():
+        if calibration.threshold > threshold:
+            threshold, bound_by = calibration.threshold, name
+    clean = np.asarray(clean_scores, np.float64)
+    false_positives = int(np.sum(clean > threshold))
+    return Calibration(
+        threshold=threshold,
+        target_fpr=float(target_fpr),
+        fpr=false_positives / len(clean),
+        fpr_interval=false_positive_interval(false_positives, len(clean)),
+        n_clean=len(clean),
+        shifted_fpr=float(shifted_fpr),
+        nominal_threshold=nominal.threshold,
+        shifted={name: {"threshold": c.threshold,
+                        "fpr": float(np.mean(np.asarray(shifted_scores[name], np.float64) > threshold)),
+                        "n": c.n_clean}
+                 for name, c in own.items()},
+        bound_by=bound_by,
     )

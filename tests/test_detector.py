@@ -23,9 +23,10 @@ from attacks.dataset import ArraySource, generate_dataset, load_adversarial_data
 from foundation.storage import model_fingerprint
 from detector import FAMILIES, Calibration, InputDetector, calibrate_threshold, load_detector
 from detector.base import FORMAT_VERSION, MANIFEST
-from detector.benign_shift import shifted_fprs
+from detector.benign_shift import BENIGN_SHIFTS, shifted_fprs
+from detector.calibration import capped_calibration
 from detector.input_detector import MODEL_FILE
-from training.detector import fit_detector
+from training.detector import fit_detector, split_by_source
 
 from doubles import NaNForDarkImages, SyntheticDetector
 
@@ -144,6 +145,32 @@ def test_calibration_json_round_trip():
     again = Calibration.from_json(json.loads(json.dumps(cal.to_json())))
     assert again == cal
     assert isinstance(again.fpr_interval, tuple)
+    # a plain calibration's record has exactly the keys it always had
+    assert set(cal.to_json()) == {"threshold", "target_fpr", "fpr", "fpr_interval", "n_clean"}
+
+
+def test_capped_calibration_takes_the_largest_threshold_and_says_which_cap_bound():
+    clean = np.arange(100.0)  # 5% alone: 94
+    shifted = {"mild": np.arange(100.0) + 1.0, "hard": np.arange(100.0) + 20.0}  # 10% alone: 90 and 109
+    cal = capped_calibration(clean, shifted, 0.05, 0.10)
+    assert cal.threshold == 109.0 and cal.bound_by == "hard"
+    assert cal.nominal_threshold == 94.0 and cal.shifted_fpr == 0.10
+    assert cal.shifted == {"mild": {"threshold": 90.0, "fpr": 0.0, "n": 100},
+                           "hard": {"threshold": 109.0, "fpr": 0.10, "n": 100}}
+    assert cal.fpr == 0.0 and cal.n_clean == 100 and cal.target_fpr == 0.05
+    # the smallest threshold within every cap: a hair lower flags 11% of "hard"
+    assert np.mean(shifted["hard"] > np.nextafter(cal.threshold, -np.inf)) == 0.11
+    assert Calibration.from_json(json.loads(json.dumps(cal.to_json()))) == cal
+    # corruptions the detector already takes in its stride leave the nominal threshold
+    mild = capped_calibration(clean, {"mild": shifted["mild"]}, 0.05, 0.10)
+    assert mild.threshold == 94.0 and mild.bound_by == "nominal" and mild.fpr == 0.05
+
+
+def test_capped_calibration_rejects_a_bad_cap_or_no_corruption():
+    with pytest.raises(ValueError, match="shifted_fpr"):
+        capped_calibration(np.arange(100.0), {"a": np.arange(100.0)}, 0.05, 1.0)
+    with pytest.raises(ValueError, match="at least one benign corruption"):
+        capped_calibration(np.arange(100.0), {}, 0.05, 0.10)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,9 +258,10 @@ def fitted(datasets):
         captured["fit_clean"], captured["fit_adversarial"] = np.array(x_clean), np.array(x_adversarial)
         return original_fit(self, x_clean, x_adversarial, **kwargs)
 
-    def spy_calibrate(self, clean_x, target_fpr=0.05):
+    def spy_calibrate(self, clean_x, target_fpr=0.05, **kwargs):
         captured["calibration"] = np.array(clean_x)
-        return original_calibrate(self, clean_x, target_fpr)
+        captured["shifted"] = kwargs.get("shifted")
+        return original_calibrate(self, clean_x, target_fpr, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(InputDetector, "fit", spy_fit)
@@ -276,9 +304,10 @@ def test_fit_detector_holds_out_calibration_images(fitted, datasets, digits_clas
     sources = set(np.concatenate([d.index for d in datasets]).tolist())
     info = detector.info
     n_held_out = round(0.2 * len(sources))
-    # benign augmentation (the default): each clean image, fitting and calibration, also comes corrupted
+    # benign augmentation (the default): each clean fitting image also comes corrupted; the
+    # calibration images come pristine and, apart, under each benign corruption
     assert info["benign_augmentation"] is True
-    assert info["n_calibration"] == 2 * n_held_out
+    assert info["n_calibration"] == n_held_out
     assert info["n_fit_clean"] == 2 * (len(sources) - n_held_out)
     assert detector.calibration.n_clean == info["n_calibration"]
     assert detector.calibration.target_fpr == 0.05
@@ -286,16 +315,20 @@ def test_fit_detector_holds_out_calibration_images(fitted, datasets, digits_clas
     assert len(captured["fit_clean"]) == info["n_fit_clean"]
     assert len(captured["fit_adversarial"]) == info["n_fit_adversarial"] == info["n_fit_clean"]
 
-    # map images back to their source index (digits has no duplicate images); the originals come
-    # first, then one corrupted copy of each, which is no clean image of any source
+    # map images back to their source index (digits has no duplicate images); the fitting originals
+    # come first, then one corrupted copy of each, which is no clean image of any source
     clean_source = {row: int(i) for d in datasets for row, i in zip(_rows(d.x_clean), d.index)}
     adversarial_source = {row: int(i) for d in datasets for row, i in zip(_rows(d.x_adv), d.index)}
-    for images in (captured["calibration"], captured["fit_clean"]):
-        originals, copies = np.split(images, 2)
-        assert not set(_rows(copies)) & set(clean_source)
-        change = np.abs(copies - originals).reshape(len(copies), -1).mean(axis=1)
-        assert (change > 0).all() and change.mean() < 0.2  # each copy is its own image, corrupted a little
-    held_out = {clean_source[row] for row in _rows(np.split(captured["calibration"], 2)[0])}
+    originals, copies = np.split(captured["fit_clean"], 2)
+    for changed in [copies, *captured["shifted"].values()]:
+        assert not set(_rows(changed)) & set(clean_source)
+    pairs = {"fit copies": (originals, copies)} | {name: (captured["calibration"], x) for name, x in captured["shifted"].items()}
+    for name, (original, changed) in pairs.items():
+        change = np.abs(changed - original).reshape(len(changed), -1).mean(axis=1)
+        assert (change > 0).all(), name  # each copy is its own image, corrupted
+        if not name.startswith("shift"):  # a 1-2 px shift of an 8x8 digit moves as much ink as another digit
+            assert change.mean() < 0.2, name  # ... a little, and in order
+    held_out = {clean_source[row] for row in _rows(captured["calibration"])}
     fit_clean = {clean_source[row] for row in _rows(np.split(captured["fit_clean"], 2)[0])}
     fit_adversarial = {adversarial_source[row] for row in _rows(captured["fit_adversarial"])}
     assert len(held_out) == n_held_out
@@ -303,7 +336,7 @@ def test_fit_detector_holds_out_calibration_images(fitted, datasets, digits_clas
     assert held_out.isdisjoint(fit_adversarial)  # no adversarial version of a calibration image
     assert held_out | fit_clean == sources
 
-    # the threshold is the one the held-out clean images give
+    # the achieved FPR is the held-out clean images'
     scores = detector.score(captured["calibration"])
     assert np.mean(scores > detector.threshold) == pytest.approx(detector.calibration.fpr)
     assert detector.calibration.fpr <= 0.05
@@ -313,12 +346,42 @@ def test_fit_detector_holds_out_calibration_images(fitted, datasets, digits_clas
     assert [entry["count"] for entry in info["trained_on"]] == [len(d.index) for d in datasets]
 
 
+def test_threshold_caps_each_corruption_and_is_the_smallest_that_does(fitted):
+    """On the calibration data itself: at most 5% of the pristine held-out images and at most 10% of
+    them under each benign corruption are flagged, and a hair lower threshold breaks the cap that
+    `bound_by` names."""
+    detector, captured = fitted
+    calibration = detector.calibration
+    assert set(captured["shifted"]) == set(BENIGN_SHIFTS) and calibration.shifted_fpr == 0.10
+    groups = {"nominal": (detector.score(captured["calibration"]), 0.05)}
+    groups |= {name: (detector.score(x), 0.10) for name, x in captured["shifted"].items()}
+    lower = np.nextafter(calibration.threshold, -np.inf)
+    broken = []
+    for name, (scores, cap) in groups.items():
+        assert len(scores) == detector.info["n_calibration"]
+        allowed = math.floor(cap * len(scores) + 1e-9)
+        assert int(np.sum(scores > calibration.threshold)) <= allowed, name
+        if int(np.sum(scores > lower)) > allowed:
+            broken.append(name)
+        if name != "nominal":
+            assert calibration.shifted[name]["fpr"] == np.mean(scores > calibration.threshold)
+            assert calibration.shifted[name]["n"] == len(scores)
+    assert calibration.bound_by in broken, (calibration.bound_by, broken)
+    own = {"nominal": calibration.nominal_threshold} | {n: c["threshold"] for n, c in calibration.shifted.items()}
+    assert calibration.threshold == own[calibration.bound_by] == max(own.values())
+    assert detector.calibration.to_json()["bound_by"] == calibration.bound_by  # the manifest says why
+
+
 def test_benign_augmentation_lowers_the_clean_fpr_under_shift(detector, datasets, digits):
     """Fitted and calibrated on pristine images only, the detector rejects many clean test digits moved
     by one pixel or resized; with the default augmentation far fewer, at the same target FPR."""
     plain = fit_detector(datasets, target_fpr=0.05, epochs=4, benign_augmentation=False, verbose=0)
     assert plain.info["benign_augmentation"] is False
-    assert plain.info["n_calibration"] * 2 == detector.info["n_calibration"]
+    assert plain.info["n_calibration"] == detector.info["n_calibration"]
+    # without augmentation the threshold is the plain one of the pristine held-out images, as ever
+    held_out = split_by_source(datasets, 0.2, 0).x_clean_held_out
+    assert plain.calibration == calibrate_threshold(plain.score(held_out), 0.05)
+    assert "bound_by" not in plain.calibration.to_json()
     off, on = shifted_fprs(plain, digits.x_test), shifted_fprs(detector, digits.x_test)
     assert on["shift1"] < off["shift1"] - 0.1, (off, on)
     assert on["resize0.75"] < off["resize0.75"] - 0.3, (off, on)

@@ -22,7 +22,7 @@ import keras
 
 from attacks.dataset import AdversarialDataset
 from detector import FAMILIES, Detector, EnsembleDetector, InputDetector, JointDetector
-from detector.benign_shift import augment_benign
+from detector.benign_shift import augment_benign, benign_versions
 
 
 def adversarial_only(data: AdversarialDataset) -> bool:
@@ -130,6 +130,16 @@ def _benign(x: np.ndarray, augment: bool, seed: int, stream: int) -> np.ndarray:
     return augment_benign(x, np.random.default_rng([seed, stream])) if augment else x
 
 
+def _calibrate(detector: Detector, x_held_out: np.ndarray, target_fpr: float, shifted_fpr: float | None,
+               seed: int) -> Detector:
+    """Calibrate on the held-out clean images at `target_fpr`; with `shifted_fpr`, also cap the FPR
+    of each benign corruption of every held-out image (`benign_versions`) at `shifted_fpr`."""
+    if shifted_fpr is None:
+        return detector.calibrate(x_held_out, target_fpr)
+    shifted = benign_versions(x_held_out, [seed, 3])
+    return detector.calibrate(x_held_out, target_fpr, shifted=shifted, shifted_fpr=shifted_fpr)
+
+
 def _fit(detector: Detector, x_clean: np.ndarray, x_adversarial: np.ndarray, verbose: int | str) -> Detector:
     return detector.fit(x_clean, x_adversarial, verbose=verbose)
 
@@ -142,6 +152,7 @@ def fit_detector(
     members: Sequence[str] = DEFAULT_MEMBERS,
     paths: Sequence[str] | None = None,
     target_fpr: float = 0.05,
+    shifted_fpr: float = 0.10,
     calibration_fraction: float = 0.2,
     epochs: int = 10,
     seed: int = 0,
@@ -154,9 +165,12 @@ def fit_detector(
     the same with one member (`members[0]`) and the classifier's logit gap (`detector.joint`).
 
     `benign_augmentation` appends to the clean fitting images (each part's, for `ensemble` and
-    `joint`) and to the calibration images a copy of each with an ordinary corruption
-    (`detector.benign_shift.augment_benign`: JPEG, noise, shifts, resizing), so that images from a
-    real pipeline are neither learnt as adversarial nor left outside the one threshold.
+    `joint`) a copy of each with an ordinary corruption (`detector.benign_shift.augment_benign`:
+    JPEG, noise, shifts, resizing), so that images from a real pipeline are not learnt as
+    adversarial, and sets the one threshold as the smallest that flags at most `target_fpr` of the
+    held-out clean images and at most `shifted_fpr` of them under each corruption (all held-out
+    images per corruption); `detector.calibration` records each corruption's own threshold and
+    which cap bound. Without it, the threshold flags `target_fpr` of the held-out images.
 
     `paths` (the datasets' directories) are recorded so that retraining can replay them later.
     """
@@ -186,8 +200,7 @@ def fit_detector(
         x_clean = _benign(split.x_clean_fit, benign_augmentation, seed, 1)
         detector = _fit(make_detector(family, classifier, epochs=epochs, seed=seed), x_clean, x_adversarial, verbose)
         n_fit_clean = len(x_clean)
-    x_calibration = _benign(split.x_clean_held_out, benign_augmentation, seed, 3)
-    detector.calibrate(x_calibration, target_fpr)
+    _calibrate(detector, split.x_clean_held_out, target_fpr, shifted_fpr if benign_augmentation else None, seed)
     detector.classifier_fingerprint = fingerprint
     detector.info = {
         "trained_on": _describe(datasets, paths),
@@ -195,7 +208,7 @@ def fit_detector(
         "benign_augmentation": benign_augmentation,
         "n_fit_clean": int(n_fit_clean),
         "n_fit_adversarial": int(len(x_adversarial)),
-        "n_calibration": int(len(x_calibration)),
+        "n_calibration": int(len(split.x_clean_held_out)),
         "version": 1,
     }
     return detector
@@ -219,12 +232,14 @@ def retrain_input_detector(
     learning_rate: float = 3e-4,
     seed: int = 0,
     benign_augmentation: bool = True,
+    shifted_fpr: float | None = None,
     verbose: int | str = 2,
     version: int | None = None,
 ) -> tuple[InputDetector, dict[str, Any]]:
     """Fine-tune on new attacks mixed with replayed earlier data, recalibrate at the same target
     FPR, and report detection on every attack before and after. The given detector is unchanged.
-    `benign_augmentation` as in `fit_detector`, for the clean fitting and calibration images.
+    `benign_augmentation` and `shifted_fpr` as in `fit_detector`; `shifted_fpr` defaults to the
+    detector's own cap (0.10 if it had none).
 
     Returns the new detector (its `info.version` is `version`, default one higher) and the
     before/after report.
@@ -245,7 +260,10 @@ def retrain_input_detector(
     retrained.model = _clone(detector)
     retrained.fit(_benign(split.x_clean_fit, benign_augmentation, seed, 1), np.concatenate(split.adversarial_fit),
                   warm_start=True, learning_rate=learning_rate, verbose=verbose)
-    retrained.calibrate(_benign(split.x_clean_held_out, benign_augmentation, seed, 3), detector.calibration.target_fpr)
+    if shifted_fpr is None:
+        shifted_fpr = detector.calibration.shifted_fpr or 0.10
+    _calibrate(retrained, split.x_clean_held_out, detector.calibration.target_fpr,
+               shifted_fpr if benign_augmentation else None, seed)
     retrained.classifier_fingerprint = fingerprint
     retrained.info = {
         **detector.info,
