@@ -13,7 +13,12 @@ it. These attacks take one objective at a time instead:
 
 Both keep every iterate as a candidate: each input keeps the one that is misclassified and under
 the threshold with the lowest score (the rank of `attacks.objectives.DetectorAware`), over
-`restarts` starts: the first at the input itself, the others random (with `random_start`). On the
+`restarts` starts: the first at the input itself, the others random (with `random_start`). With
+`start="classifier_adversarial"` the first start is instead an APGD-CE example against the classifier
+alone (`steps` iterations): the attack then only has to walk a misclassified point under the
+threshold, which breaks inputs whose misclassified region is too small for the two objectives to
+find together (on a PGD-trained digits classifier and an input detector, eps 0.3: the suite's worst
+case fell from 29.2% to 28.3% guarded with this one attack added, at twice the suite's steps). On the
 MNIST reference CNN and an input detector (eps 0.3, 40 steps, 200 test images) random first starts
 left 26% of inputs handled, starts at the input 0-7%: noise of size eps is what the detector saw. Called on a `joint_model` (K logits, then the score), they run through
 the engine's parts (`steepest_step`, `keep_better`, `over_restarts`) on TensorFlow and JAX, with
@@ -27,10 +32,11 @@ from typing import Any, ClassVar
 from keras import ops
 
 from attacks.adaptive import DETECTOR_TERMS, OnJointModel
+from attacks.apgd import apgd_ascend
 from attacks.engine import Plan, keep_better, over_restarts, steepest_step
 from attacks.gradient_sign import GradientSignAttack
 from attacks.norms import per_image, perturbation_norms, project
-from attacks.objectives import DetectorAware, logit_margin
+from attacks.objectives import CrossEntropy, DetectorAware, logit_margin
 from foundation.backend import Forward, repeat, value_and_grad
 from foundation.validation import Options
 
@@ -53,15 +59,18 @@ class OrthogonalPGD(OnJointModel, GradientSignAttack):
 
     eps, norm, steps, step_size / rel_stepsize (default 2.5 * eps / steps), random_start, restarts:
     as for PGD (runtime budgets as there), except that the first start is the input itself. threshold: the detector rejects scores above it.
-    loss: the classifier's loss, "ce" (cross-entropy, the authors' choice), "margin" or "dlr"."""
+    loss: the classifier's loss, "ce" (cross-entropy, the authors' choice), "margin" or "dlr".
+    start: where the first start is, "input" (the authors' choice) or "classifier_adversarial" (an
+    APGD-CE example against the classifier alone, `steps` iterations, which the detector then has to be walked past)."""
 
     name = "orthogonal_pgd"
     budgets: ClassVar[tuple[str, ...]] = ("eps", "step_size", "rel_stepsize")
     _parameter_constraints = {**GradientSignAttack._parameter_constraints, **DETECTOR_TERMS,
-                              "loss": [Options("ce", "margin", "dlr")]}
+                              "loss": [Options("ce", "margin", "dlr")], "start": [Options("input", "classifier_adversarial")]}
     threshold: float
     score_scale: float = 1.0
     steps: int = 100
+    start: str = "input"
     selective: ClassVar[bool] = False
     momentum: float = dataclasses.field(default=0.0, init=False)
     early_stop: bool = dataclasses.field(default=False, init=False)
@@ -72,6 +81,9 @@ class OrthogonalPGD(OnJointModel, GradientSignAttack):
 
     def _plan(self) -> Plan:
         return dataclasses.replace(super()._plan(), keep_best=True)
+
+    def _structure(self) -> tuple:
+        return (*super()._structure(), self.start)
 
     def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool, *,
                eps: Any, step: Any, momentum: Any) -> tuple:
@@ -101,11 +113,16 @@ class OrthogonalPGD(OnJointModel, GradientSignAttack):
                 grad = ops.where(per_image(fooled), without_component(lower, grad), without_component(grad, lower))
             return (steepest_step(x, x_adv, grad, radius, step, plan.norm, plan.clip), *best)
 
+        first = x
+        if self.start == "classifier_adversarial":
+            on_classifier = dataclasses.replace(plan, objective=CrossEntropy(), restarts=1)
+            first, _ = apgd_ascend(lambda z: forward(z)[:, :-1], on_classifier, x, y, None, eps, None, targeted)
+
         def restart(r: Any, best: tuple) -> tuple:
-            start = x
+            start = first
             if noise is not None:  # later restarts from random points (a random start alone invites the detector)
                 moved = project(x, x + radius * ops.take(noise, r, axis=1), eps=radius, norm=plan.norm, clip=plan.clip)
-                start = ops.where(r == 0, x, moved)
+                start = ops.where(r == 0, first, moved)
             last, *best = repeat(one_step, (start, *best), plan.steps)
             _, (rank, shortfall, _) = classifier_term(last)
             return keep_better(tuple(best), last, rank, shortfall)

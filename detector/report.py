@@ -94,7 +94,8 @@ def _adaptive_suite(report: dict[str, Any]) -> Table | None:
               f"({settings.get('loss')} loss), one run per lambda. apgd_ce / apgd_dlr: APGD on min(classifier margin, "
               "lambda x detector margin), random restarts per lambda; apgd_dlr_targeted: the same, targeted at each of "
               "the classifier's most likely other classes in turn. orthogonal_pgd / selective_pgd: Bryniarski et al. "
-              "2022. restarts counts every run (lambdas x random starts). An input is won by the attack that broke it "
+              "2022; orthogonal_pgd_warm: orthogonal PGD from an APGD-CE example against the classifier alone. "
+              "restarts counts every run (lambdas x random starts). An input is won by the attack that broke it "
               "with the lowest detector score.")]
     return "Adaptive suite (each attack alone)", header, rows, notes
 

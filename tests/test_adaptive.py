@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from attacks import FGSM, PGD
+from attacks import APGD, FGSM, PGD
 from attacks.adaptive import AdaptiveAPGD, AdaptivePGD, joint_model
 from attacks.orthogonal import OrthogonalPGD, SelectivePGD
 from foundation.backend import value_and_grad
@@ -87,6 +87,21 @@ def test_the_suite_can_be_narrowed(digits_classifier, input_detector, test_image
     row = report["adaptive"]["attacks"]["adaptive_worst_case@eps=0.3"]
     assert list(row["suite"]) == ["apgd_ce", "selective_pgd", "fgsm"]  # in the suite's order, then the evaluated attacks
     assert report["adaptive"]["settings"]["suite"] == ["apgd_ce", "selective_pgd"]
+
+
+def test_orthogonal_pgd_warm_starts_from_the_classifier_alone_example(digits_classifier, input_detector, test_images):
+    """With a threshold no score reaches, success is misclassification: the warm attack keeps its first
+    start, APGD-CE's example against the classifier alone, so it fools the classifier wherever that did."""
+    x, y = test_images
+    joint = joint_model(digits_classifier, input_detector.scoring_model(None))
+    # a budget that fools the classifier on some inputs only; orthogonal steps too small to move (APGD has its own)
+    common = {"eps": 0.05, "threshold": 1e9, "steps": 5, "step_size": 1e-5}
+    cold = OrthogonalPGD(**common)(joint, x, y)  # compiled first: the warm attack must not reuse its graph
+    warm = OrthogonalPGD(**common, start="classifier_adversarial")(joint, x, y)
+    alone = APGD(eps=0.05, steps=5, random_start=False)(digits_classifier, x, y)
+    fooled_alone = np.argmax(digits_classifier.predict(alone.x_adv, verbose=0), axis=-1) != y
+    assert cold.success.sum() < fooled_alone.sum()  # the cold attack stays near the input
+    assert warm.success[fooled_alone].all() and warm.success.sum() >= fooled_alone.sum() > 0
 
 
 @pytest.mark.parametrize("loss", ["margin", "ce", "dlr"])
