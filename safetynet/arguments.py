@@ -79,3 +79,13 @@ def id_range(text: str) -> list[int]:
     if not (first.isdigit() and (not dash or last.isdigit())) or (dash and int(last) < int(first)):
         raise argparse.ArgumentTypeError(f"not a record id or range such as 7 or 10-20: {text!r}")
     return list(range(int(first), int(last or first) + 1))
+
+
+def add_benign_options(parser: argparse.ArgumentParser, *, keeps_detector_cap: bool = False) -> None:
+    """--no-benign-augmentation and --shifted-fpr, for the commands that fit a detector (here so that
+    the four share one wording; `retrain` keeps the detector's own cap unless told)."""
+    parser.add_argument("--no-benign-augmentation", action="store_true", help="fit and calibrate on the clean "
+                        "images only, without corrupted copies (JPEG, noise, shifts, resizing)")
+    parser.add_argument("--shifted-fpr", type=float, default=None if keeps_detector_cap else 0.10, metavar="F",
+                        help="with benign augmentation, the threshold also flags at most F of the held-out clean "
+                        "images under each corruption (default " + ("the detector's own" if keeps_detector_cap else "0.10") + ")")

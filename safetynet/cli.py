@@ -36,7 +36,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             args.data, args.out, eps=args.eps, n_attack=args.n_attack, n_eval=args.n_eval,
             classifier_epochs=args.classifier_epochs, detector_epochs=args.detector_epochs,
             target_fpr=args.target_fpr, family=args.family, robust=not args.no_robust, seed=args.seed,
-            overwrite=args.overwrite, benign_augmentation=not args.no_benign_augmentation,
+            overwrite=args.overwrite, benign_augmentation=not args.no_benign_augmentation, shifted_fpr=args.shifted_fpr,
         )
     elif args.command == "train-classifier":
         workflow.train_classifier_stage(
@@ -51,7 +51,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             attack=args.attack, eps=args.eps, epochs=args.epochs, warmup_epochs=args.eps_warmup, trades_beta=args.trades,
             learning_rate=args.learning_rate, schedule=args.schedule, batch_size=args.batch_size, patience=args.patience,
             family=args.family, n_attack=args.n_attack, target_fpr=args.target_fpr, seed=args.seed,
-            benign_augmentation=not args.no_benign_augmentation,
+            benign_augmentation=not args.no_benign_augmentation, shifted_fpr=args.shifted_fpr,
         )
         harden(args.model, args.data, args.out, settings, evaluate=not args.no_evaluate, n_eval=args.n_eval)
     elif args.command == "attack":
@@ -70,11 +70,12 @@ def _pipeline(args: argparse.Namespace) -> int:
         workflow.train_detector_stage(
             args.adversarial, args.out, family=args.family, model_path=args.model, members=args.members,
             target_fpr=args.target_fpr, epochs=args.epochs, seed=args.seed,
-            benign_augmentation=not args.no_benign_augmentation,
+            benign_augmentation=not args.no_benign_augmentation, shifted_fpr=args.shifted_fpr,
         )
     elif args.command == "retrain":
         workflow.retrain_stage(args.detector, args.adversarial, replay=args.replay, out=args.out, epochs=args.epochs,
-                               seed=args.seed, benign_augmentation=not args.no_benign_augmentation)
+                               seed=args.seed, benign_augmentation=not args.no_benign_augmentation,
+                               shifted_fpr=args.shifted_fpr)
     elif args.command == "evaluate":
         from detector.adaptive_evaluation import AdaptiveSettings
         from training.evaluate_stage import evaluate_stage

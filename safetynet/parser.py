@@ -13,6 +13,7 @@ from safetynet.arguments import (
     DEFAULT_MEMBERS,
     FAMILIES,
     OneLineParser,
+    add_benign_options,
     attack_spec,
     data_spec,
     fraction,
@@ -32,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_training, _add_datasets, _add_detectors, _add_quarantine, _add_serving):
         add(commands)
     for fits in ("quickstart", "harden", "train-detector", "retrain"):  # the commands that fit a detector
-        commands.choices[fits].add_argument("--no-benign-augmentation", action="store_true", help="fit and calibrate "
-                                            "on the clean images only, without corrupted copies (JPEG, noise, shifts, resizing)")
+        add_benign_options(commands.choices[fits], keeps_detector_cap=fits == "retrain")
     return parser
 
 

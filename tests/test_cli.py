@@ -101,15 +101,19 @@ def test_stages_one_by_one_reproduce_the_pipeline(quickstart_dir, tmp_path, caps
     (["harden", "--model", "m.keras", "--out", "h"], "training.harden.harden"),
 ])
 def test_every_command_that_fits_a_detector_passes_benign_augmentation(command, target, monkeypatch):
-    """On by default; --no-benign-augmentation turns it off (harden: in its settings)."""
+    """On by default; --no-benign-augmentation turns it off; --shifted-fpr reaches the stage (default
+    0.10; retrain: None, the detector's own cap) (harden: in its settings)."""
     seen = []
 
     def stage(*args, **kwargs):
-        seen.append(args[3].benign_augmentation if target.endswith("harden") else kwargs["benign_augmentation"])
+        given = vars(args[3]) if target.endswith("harden") else kwargs
+        seen.append((given["benign_augmentation"], given["shifted_fpr"]))
 
     monkeypatch.setattr(target, stage)
     assert main(command) == 0 and main([*command, "--no-benign-augmentation"]) == 0
-    assert seen == [True, False]
+    assert main([*command, "--shifted-fpr", "0.2"]) == 0
+    default = None if command[0] == "retrain" else 0.10
+    assert seen == [(True, default), (False, default), (True, 0.2)]
 
 
 def test_the_console_script_is_installed():

@@ -42,7 +42,8 @@ class HardenSettings(Parameterized):
     many; training stops earlier once robust validation accuracy has not improved for `patience`
     epochs after the warm-up. schedule: "cosine" decays the learning rate to 2% over `epochs`. validation_n: training images held out for that check
     (`validation_steps`-step PGD). family: the detector family inside the joint rule.
-    benign_augmentation: fit and calibrate the joint rule on corrupted clean copies too (`fit_detector`)."""
+    benign_augmentation: fit the joint rule on corrupted clean copies too, and cap the FPR of each
+    corruption of the held-out clean images at shifted_fpr (`fit_detector`)."""
 
     attack: str = "pgd:steps=10"
     eps: float | None = None
@@ -60,6 +61,7 @@ class HardenSettings(Parameterized):
     detector_epochs: int = 10
     target_fpr: float = 0.05
     benign_augmentation: bool = True
+    shifted_fpr: float = 0.10
     seed: int = 0
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -70,6 +72,7 @@ class HardenSettings(Parameterized):
         "target_fpr": [Interval(float, 0, 0.5, closed="neither")],
         "schedule": [Options("cosine", "constant")],
         "benign_augmentation": [BOOLEAN],
+        "shifted_fpr": [Interval(float, 0, 1, closed="neither")],
     }
 
     def __post_init__(self) -> None:
@@ -176,7 +179,7 @@ def harden(
     detector_path = out / "detector"
     train_detector_stage(datasets, detector_path, family="joint", members=(settings.family,), model_path=classifier_path,
                          target_fpr=settings.target_fpr, epochs=settings.detector_epochs, seed=settings.seed,
-                         benign_augmentation=settings.benign_augmentation, log=log)
+                         benign_augmentation=settings.benign_augmentation, shifted_fpr=settings.shifted_fpr, log=log)
     guard_path = save_guard_directory(out / "guard", classifier, load_detector(detector_path, classifier=classifier))
     log(f"guard written to {guard_path} (serve it with: safetynet serve --guard {guard_path})")
     report = None

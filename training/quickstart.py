@@ -72,6 +72,7 @@ def quickstart(
     detector_epochs: int = 10,
     target_fpr: float = 0.05,
     benign_augmentation: bool = True,
+    shifted_fpr: float = 0.10,
     family: str = "input",
     robust: bool = True,
     hardening: HardenSettings | None = None,
@@ -83,7 +84,7 @@ def quickstart(
     unless `robust` is False, the robust guard from the same classifier (`harden`, in `out`/robust;
     `hardening` overrides its settings) and the table of both. An earlier run's outputs in `out` are
     refused, or removed first with `overwrite` (only the names in OUTPUTS: nothing else in `out`).
-    `benign_augmentation` as in `fit_detector`, for both guards' detectors."""
+    `benign_augmentation` and `shifted_fpr` as in `fit_detector`, for both guards' detectors."""
     out = Path(out)
     paths = QuickstartPaths(
         classifier=out / "classifier.keras",
@@ -111,7 +112,7 @@ def quickstart(
     log(f"[3/{steps}] detector")
     train_detector_stage(paths.datasets, paths.detector, family=family, model_path=paths.classifier,
                          target_fpr=target_fpr, epochs=detector_epochs, seed=seed,
-                         benign_augmentation=benign_augmentation, log=log)
+                         benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr, log=log)
     log(f"[4/{steps}] evaluation")
     plain = evaluate_stage(paths.classifier, paths.detector, data, out, n=n_eval, log=log)
     if paths.robust is None:
@@ -119,7 +120,7 @@ def quickstart(
     settings = hardening or HardenSettings(
         eps=robust_eps(data.input_shape, eps), epochs=60, patience=10, validation_n=min(500, len(data.x_train) // 5),
         n_attack=n_attack, detector_epochs=detector_epochs, target_fpr=target_fpr,
-        benign_augmentation=benign_augmentation, seed=seed)
+        benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr, seed=seed)
     log(f"[5/{steps}] robust guard (harden: adversarial fine-tuning at eps {settings.eps:g}, joint detector)")
     hardened = harden(paths.classifier, data, paths.robust, settings, n_eval=n_eval, log=log)
     log("")

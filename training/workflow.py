@@ -185,10 +185,12 @@ def train_detector_stage(
     epochs: int = 10,
     seed: int = 0,
     benign_augmentation: bool = True,
+    shifted_fpr: float = 0.10,
     log: Log = print,
 ) -> float:
     """Fit a detector on adversarial datasets, calibrate it, save it; return its threshold.
-    `benign_augmentation`: fit and calibrate on corrupted copies of the clean images too (`fit_detector`).
+    `benign_augmentation`: fit on corrupted copies of the clean images too, and cap the FPR of each
+    corruption of the held-out images at `shifted_fpr` (`fit_detector`).
 
     Families that read the classifier (all but `input`) need `model_path`, the classifier the
     datasets were made for (checked against their fingerprint).
@@ -200,13 +202,15 @@ def train_detector_stage(
     detector = fit_detector(
         datasets, family=family, classifier=classifier, members=members,
         paths=[str(Path(p).resolve()) for p in adversarial], target_fpr=target_fpr, epochs=epochs,
-        seed=seed, benign_augmentation=benign_augmentation, verbose=_fit_verbosity(),
+        seed=seed, benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr, verbose=_fit_verbosity(),
     )
     detector.save(out)
     calibration = detector.calibration
     log(
         f"detector saved to {out}: threshold {calibration.threshold:.4g}, calibration FPR "
         f"{calibration.fpr:.4f} on {calibration.n_clean} held-out clean images"
+        + (f" (set by {calibration.bound_by}: each benign corruption at most {calibration.shifted_fpr:g})"
+           if calibration.bound_by else "")
     )
     return calibration.threshold
 
@@ -220,6 +224,7 @@ def retrain_stage(
     epochs: int = 5,
     seed: int = 0,
     benign_augmentation: bool = True,
+    shifted_fpr: float | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Fine-tune a detector on new attacks with replay of earlier data; write a new version next
@@ -242,7 +247,8 @@ def retrain_stage(
     replay_sets = [load_adversarial_dataset(p) for p in replay]
     retrained, report = retrain_input_detector(
         detector, new_sets, replay_sets, paths=[str(Path(p).resolve()) for p in [*adversarial, *replay]],
-        epochs=epochs, seed=seed, benign_augmentation=benign_augmentation, verbose=_fit_verbosity(), version=version,
+        epochs=epochs, seed=seed, benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr,
+        verbose=_fit_verbosity(), version=version,
     )
     retrained.save(out)
     log(f"{'held-out TPR':<32}{'before':>10}{'after':>10}")
