@@ -16,6 +16,7 @@ from attacks import GradientSignAttack
 from foundation.validation import check_images, check_labels, check_model_input
 from training.adversarial import AdversarialTraining, mixed_batches
 from training.collapse import CollapseCheck
+from training.resnet import RESNET_WIDTH, build_resnet
 
 # training images whose clean accuracy is checked after each adversarial epoch
 COLLAPSE_CHECK_IMAGES = 1000
@@ -36,6 +37,18 @@ def build_reference_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras
     x = keras.layers.Dropout(0.3)(x)
     outputs = keras.layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inputs, outputs, name="reference_cnn")
+
+
+ARCHITECTURES = ("reference", "resnet")
+
+
+def build_classifier(architecture: str, input_shape: tuple[int, ...], num_classes: int, *, width: int = RESNET_WIDTH) -> keras.Model:
+    """The reference CNN or the ResNet (`training.resnet`, `width` channels in its first layer) by name."""
+    if architecture == "reference":
+        return build_reference_cnn(input_shape, num_classes)
+    if architecture == "resnet":
+        return build_resnet(input_shape, num_classes, width=width)
+    raise ValueError(f"unknown architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
 
 
 LearningRate = float | keras.optimizers.schedules.LearningRateSchedule

@@ -1,0 +1,74 @@
+"""The reference ResNet (`training.resnet`) and its augmented one-cycle training (`training.augmented`):
+tiny widths and few images, seconds."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from foundation.models import load_model, save_model
+from training import classifier
+from training.augmented import augmentation, train_augmented, training_wrapper
+from training.resnet import build_resnet
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 1), (32, 32, 3)])
+def test_builder_outputs_logits_of_the_right_shape(shape):
+    model = build_resnet(shape, 10, width=4)
+    logits = model.predict(np.random.default_rng(0).random((5, *shape), dtype=np.float32), verbose=0)
+    assert logits.shape == (5, 10) and model.layers[-1].activation is keras.activations.linear
+    assert not np.allclose(logits.sum(axis=1), 1.0)  # logits, not probabilities
+    assert sum(isinstance(layer, keras.layers.Add) for layer in model.layers) == 2  # ResNet-9: two residual blocks
+    assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers) == 8
+
+
+def test_builder_refuses_bad_parameters():
+    with pytest.raises(ValueError, match=r"^width must be >= 1, got 0$"):
+        build_resnet((32, 32, 3), 10, width=0)
+    with pytest.raises(ValueError, match=r"^residual must list one block count >= 0 per stage, got \(\)$"):
+        build_resnet((32, 32, 3), 10, residual=())
+    with pytest.raises(ValueError, match=r"^unknown architecture 'vgg': expected one of reference, resnet$"):
+        classifier.build_classifier("vgg", (32, 32, 3), 10)
+
+
+def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """The image moved by (dy, dx) px with zero fill: zero padding and a crop."""
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((abs(dy),) * 2, (abs(dx),) * 2, (0, 0)))
+    return padded[abs(dy) - dy:abs(dy) - dy + height, abs(dx) - dx:abs(dx) - dx + width]
+
+
+def test_augmentation_shifts_and_flips_in_training_only():
+    x = np.random.default_rng(0).random((16, 32, 32, 3), dtype=np.float32)
+    augment = augmentation((32, 32, 3), seed=3)
+    trained_on = np.asarray(augment(x, training=True))
+    assert np.array_equal(np.asarray(augment(x, training=False)), x)
+    moved = 0
+    for image, seen in zip(x, trained_on, strict=True):
+        candidates = [(flip, dy, dx) for flip in (False, True) for dy in range(-4, 5) for dx in range(-4, 5)
+                      if np.array_equal(seen, _shifted(image[:, ::-1] if flip else image, dy, dx))]
+        assert candidates, "an augmented image is not a shift of at most 4 px (zero fill) of the image or its mirror"
+        moved += (False, 0, 0) not in candidates
+    assert moved >= 12
+    assert [layer.name for layer in augmentation((8, 8, 1)).layers] == ["shift"]  # no flips for grayscale digits
+
+
+def test_augmented_training_changes_weights_not_inference(digits, tmp_path):
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    trained = {}
+    for augment in (False, True):
+        keras.utils.set_random_seed(0)
+        model = build_resnet(digits.input_shape, 10, width=4)
+        trained[augment] = train_augmented(model, x, y, epochs=1, batch_size=64, augment=augment, verbose=0)
+    plain, augmented = (trained[flag].get_weights() for flag in (False, True))
+    assert any(not np.allclose(a, b) for a, b in zip(plain, augmented, strict=True))  # the batches differed
+    model = trained[True]
+    logits = model.predict(digits.x_test, verbose=0)
+    assert np.array_equal(logits, model.predict(digits.x_test, verbose=0))
+    wrapper = training_wrapper(model, augmentation(digits.input_shape))
+    assert np.allclose(wrapper.predict(digits.x_test, verbose=0), logits, atol=1e-6)  # augmentation off at inference
+    assert model.compiled is False and not any(layer.name in ("flip", "shift") for layer in model.layers)
+    path = save_model(model, tmp_path / "resnet.keras")
+    assert np.array_equal(load_model(path).predict(digits.x_test, verbose=0), logits)  # load_model: safe_mode
+    assert np.array_equal(keras.models.load_model(path, safe_mode=True).predict(digits.x_test, verbose=0), logits)
+
