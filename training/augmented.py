@@ -1,11 +1,11 @@
 """Training with data augmentation and a one-cycle learning rate: the recipe for the reference ResNet
 (`training.resnet`), usable with any classifier.
 
-Augmentation runs in Keras preprocessing layers (random shifts with zero fill, as padding and a
-random crop; horizontal flips for colour images) inside a training-only wrapper around the
-classifier: the layers act only in training (at inference they pass images through unchanged), the
-wrapper is never saved, and the classifier returned is the plain model, uncompiled. Nothing here
-needs TensorFlow: the layers run under JAX too.
+Augmentation (random shifts with zero fill, as padding and a random crop; horizontal flips for
+colour images) is a layer in keras.ops inside a training-only wrapper around the classifier: it
+acts only in training (at inference images pass unchanged), the wrapper is never saved, and the
+classifier returned is the plain model, uncompiled. Nothing here needs TensorFlow, and under JAX
+the whole training step compiles.
 """
 from __future__ import annotations
 
@@ -27,26 +27,53 @@ def default_shift(input_shape: tuple[int, ...]) -> int:
     return max(1, round(min(input_shape[0], input_shape[1]) / 8))
 
 
-def augmentation(input_shape: tuple[int, ...], *, shift: int | None = None, flip: bool | None = None, seed: int = 0) -> keras.Sequential:
-    """Random integer shifts of up to `shift` px (zero fill: the same images as zero padding by
-    `shift` and a random crop) and, for colour images by default, random horizontal flips
-    (digits and letters are not mirror images of themselves; photos mostly are)."""
+class RandomShift(keras.layers.Layer):
+    """In training only, each image moved by a random whole number of pixels in [-shift, shift] down
+    and across, with zero fill (the images of zero padding by `shift` and a random crop), after a
+    horizontal flip with probability 1/2 when `flip`; at inference the images pass unchanged.
+
+    Two 0/1 matrix products in keras.ops, so the training step stays compiled under JAX (Keras'
+    RandomTranslation and RandomCrop declare no XLA support, which runs the whole step op by op:
+    160 against 8.5 ms a step for a width-8 ResNet on 8x8 images, measured on CPU)."""
+
+    def __init__(self, shift: int, flip: bool, seed: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.shift, self.flip, self.seed = shift, flip, seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    @staticmethod
+    def _moves(offsets: keras.KerasTensor, size: int, dtype: str) -> keras.KerasTensor:
+        """(batch, size, size): entry [b, i, j] is 1 where output line i takes input line j = i - offsets[b]."""
+        lines = keras.ops.arange(size)
+        return keras.ops.cast(keras.ops.equal((lines[:, None] - lines[None, :])[None], offsets[:, None, None]), dtype)
+
+    def call(self, images: keras.KerasTensor, training: bool = False) -> keras.KerasTensor:
+        if not training:
+            return images
+        batch, height, width = keras.ops.shape(images)[0], images.shape[1], images.shape[2]
+        down, across = (keras.random.randint((batch,), -self.shift, self.shift + 1, seed=self.generator) for _ in range(2))
+        rows, columns = self._moves(down, height, images.dtype), self._moves(across, width, images.dtype)
+        if self.flip:  # reversed input columns: the shift of the mirror image
+            mirrored = keras.random.uniform((batch,), seed=self.generator) < 0.5
+            columns = keras.ops.where(mirrored[:, None, None], keras.ops.flip(columns, axis=2), columns)
+        return keras.ops.einsum("bij,bjkc,blk->bilc", rows, images, columns)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "shift": self.shift, "flip": self.flip, "seed": self.seed}
+
+
+def augmentation(input_shape: tuple[int, ...], *, shift: int | None = None, flip: bool | None = None, seed: int = 0) -> RandomShift:
+    """The training-time augmentation for images of `input_shape`: shifts of up to `shift` px
+    (default `default_shift`) and, for colour images by default, horizontal flips (digits and
+    letters are not mirror images of themselves; photos mostly are)."""
     height, width, channels = input_shape
     shift = default_shift(input_shape) if shift is None else shift
-    flip = channels == 3 if flip is None else flip
     if not 0 <= shift < min(height, width):
         raise ValueError(f"shift must be in [0, {min(height, width)}) px for {height}x{width} images, got {shift}")
-    layers: list[keras.layers.Layer] = [keras.Input(input_shape)]
-    if flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed, name="flip"))
-    if shift:
-        layers.append(keras.layers.RandomTranslation(
-            shift / height, shift / width, fill_mode="constant", fill_value=0.0, interpolation="nearest",
-            seed=seed + 1, name="shift"))
-    return keras.Sequential(layers, name="augmentation")
+    return RandomShift(shift, channels == 3 if flip is None else flip, seed=seed, name="augmentation")
 
 
-def training_wrapper(model: keras.Model, augment: keras.Sequential | None) -> keras.Model:
+def training_wrapper(model: keras.Model, augment: keras.layers.Layer | None) -> keras.Model:
     """The model that `fit` trains: `augment`, then `model`, whose weights it shares. Compiling and
     fitting it leaves `model` itself uncompiled, so the saved file carries no optimizer state."""
     inputs = keras.Input(model.input_shape[1:], name="image")
