@@ -13,7 +13,9 @@ this module supports. Two functions make the seam:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import keras
@@ -172,3 +174,51 @@ def local_strategy() -> Any:
 
     gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.MirroredStrategy([g.name for g in gpus]) if len(gpus) > 1 else None
+
+
+Devices = int | str | Sequence[str]  # a count, "all", or device names as keras.distribution.list_devices() gives them
+
+
+def _chosen_devices(devices: Devices) -> list[str]:
+    """The device names meant by a count (the first N of the default kind: GPUs, else CPUs), "all",
+    or a list of names; refuses more devices than exist."""
+    available = keras.distribution.list_devices()
+    if devices == "all":
+        return available
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        if devices > len(available):
+            raise ValueError(f"{devices} devices asked for, but only {len(available)} exist: {', '.join(available)}")
+        return available[:devices]
+    if isinstance(devices, (list, tuple)) and devices and all(isinstance(d, str) for d in devices):
+        unknown = [d for d in devices if d not in available]
+        if unknown:
+            raise ValueError(f"unknown devices {unknown}: the devices here are {', '.join(available)}")
+        return list(devices)
+    raise ValueError(f"devices must be a count >= 1, 'all' or a list of device names, got {devices!r}")
+
+
+@contextlib.contextmanager
+def training_devices(devices: Devices = 1) -> Iterator[Any]:
+    """The context to build, compile and fit a model under, data-parallel over `devices` (a count,
+    "all", or names such as "gpu:0"): each batch is split across them and the gradients combined.
+
+    TensorFlow: `tf.distribute.MirroredStrategy` over those devices, entered as `strategy.scope()`.
+    JAX: `keras.distribution.DataParallel(devices=...)`, made the global distribution
+    (`set_distribution`) inside and restored after. Yields the strategy or distribution, or None for
+    one device, where nothing is set at all. Variables (the model's, the optimizer's) must be
+    created inside the context, which is why it wraps building and compiling too.
+    """
+    chosen = None if devices == 1 and not isinstance(devices, bool) else _chosen_devices(devices)
+    if chosen is None or len(chosen) == 1:
+        yield None
+        return
+    if _backend() == "tensorflow":
+        import tensorflow as tf
+
+        strategy = tf.distribute.MirroredStrategy([f"/{name}" for name in chosen])
+        with strategy.scope():
+            yield strategy
+        return
+    distribution = keras.distribution.DataParallel(devices=chosen)
+    with distribution.scope():
+        yield distribution

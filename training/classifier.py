@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from attacks import GradientSignAttack
+from foundation.backend import Devices, training_devices
 from foundation.validation import check_images, check_labels, check_model_input
 from training.adversarial import AdversarialTraining, mixed_batches
 from training.collapse import CollapseCheck
@@ -42,8 +43,12 @@ def build_reference_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras
 ARCHITECTURES = ("reference", "resnet")
 
 
-def build_classifier(architecture: str, input_shape: tuple[int, ...], num_classes: int, *, width: int = RESNET_WIDTH) -> keras.Model:
-    """The reference CNN or the ResNet (`training.resnet`, `width` channels in its first layer) by name."""
+def build_classifier(architecture: str, input_shape: tuple[int, ...], num_classes: int, *, width: int = RESNET_WIDTH,
+                     seed: int | None = None) -> keras.Model:
+    """The reference CNN or the ResNet (`training.resnet`, `width` channels in its first layer) by name;
+    with `seed`, Keras' global generators are seeded first (as training does), so the initial weights follow it."""
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     if architecture == "reference":
         return build_reference_cnn(input_shape, num_classes)
     if architecture == "resnet":
@@ -117,26 +122,57 @@ def train_adversarial(
     seed: int = 0,
     verbose: int | str = 2,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    devices: Devices = 1,
 ) -> keras.Model:
     """Adversarial training (`training.adversarial.AdversarialTraining`) of `model` (default: a new
     reference CNN) with `model.fit`; eps ramps up over the first `warmup_epochs`. No validation
     split or early stopping: clean validation loss says nothing about robustness. Training that
     collapses (clean accuracy near chance, or far below a given model's, two epochs running) stops
-    with `TrainingCollapsed`, which says what to change (`training.collapse`)."""
+    with `TrainingCollapsed`, which says what to change (`training.collapse`).
+
+    `devices` (a count, "all" or device names) > 1 trains data-parallel (`foundation.backend.
+    training_devices`): a copy of the model built inside that context is trained, and its weights are
+    copied back into `model` after each epoch, before `callbacks` run, so they and the caller only
+    ever see the plain single-device model."""
     if not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
         raise ValueError(f"warmup_epochs must be a finite number >= 0, got {warmup_epochs}")
     keras.utils.set_random_seed(seed)
     given = model is not None
     model = _checked_model(model, x_train, y_train, num_classes, attack.clip)
     warmup_steps = round(warmup_epochs * math.ceil(len(x_train) / batch_size))
-    trainer = AdversarialTraining(model, attack, mix=mix, warmup_steps=warmup_steps, trades_beta=trades_beta, seed=seed)
-    compile_classifier(trainer, learning_rate)
     rows = np.random.default_rng(seed).permutation(len(x_train))[:COLLAPSE_CHECK_IMAGES]
     check = CollapseCheck(model, x_train[rows], y_train[rows], num_classes,
                           start_accuracy=accuracy(model, x_train[rows], y_train[rows]) if given else None,
                           advice=_collapse_advice(attack, warmup_epochs, learning_rate, batch_size))
-    trainer.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose, callbacks=[*callbacks, check])
+    with training_devices(devices) as distributed:
+        trained = model if distributed is None else _copy_of(model)
+        trainer = AdversarialTraining(trained, attack, mix=mix, warmup_steps=warmup_steps, trades_beta=trades_beta, seed=seed)
+        compile_classifier(trainer, learning_rate)
+        back = [] if trained is model else [CopyWeights(trained, model)]
+        trainer.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose, callbacks=[*back, *callbacks, check])
     return model
+
+
+def _copy_of(model: keras.Model) -> keras.Model:
+    """The model rebuilt with its weights, in the current distribution context (its variables then
+    live on every device of that context)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+class CopyWeights(keras.callbacks.Callback):
+    """Copies the weights of the model being trained into `target` after each epoch and at the end."""
+
+    def __init__(self, source: keras.Model, target: keras.Model) -> None:
+        super().__init__()
+        self.source, self.target = source, target
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.target.set_weights(self.source.get_weights())
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.target.set_weights(self.source.get_weights())
 
 
 def _collapse_advice(attack: GradientSignAttack, warmup_epochs: float, learning_rate: LearningRate, batch_size: int) -> str:
