@@ -17,6 +17,8 @@ ADAPTIVE_SUITE = ("adaptive_pgd", "apgd_ce", "apgd_dlr", "apgd_dlr_targeted", "o
 ADAPTIVE_STEPS = 60  # AdaptiveSettings.steps
 FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "ensemble", "joint")  # detector.FAMILIES
 DEFAULT_MEMBERS = ("input", "safetynet", "squeeze")  # training.detector.DEFAULT_MEMBERS
+ARCHITECTURES = ("reference", "resnet")  # training.classifier.ARCHITECTURES
+RESNET_WIDTH = 64  # training.resnet.RESNET_WIDTH
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -79,6 +81,27 @@ def id_range(text: str) -> list[int]:
     if not (first.isdigit() and (not dash or last.isdigit())) or (dash and int(last) < int(first)):
         raise argparse.ArgumentTypeError(f"not a record id or range such as 7 or 10-20: {text!r}")
     return list(range(int(first), int(last or first) + 1))
+
+
+def add_data_option(parser: argparse.ArgumentParser) -> None:
+    """--data, for every command that reads a dataset."""
+    parser.add_argument(
+        "--data", default="digits", type=data_spec,
+        help="digits (bundled, default), mnist, fashion_mnist, cifar10 (downloaded by Keras), "
+        "or a path: .npz with x_train/y_train/x_test/y_test, a folder of CIFAR pickle batches, "
+        "or an image folder with one sub-folder per class",
+    )
+
+
+def add_architecture_options(parser: argparse.ArgumentParser) -> None:
+    """--architecture, --width and --augment, for train-classifier."""
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="reference",
+                        help="reference (default: the small CNN) or resnet (ResNet-9, BatchNorm; SGD on a one-cycle schedule)")
+    parser.add_argument("--width", type=int, default=RESNET_WIDTH,
+                        help=f"resnet: channels of its first layer, doubled at each stage (default {RESNET_WIDTH}; 16-32 for CPUs)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                        help="resnet: random shifts (4 px on 32x32) and, for colour images, horizontal flips, in training only "
+                        "(default on for resnet's standard training; --no-augment turns it off)")
 
 
 def add_benign_options(parser: argparse.ArgumentParser, *, keeps_detector_cap: bool = False) -> None:

@@ -43,6 +43,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             args.data, args.out, epochs=args.epochs, seed=args.seed, adversarial=args.adversarial,
             adversarial_data=args.adversarial_data or (), mix=args.mix, eps_warmup=args.eps_warmup,
             trades_beta=args.trades, batch_size=args.batch_size, robust_n=args.robust_n,
+            architecture=args.architecture, width=args.width, augment=args.augment,
         )
     elif args.command == "harden":
         from training.harden import HardenSettings, harden

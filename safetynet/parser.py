@@ -13,9 +13,10 @@ from safetynet.arguments import (
     DEFAULT_MEMBERS,
     FAMILIES,
     OneLineParser,
+    add_architecture_options,
     add_benign_options,
+    add_data_option,
     attack_spec,
-    data_spec,
     fraction,
     id_range,
     part,
@@ -37,20 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_data(parser: argparse.ArgumentParser) -> None:
-    """--data, for every command that reads a dataset."""
-    parser.add_argument(
-        "--data", default="digits", type=data_spec,
-        help="digits (bundled, default), mnist, fashion_mnist, cifar10 (downloaded by Keras), "
-        "or a path: .npz with x_train/y_train/x_test/y_test, a folder of CIFAR pickle batches, "
-        "or an image folder with one sub-folder per class",
-    )
-
-
 def _add_training(commands: Commands) -> None:
     """quickstart, train-classifier and harden: the commands that train a classifier."""
     quick = commands.add_parser("quickstart", help="classifier -> FGSM/PGD datasets -> detector -> report, in one go")
-    _add_data(quick)
+    add_data_option(quick)
     quick.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     quick.add_argument("--eps", type=float, help="attack budget (default 0.3 for grayscale, 8/255 for colour)")
     quick.add_argument("--n-attack", type=int, default=10_000, help="training images to attack (default 10000)")
@@ -64,10 +55,12 @@ def _add_training(commands: Commands) -> None:
                        help="replace the outputs of an earlier quickstart in --out (without it, an earlier run is refused)")
     quick.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
-    train = commands.add_parser("train-classifier", help="train the reference CNN (optionally adversarially) and save it as .keras")
-    _add_data(train)
+    train = commands.add_parser("train-classifier", help="train the reference CNN or a ResNet (optionally adversarially), save it as .keras")
+    add_data_option(train)
     train.add_argument("--out", required=True, help="output .keras file")
-    train.add_argument("--epochs", type=int, default=10, help="at most this many epochs (early stopping; default 10)")
+    train.add_argument("--epochs", type=int, default=10,
+                       help="default 10: at most, early-stopped (reference); exactly, one-cycle schedule (resnet)")
+    add_architecture_options(train)
     train.add_argument("--batch-size", type=int, default=128, help="default 128")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--adversarial", metavar="SPEC", type=training_attack_spec,
@@ -84,7 +77,7 @@ def _add_training(commands: Commands) -> None:
 
     harden = commands.add_parser("harden", help="classifier -> robust guard: adversarial fine-tuning, joint detector, one threshold, report")
     harden.add_argument("--model", required=True, help="your classifier (.keras or .h5), fine-tuned into the guard's")
-    _add_data(harden)
+    add_data_option(harden)
     harden.add_argument("--out", required=True, help="new output folder: classifier.keras, datasets/, detector/, guard/, report/")
     harden.add_argument("--attack", default="pgd:steps=10", metavar="SPEC", type=training_attack_spec,
                         help="training attack: pgd:steps=10 (default, PGD-AT), fgsm_rs (fast, for CPUs)")
@@ -110,7 +103,7 @@ def _add_datasets(commands: Commands) -> None:
     """attack and dataset: writing adversarial datasets and looking after them."""
     attack = commands.add_parser("attack", help="write an adversarial dataset for a saved classifier")
     attack.add_argument("--model", required=True, help=".keras or .h5 classifier")
-    _add_data(attack)
+    add_data_option(attack)
     attack.add_argument("--attack", required=True, type=attack_spec, help="attack name or spec name[:key=value,...], e.g. pgd:eps=0.3,steps=10")
     attack.add_argument("--eps", type=float, help="perturbation budget (default 0.3 for grayscale, 8/255 for colour)")
     attack.add_argument("--steps", type=int, help="iterations (iterative attacks)")
@@ -162,7 +155,7 @@ def _add_detectors(commands: Commands) -> None:
     evaluate = commands.add_parser("evaluate", help="detection rates per attack on the test split -> report.json")
     evaluate.add_argument("--model", required=True, help=".keras or .h5 classifier")
     evaluate.add_argument("--detector", required=True, help="detector directory (train-detector or retrain)")
-    _add_data(evaluate)
+    add_data_option(evaluate)
     evaluate.add_argument("--attacks", nargs="*", type=attack_spec, help="attack specs (default: those the detector was trained on)")
     evaluate.add_argument("--n", type=int, help="test images to use (default all)")
     evaluate.add_argument("--batch-size", type=int, default=256, help="images per compiled attack call (default 256)")

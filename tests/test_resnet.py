@@ -1,5 +1,5 @@
-"""The reference ResNet (`training.resnet`) and its augmented one-cycle training (`training.augmented`):
-tiny widths and few images, seconds."""
+"""The reference ResNet (`training.resnet`), its augmented one-cycle training (`training.augmented`)
+and `train-classifier --architecture resnet`: tiny widths and few images, seconds."""
 from __future__ import annotations
 
 import keras
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from foundation.models import load_model, save_model
-from training import classifier
+from safetynet import arguments
+from safetynet.cli import main
+from training import classifier, resnet
 from training.augmented import augmentation, train_augmented, training_wrapper
 from training.resnet import build_resnet
 
@@ -29,6 +31,13 @@ def test_builder_refuses_bad_parameters():
         build_resnet((32, 32, 3), 10, residual=())
     with pytest.raises(ValueError, match=r"^unknown architecture 'vgg': expected one of reference, resnet$"):
         classifier.build_classifier("vgg", (32, 32, 3), 10)
+
+
+def test_build_classifier_seeds_the_initial_weights():
+    first, again, other = (classifier.build_classifier("resnet", (8, 8, 1), 10, width=4, seed=seed).get_weights()
+                           for seed in (1, 1, 2))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def _shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -81,3 +90,51 @@ def test_augmented_training_changes_weights_not_inference(digits, tmp_path):
     assert np.array_equal(load_model(path).predict(digits.x_test, verbose=0), logits)  # load_model: safe_mode
     assert np.array_equal(keras.models.load_model(path, safe_mode=True).predict(digits.x_test, verbose=0), logits)
 
+
+def test_cli_names_agree_with_the_library():
+    assert arguments.ARCHITECTURES == classifier.ARCHITECTURES and arguments.RESNET_WIDTH == resnet.RESNET_WIDTH
+
+
+def test_cli_architecture_flags_reach_the_stage(monkeypatch, tmp_path):
+    from training import workflow
+
+    seen = []
+    monkeypatch.setattr(workflow, "train_classifier_stage", lambda *args, **kwargs: seen.append(kwargs))
+    out = str(tmp_path / "m.keras")
+    assert main(["train-classifier", "--out", out]) == 0
+    assert main(["train-classifier", "--out", out, "--architecture", "resnet", "--width", "8", "--no-augment"]) == 0
+    assert main(["train-classifier", "--out", out, "--architecture", "resnet", "--augment"]) == 0
+    assert [(kw["architecture"], kw["width"], kw["augment"]) for kw in seen] == [
+        ("reference", 64, None), ("resnet", 8, False), ("resnet", 64, True)]
+
+
+def test_cli_trains_and_saves_a_resnet(tmp_path, capsys):
+    out = tmp_path / "resnet.keras"
+    assert main(["train-classifier", "--architecture", "resnet", "--width", "4", "--epochs", "1", "--batch-size", "256",
+                 "--out", str(out)]) == 0
+    assert "training resnet classifier on digits" in capsys.readouterr().out
+    model = load_model(out)
+    assert model.name == "resnet" and model.output_shape == (None, 10)
+    assert not any(layer.name == "augmentation" for layer in model.layers)
+    assert main(["train-classifier", "--augment", "--epochs", "1", "--out", str(tmp_path / "ref.keras")]) == 2
+    assert "augment is the resnet architecture's standard training recipe" in capsys.readouterr().err
+
+
+def test_stage_augments_resnet_training_unless_told_not(digits, monkeypatch, tmp_path):
+    from training import workflow
+
+    seen = []
+
+    def record(model, x, y, *, augment, **kwargs):
+        seen.append((model.name, augment, kwargs["epochs"]))
+        return model
+
+    monkeypatch.setattr(workflow, "train_augmented", record)
+    for augment in (None, False, True):
+        workflow.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", width=4, epochs=3,
+                                        augment=augment, log=lambda line: None)
+    assert seen == [("resnet", True, 3), ("resnet", False, 3), ("resnet", True, 3)]
+    with pytest.raises(ValueError, match="^augment is the resnet architecture's standard training recipe: not with the "
+                       "reference CNN, adversarial or adversarial_data$"):
+        workflow.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", adversarial="fgsm_rs",
+                                        augment=True, log=lambda line: None)

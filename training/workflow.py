@@ -30,9 +30,11 @@ from foundation.storage import model_fingerprint
 from detector import InputDetector, load_detector
 from training.adversarial import format_robustness, robustness_report, training_attack, write_robustness
 from training.attack_specs import default_eps, resolve_attack
-from training.classifier import accuracy, train_adversarial, train_classifier, train_on_adversarial_data
+from training.augmented import train_augmented
+from training.classifier import accuracy, build_classifier, train_adversarial, train_classifier, train_on_adversarial_data
 from training.data import ImageDataset, load_dataset
 from training.detector import DEFAULT_MEMBERS, fit_detector, retrain_input_detector
+from training.resnet import RESNET_WIDTH
 
 Log = Callable[[str], None]
 Data = str | ImageDataset
@@ -72,32 +74,45 @@ def train_classifier_stage(
     trades_beta: float | None = None,
     batch_size: int = 128,
     robust_n: int | None = None,
+    architecture: str = "reference",
+    width: int = RESNET_WIDTH,
+    augment: bool | None = None,
     log: Log = print,
 ) -> float:
-    """Train the reference CNN on the data's train split, save it, return its test accuracy.
+    """Train a classifier on the data's train split, save it, return its test accuracy.
 
-    `adversarial` (an attack or spec such as `pgd:eps=0.3,steps=40` or `fgsm_rs`) trains adversarially
-    (`mix`, default 1, of each batch; eps ramps up over `eps_warmup` epochs; `trades_beta` for
-    TRADES); `adversarial_data` mixes in stored adversarial datasets (`mix` default 0.5). Robust
-    accuracy on `robust_n` test images (default 1000 when either is given, else none) is printed and
-    written beside the model (`training.adversarial.robustness_path`).
+    `architecture`: "reference" (the small CNN, early-stopped on a validation split) or "resnet"
+    (`training.resnet`, `width` channels first; standard training runs exactly `epochs` on a one-cycle
+    schedule, on augmented batches unless `augment` is False: `training.augmented`). `adversarial`
+    (an attack or spec such as `pgd:eps=0.3,steps=40` or `fgsm_rs`) trains adversarially (`mix`,
+    default 1, of each batch; eps ramps up over `eps_warmup` epochs; `trades_beta` for TRADES);
+    `adversarial_data` mixes in stored adversarial datasets (`mix` default 0.5). Robust accuracy on
+    `robust_n` test images (default 1000 when either is given, else none) is printed and written
+    beside the model (`training.adversarial.robustness_path`).
     """
     data = as_dataset(data)
     if adversarial is not None and adversarial_data:
         raise ValueError("train against an attack (adversarial) or on stored datasets (adversarial_data), not both")
     attack = None if adversarial is None else training_attack(adversarial, default_eps(data.input_shape))
-    log(f"training classifier on {data.name}: {len(data.x_train)} images {data.input_shape}, {data.num_classes} classes")
+    if augment and (architecture != "resnet" or attack is not None or adversarial_data):
+        raise ValueError("augment is the resnet architecture's standard training recipe: not with the reference CNN, "
+                         "adversarial or adversarial_data")
+    given = (None if architecture == "reference"
+             else build_classifier(architecture, data.input_shape, data.num_classes, width=width, seed=seed))
+    log(f"training {architecture} classifier on {data.name}: {len(data.x_train)} images {data.input_shape}, {data.num_classes} classes")
     common = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "verbose": _fit_verbosity()}
     if attack is not None:
         log(f"adversarial training against {attack.get_params()}" + ("" if trades_beta is None else f", TRADES beta {trades_beta}"))
         model = train_adversarial(
-            data.x_train, data.y_train, data.num_classes, attack, mix=1.0 if mix is None else mix,
+            data.x_train, data.y_train, data.num_classes, attack, model=given, mix=1.0 if mix is None else mix,
             warmup_epochs=eps_warmup, trades_beta=trades_beta, **common,
         )
     elif adversarial_data:
         model = train_on_adversarial_data(
-            data.x_train, data.y_train, data.num_classes, adversarial_data, mix=0.5 if mix is None else mix, **common
+            data.x_train, data.y_train, data.num_classes, adversarial_data, model=given, mix=0.5 if mix is None else mix, **common
         )
+    elif given is not None:
+        model = train_augmented(given, data.x_train, data.y_train, augment=augment is not False, **common)
     else:
         model = train_classifier(data.x_train, data.y_train, data.num_classes, **common)
     clean_accuracy = accuracy(model, data.x_test, data.y_test)
