@@ -1,8 +1,16 @@
-"""The `ensemble` family: a logistic regression stacked on the scores of other, already fitted,
-detectors (stacked generalisation, Wolpert 1992). Families fail on different attacks (Carlini and
-Wagner 2017, "Adversarial examples are not easily detected"), so weighing several is more robust than
-trusting one. Fit the stacker on images the members were NOT trained on: a member's scores on its own
-training images are over-confident, and the stacker would learn to trust it too much.
+"""The `ensemble` family: several already fitted detectors, combined. Families fail on different
+attacks (Carlini and Wagner 2017, "Adversarial examples are not easily detected"), so several are
+more robust than one. Two rules:
+
+- "logistic": a logistic regression stacked on the members' scores (stacked generalisation, Wolpert
+  1992), fitted clean vs adversarial. It weighs members by how well they separate the attacks it is
+  fitted on, so a member that only sees other attacks (the squeezer on minimal ones) is weighed down.
+- "max": each member's score standardised on clean images (its median to 0, its 95th percentile to
+  1), and the largest of them: an input is flagged when any member flags it at a common clean
+  quantile. Fitted on clean images only, it keeps every member's view of attacks never seen.
+
+Fit the stacker on images the members were NOT trained on: a member's scores on its own training
+images are over-confident.
 
 Each member is saved whole (its own manifest and files) in a sub-directory `member_<i>`; the stacker
 (standardisation and regression weights) is an .npz.
@@ -18,7 +26,7 @@ from keras import ops
 
 from detector.base import Detector, load_detector
 from detector.features import fit_linear_rule, load_arrays, save_arrays
-from foundation.validation import Interval, Satisfies
+from foundation.validation import Interval, Options, Satisfies
 
 ARRAYS_FILE = "stacker.npz"
 _ARRAYS = ("score_mean", "score_scale", "coef", "intercept")
@@ -26,6 +34,15 @@ _ARRAYS = ("score_mean", "score_scale", "coef", "intercept")
 
 def member_directory(index: int) -> str:
     return f"member_{index}"
+
+
+def _clean_quantiles(scores: np.ndarray, count: int) -> dict[str, np.ndarray]:
+    """The "max" rule's standardisation: each member's clean median to 0 and 95th percentile to 1."""
+    if len(scores) < 20 or not np.isfinite(scores).all():
+        raise ValueError(f"the max rule needs at least 20 clean images with finite member scores, got {len(scores)}")
+    median, upper = np.quantile(scores, 0.5, axis=0), np.quantile(scores, 0.95, axis=0)
+    return {"score_mean": median, "score_scale": np.maximum(upper - median, 1e-12),
+            "coef": np.ones((1, count)), "intercept": np.zeros(1)}
 
 
 def _members(members: Any) -> list[Detector]:
@@ -36,18 +53,20 @@ def _members(members: Any) -> list[Detector]:
 
 
 class EnsembleDetector(Detector):
-    """Logistic regression on the members' (standardised) scores; `score` is its decision function."""
+    """The members' standardised scores combined by `rule` ("logistic" or "max", see the module);
+    `score` is the stacker's decision function or the largest standardised score."""
 
     kind = "ensemble"
     learned = "arrays"
     uses_classifier: ClassVar[bool] = True  # handed on to the members that need it
     _parameter_constraints = {
         "members": [Satisfies("a list of at least 2 Detector instances", _members)],  # saved as their kinds
+        "rule": [Options("logistic", "max")],
         "C": [Interval(float, 0, closed="neither")],
         "seed": [Interval(int, 0)],
     }
 
-    def __init__(self, members: Sequence[Detector], *, C: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, members: Sequence[Detector], *, rule: str = "logistic", C: float = 1.0, seed: int = 0) -> None:
         super().__init__()
         self._set_params(locals())
         fingerprints = {m.classifier_fingerprint for m in self.members} - {None}
@@ -64,7 +83,11 @@ class EnsembleDetector(Detector):
         return next((shape for shape in (m.image_shape() for m in self.members) if shape is not None), None)
 
     def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> None:
-        """Fit the stacker on clean (0) vs adversarial (1) images, ideally ones no member was trained on."""
+        """Fit the stacker on clean (0) vs adversarial (1) images, ideally ones no member was trained on
+        (the "max" rule reads the clean ones only)."""
+        if self.rule == "max":
+            self.arrays = _clean_quantiles(self.member_scores(x_clean), len(self.members))
+            return
         mean, scale, coef, intercept = fit_linear_rule(self.member_scores, x_clean, x_adversarial, C=self.C, seed=self.seed,
                                                        what="a member")
         self.arrays = {"score_mean": mean, "score_scale": scale, "coef": coef, "intercept": intercept}
@@ -74,7 +97,7 @@ class EnsembleDetector(Detector):
 
     def _score(self, x: np.ndarray) -> np.ndarray:
         z = (self.member_scores(x) - self.arrays["score_mean"]) / self.arrays["score_scale"]
-        return z @ self.arrays["coef"][0] + self.arrays["intercept"][0]
+        return z.max(axis=1) if self.rule == "max" else z @ self.arrays["coef"][0] + self.arrays["intercept"][0]
 
     def score_graph(self, images: Any) -> Any | None:
         """The stacker over the members' graphs (None when a member has none)."""
@@ -87,6 +110,8 @@ class EnsembleDetector(Detector):
         """The stacker's decision function in keras.ops, from (n, members) scores."""
         a = self.arrays
         standardised = (member_scores - a["score_mean"].astype(np.float32)) / a["score_scale"].astype(np.float32)
+        if self.rule == "max":
+            return ops.max(standardised, axis=-1)
         return ops.matmul(standardised, ops.convert_to_tensor(a["coef"][0].astype(np.float32))) + float(a["intercept"][0])
 
     def gradient(self) -> str:

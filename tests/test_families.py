@@ -334,9 +334,10 @@ def test_squeeze_defaults_by_channel_count_and_zero_score_on_fixed_points(digits
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rule", ["logistic", "max"])
 @pytest.mark.parametrize("members", [("activations", "mahalanobis"), ("mahalanobis", "squeeze")])
-def test_ensemble_is_at_least_as_good_as_its_worst_member(members, fitted, digits, digits_classifier, adversarial, tmp_path):
-    ensemble = EnsembleDetector([fitted[m] for m in members])
+def test_ensemble_is_at_least_as_good_as_its_worst_member(members, rule, fitted, digits, digits_classifier, adversarial, tmp_path):
+    ensemble = EnsembleDetector([fitted[m] for m in members], rule=rule)
     ensemble.fit(digits.x_train[STACK], _adversarial_part(adversarial, STACK)).calibrate(digits.x_train[CAL], 0.05)
     ours = _held_out_auroc(ensemble, digits, adversarial)
     for attack, value in ours.items():
