@@ -14,6 +14,7 @@ this module supports. Two functions make the seam:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable
@@ -197,6 +198,15 @@ def _chosen_devices(devices: Devices) -> list[str]:
     raise ValueError(f"devices must be a count >= 1, 'all' or a list of device names, got {devices!r}")
 
 
+@functools.cache
+def _mirrored_strategy(devices: tuple[str, ...]) -> Any:
+    """One MirroredStrategy per device set and process: a second one over the same devices clashed
+    with the first's collective all-reduce ("Shape mismatch in the collective instance")."""
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy([f"/{name}" for name in devices])
+
+
 @contextlib.contextmanager
 def training_devices(devices: Devices = 1) -> Iterator[Any]:
     """The context to build, compile and fit a model under, data-parallel over `devices` (a count,
@@ -213,12 +223,19 @@ def training_devices(devices: Devices = 1) -> Iterator[Any]:
         yield None
         return
     if _backend() == "tensorflow":
-        import tensorflow as tf
-
-        strategy = tf.distribute.MirroredStrategy([f"/{name}" for name in chosen])
+        strategy = _mirrored_strategy(tuple(chosen))
         with strategy.scope():
             yield strategy
         return
     distribution = keras.distribution.DataParallel(devices=chosen)
     with distribution.scope():
         yield distribution
+
+
+def replica_count(distributed: Any) -> int:
+    """How many devices the context that `training_devices` yielded splits each batch across."""
+    if distributed is None:
+        return 1
+    if _backend() == "tensorflow":
+        return int(distributed.num_replicas_in_sync)
+    return int(distributed.device_mesh.devices.size)

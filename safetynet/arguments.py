@@ -112,3 +112,17 @@ def add_benign_options(parser: argparse.ArgumentParser, *, keeps_detector_cap: b
     parser.add_argument("--shifted-fpr", type=float, default=None if keeps_detector_cap else 0.10, metavar="F",
                         help="with benign augmentation, the threshold also flags at most F of the held-out clean "
                         "images under each corruption (default " + ("the detector's own" if keeps_detector_cap else "0.10") + ")")
+
+
+def device_count(text: str) -> int | str:
+    """--devices: a count >= 1, or all."""
+    if text == "all" or text.isdigit() and int(text) >= 1:
+        return text if text == "all" else int(text)
+    raise argparse.ArgumentTypeError(f"expected a number of devices >= 1 or all, got {text!r}")
+
+
+def add_devices_option(parser: argparse.ArgumentParser) -> None:
+    """--devices, for the commands that train adversarially."""
+    parser.add_argument("--devices", type=device_count, default=1, metavar="N|all",
+                        help="adversarial training data-parallel over N devices (the GPUs, else the CPU devices) or all "
+                        "(default 1; TensorFlow: MirroredStrategy, JAX: keras.distribution.DataParallel)")

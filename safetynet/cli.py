@@ -42,7 +42,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         workflow.train_classifier_stage(
             args.data, args.out, epochs=args.epochs, seed=args.seed, adversarial=args.adversarial,
             adversarial_data=args.adversarial_data or (), mix=args.mix, eps_warmup=args.eps_warmup,
-            trades_beta=args.trades, batch_size=args.batch_size, robust_n=args.robust_n,
+            trades_beta=args.trades, batch_size=args.batch_size, robust_n=args.robust_n, devices=args.devices,
             architecture=args.architecture, width=args.width, augment=args.augment,
         )
     elif args.command == "harden":
@@ -54,7 +54,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             family=args.family, n_attack=args.n_attack, target_fpr=args.target_fpr, seed=args.seed,
             benign_augmentation=not args.no_benign_augmentation, shifted_fpr=args.shifted_fpr,
         )
-        harden(args.model, args.data, args.out, settings, evaluate=not args.no_evaluate, n_eval=args.n_eval)
+        harden(args.model, args.data, args.out, settings, evaluate=not args.no_evaluate, n_eval=args.n_eval, devices=args.devices)
     elif args.command == "attack":
         workflow.attack_stage(
             args.model, args.data, args.attack, args.out, split=args.split, n=args.n, batch_size=args.batch_size,

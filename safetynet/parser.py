@@ -16,6 +16,7 @@ from safetynet.arguments import (
     add_architecture_options,
     add_benign_options,
     add_data_option,
+    add_devices_option,
     attack_spec,
     fraction,
     id_range,
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(commands)
     for fits in ("quickstart", "harden", "train-detector", "retrain"):  # the commands that fit a detector
         add_benign_options(commands.choices[fits], keeps_detector_cap=fits == "retrain")
+    for trains in ("train-classifier", "harden"):  # the commands that train adversarially
+        add_devices_option(commands.choices[trains])
     return parser
 
 

@@ -53,6 +53,16 @@ def fit(devices):
     assert clean > 0.75, clean  # 0.87 measured, on one device as on two
     assert len(probe.log) == 2 and probe.log[-1][0] == accuracy(model, data.x_test[:100], data.y_test[:100]), probe.log
     return clean, set(seen)
+def uneven():
+    # 101 images in batches of 64: the last batch of 37 loses one image so that it splits evenly
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    attack = training_attack("fgsm_rs:eps=0.1", 0.3)
+    train_adversarial(data.x_train[:101], data.y_train[:101], 10, attack, model=model, epochs=1, batch_size=64, verbose=0, devices=2)
+    try:
+        train_adversarial(data.x_train[:101], data.y_train[:101], 10, attack, model=model, batch_size=63, verbose=0, devices=2)
+        raise AssertionError("a batch of 63 accepted on 2 devices")
+    except ValueError as error:
+        assert "batch_size 63 must be a multiple of the 2 devices" in str(error), error
 """
 
 TF_SCRIPT = """
@@ -84,6 +94,7 @@ two, seen_two = fit(2)
 steps = {(replica, rows) for under, replica, rows in seen_two if under and replica >= 0 and rows in (32, 64)}
 assert steps == {(0, 32), (1, 32)}, seen_two  # each replica ran half of every batch of 64 (the probe: 50 of 100)
 assert abs(one - two) < 0.05, (one, two)
+uneven()
 print(f"replicas share the batch: clean accuracy {one:.4f} on one device, {two:.4f} on two")
 """
 
@@ -114,6 +125,7 @@ two, seen_two = fit(2)
 assert (2, 32, 64) in seen_two and (1, 64, 64) not in seen_two, seen_two  # every batch of 64 split 32 + 32
 assert keras.distribution.distribution() is None
 assert one == two, (one, two)  # one SPMD program: the same numbers as on one device
+uneven()
 print(f"the batch is sharded: clean accuracy {one:.4f} on one device, {two:.4f} on two")
 """
 
@@ -148,3 +160,46 @@ def test_one_device_sets_nothing_and_bad_counts_are_refused():
         with pytest.raises(ValueError, match="devices"):
             with training_devices(bad):
                 pass
+
+
+class Stop(Exception):
+    """Raised by the stand-in for adversarial training, once it has seen its arguments."""
+
+
+@pytest.mark.parametrize("command, module, given, expected", [
+    ("train-classifier", "training.workflow", ["--devices", "2"], 2),
+    ("harden", "training.harden", ["--devices", "all"], "all"),
+    ("harden", "training.harden", [], 1),
+])
+def test_cli_hands_devices_to_adversarial_training(command, module, given, expected, digits_classifier, tmp_path, monkeypatch):
+    seen = {}
+
+    def stand_in(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(f"{module}.train_adversarial", stand_in)
+    from foundation.models import save_model
+    from safetynet.cli import main
+
+    model = save_model(digits_classifier, tmp_path / "c.keras")
+    argv = (["train-classifier", "--adversarial", "fgsm_rs", "--out", str(tmp_path / "m.keras")] if command == "train-classifier"
+            else ["harden", "--model", str(model), "--out", str(tmp_path / "guard")])
+    with pytest.raises(Stop):
+        main([*argv, *given])
+    assert seen["devices"] == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--devices", "0"], "expected a number of devices >= 1 or all, got '0'"),
+    (["--devices", "two"], "expected a number of devices >= 1 or all, got 'two'"),
+    (["--devices", "2"], "only adversarial training (adversarial=...) runs on several devices"),
+])
+def test_cli_refuses_bad_device_counts_in_one_line(argv, message, tmp_path, capsys):
+    from safetynet.cli import main
+
+    try:
+        code = main(["train-classifier", "--out", str(tmp_path / "m.keras"), "--epochs", "1", *argv])
+    except SystemExit as exit_:  # refused while parsing
+        code = exit_.code
+    assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "m.keras").exists()

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from attacks import GradientSignAttack
-from foundation.backend import Devices, training_devices
+from foundation.backend import Devices, replica_count, training_devices
 from foundation.validation import check_images, check_labels, check_model_input
 from training.adversarial import AdversarialTraining, mixed_batches
 from training.collapse import CollapseCheck
@@ -133,18 +133,24 @@ def train_adversarial(
     `devices` (a count, "all" or device names) > 1 trains data-parallel (`foundation.backend.
     training_devices`): a copy of the model built inside that context is trained, and its weights are
     copied back into `model` after each epoch, before `callbacks` run, so they and the caller only
-    ever see the plain single-device model."""
+    ever see the plain single-device model. `batch_size` must then be a multiple of the device count,
+    and the last (fewer than that count) images that would leave the last batch uneven are left out."""
     if not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
         raise ValueError(f"warmup_epochs must be a finite number >= 0, got {warmup_epochs}")
     keras.utils.set_random_seed(seed)
     given = model is not None
     model = _checked_model(model, x_train, y_train, num_classes, attack.clip)
-    warmup_steps = round(warmup_epochs * math.ceil(len(x_train) / batch_size))
     rows = np.random.default_rng(seed).permutation(len(x_train))[:COLLAPSE_CHECK_IMAGES]
     check = CollapseCheck(model, x_train[rows], y_train[rows], num_classes,
                           start_accuracy=accuracy(model, x_train[rows], y_train[rows]) if given else None,
                           advice=_collapse_advice(attack, warmup_epochs, learning_rate, batch_size))
     with training_devices(devices) as distributed:
+        replicas = replica_count(distributed)
+        if batch_size % replicas:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the {replicas} devices, which share each batch equally")
+        usable = len(x_train) - len(x_train) % batch_size % replicas  # the last batch must split evenly too (JAX)
+        x_train, y_train = x_train[:usable], y_train[:usable]
+        warmup_steps = round(warmup_epochs * math.ceil(len(x_train) / batch_size))
         trained = model if distributed is None else _copy_of(model)
         trainer = AdversarialTraining(trained, attack, mix=mix, warmup_steps=warmup_steps, trades_beta=trades_beta, seed=seed)
         compile_classifier(trainer, learning_rate)

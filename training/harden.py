@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from attacks import PGD
+from foundation.backend import Devices
 from foundation.validation import BOOLEAN, Interval, Options, Parameterized
 from foundation.models import load_model, save_model
 from detector import load_detector
@@ -135,11 +136,13 @@ def harden(
     *,
     evaluate: bool = True,
     n_eval: int | None = 1000,
+    devices: Devices = 1,
     log: Log = print,
 ) -> HardenedGuard:
     """Build a robust guard from the classifier at `model_path` into the new directory `out`:
     classifier.keras (hardened), datasets/, detector/ (joint rule), guard/ (the deployable guard
-    directory) and report/ (unless `evaluate=False`). Everything is checked before training."""
+    directory) and report/ (unless `evaluate=False`). Everything is checked before training.
+    `devices` (a count or "all") runs the fine-tuning data-parallel (`train_adversarial`)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty: choose another --out or delete it")
@@ -164,7 +167,7 @@ def harden(
     train_adversarial(
         data.x_train[fit], data.y_train[fit], data.num_classes, attack, model=classifier, epochs=settings.epochs,
         batch_size=settings.batch_size, learning_rate=learning_rate, warmup_epochs=settings.warmup_epochs,
-        trades_beta=settings.trades_beta, seed=settings.seed, verbose=0, callbacks=[stopper],
+        trades_beta=settings.trades_beta, seed=settings.seed, verbose=0, callbacks=[stopper], devices=devices,
     )
     out.mkdir(parents=True, exist_ok=True)
     classifier_path = save_model(classifier, out / "classifier.keras")

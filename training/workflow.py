@@ -25,6 +25,7 @@ from attacks import Attack
 from attacks.dataset import (
     ArraySource, describe, generate_dataset, load_adversarial_dataset, merge_datasets, verify_dataset,
 )
+from foundation.backend import Devices
 from foundation.models import load_model, save_model
 from foundation.storage import model_fingerprint
 from detector import InputDetector, load_detector
@@ -74,6 +75,7 @@ def train_classifier_stage(
     trades_beta: float | None = None,
     batch_size: int = 128,
     robust_n: int | None = None,
+    devices: Devices = 1,
     architecture: str = "reference",
     width: int = RESNET_WIDTH,
     augment: bool | None = None,
@@ -89,11 +91,14 @@ def train_classifier_stage(
     `adversarial_data` mixes in stored adversarial datasets (`mix` default 0.5). Robust accuracy on
     `robust_n` test images (default 1000 when either is given, else none) is printed and written
     beside the model (`training.adversarial.robustness_path`).
+    `devices` (a count or "all") runs adversarial training data-parallel (`train_adversarial`).
     """
     data = as_dataset(data)
     if adversarial is not None and adversarial_data:
         raise ValueError("train against an attack (adversarial) or on stored datasets (adversarial_data), not both")
     attack = None if adversarial is None else training_attack(adversarial, default_eps(data.input_shape))
+    if devices != 1 and attack is None:
+        raise ValueError(f"devices={devices!r}: only adversarial training (adversarial=...) runs on several devices")
     if augment and (architecture != "resnet" or attack is not None or adversarial_data):
         raise ValueError("augment is the resnet architecture's standard training recipe: not with the reference CNN, "
                          "adversarial or adversarial_data")
@@ -105,7 +110,7 @@ def train_classifier_stage(
         log(f"adversarial training against {attack.get_params()}" + ("" if trades_beta is None else f", TRADES beta {trades_beta}"))
         model = train_adversarial(
             data.x_train, data.y_train, data.num_classes, attack, model=given, mix=1.0 if mix is None else mix,
-            warmup_epochs=eps_warmup, trades_beta=trades_beta, **common,
+            warmup_epochs=eps_warmup, trades_beta=trades_beta, devices=devices, **common,
         )
     elif adversarial_data:
         model = train_on_adversarial_data(
