@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from scipy.stats import binomtest
@@ -60,6 +60,14 @@ def false_positive_interval(false_positives: int, n: int) -> tuple[float, float]
     return float(interval.low), float(interval.high)
 
 
+def _at_threshold(threshold: float, target_fpr: float, clean_scores: np.ndarray, **extra: Any) -> Calibration:
+    """The calibration record of `threshold`: the FPR it gives on the clean scores and its interval."""
+    false_positives = int(np.sum(clean_scores > threshold))
+    return Calibration(threshold=threshold, target_fpr=float(target_fpr), fpr=false_positives / len(clean_scores),
+                       fpr_interval=false_positive_interval(false_positives, len(clean_scores)),
+                       n_clean=len(clean_scores), **extra)
+
+
 def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float) -> Calibration:
     """The smallest threshold that flags at most `target_fpr` of `clean_scores`."""
     if not 0.0 < target_fpr < 1.0:
@@ -72,14 +80,7 @@ def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float) -> Calibrat
     allowed = math.floor(target_fpr * len(scores) + 1e-9)  # 0.29 * 100 is 28.999...
     descending = np.sort(scores)[::-1]
     threshold = float(descending[allowed]) if allowed < len(scores) else float(descending[-1])
-    false_positives = int(np.sum(scores > threshold))
-    return Calibration(
-        threshold=threshold,
-        target_fpr=float(target_fpr),
-        fpr=false_positives / len(scores),
-        fpr_interval=false_positive_interval(false_positives, len(scores)),
-        n_clean=len(scores),
-    )
+    return _at_threshold(threshold, target_fpr, scores)
 
 
 def capped_calibration(
@@ -99,14 +100,8 @@ def capped_calibration(
     for name, calibration in own.items():
         if calibration.threshold > threshold:
             threshold, bound_by = calibration.threshold, name
-    clean = np.asarray(clean_scores, np.float64)
-    false_positives = int(np.sum(clean > threshold))
-    return Calibration(
-        threshold=threshold,
-        target_fpr=float(target_fpr),
-        fpr=false_positives / len(clean),
-        fpr_interval=false_positive_interval(false_positives, len(clean)),
-        n_clean=len(clean),
+    return _at_threshold(
+        threshold, target_fpr, np.asarray(clean_scores, np.float64),
         shifted_fpr=float(shifted_fpr),
         nominal_threshold=nominal.threshold,
         shifted={name: {"threshold": c.threshold,
