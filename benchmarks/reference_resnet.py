@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,34 +30,20 @@ from foundation.storage import atomic_write_json
 from training.augmented import train_augmented
 from training.data import load_dataset
 from training.resnet import RESNET_WIDTH, build_resnet
+from curves import EpochCurve
 from timing import emit
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
-class Curve(keras.callbacks.Callback):
+class Curve(EpochCurve):
     """After each epoch: test accuracy of `classifier` on (x, y), timed training seconds, the JSON rewritten."""
 
-    def __init__(self, classifier: keras.Model, x: np.ndarray, y: np.ndarray, write: Callable[[], None]) -> None:
-        super().__init__()
-        self.classifier, self.x, self.y, self.write = classifier, x, y, write
-        self.points: list[dict[str, Any]] = []
-        self.train_s = 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.train_s += time.perf_counter() - self.started
+    def measure(self, logs: dict) -> dict[str, Any]:
         predicted = np.argmax(self.classifier.predict(self.x, batch_size=500, verbose=0), axis=-1)
-        self.points.append({
-            "epoch": epoch + 1, "train_seconds": round(self.train_s, 1),
-            "train_loss": round(float((logs or {}).get("loss", np.nan)), 4),
-            "train_accuracy": round(float((logs or {}).get("accuracy", np.nan)), 4),
-            "test_accuracy": float(np.mean(predicted == self.y)),
-        })
-        print(json.dumps(self.points[-1]), file=sys.stderr, flush=True)
-        self.write()
+        return {"train_loss": round(float(logs.get("loss", np.nan)), 4),
+                "train_accuracy": round(float(logs.get("accuracy", np.nan)), 4),
+                "test_accuracy": float(np.mean(predicted == self.y))}
 
 
 def main() -> None:

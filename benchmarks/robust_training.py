@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import sys
@@ -34,36 +33,29 @@ from training.adversarial import robustness_report, training_attack
 from training.classifier import build_reference_cnn, train_adversarial
 from training.data import load_dataset
 from training.attack_specs import default_eps
+from curves import EpochCurve
 from timing import emit
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist" / "mnist_keras_arrays.npz"
 
 
-class Curve(keras.callbacks.Callback):
+class Curve(EpochCurve):
     """After each epoch: clean and PGD robust accuracy of `classifier` on (x, y), timed training
     seconds, the JSON rewritten; stops training once the time budget is spent."""
 
     def __init__(self, classifier: keras.Model, x: np.ndarray, y: np.ndarray, attack: PGD, budget_s: float, write: Any) -> None:
-        super().__init__()
-        self.classifier, self.x, self.y, self.attack, self.budget_s, self.write = classifier, x, y, attack, budget_s, write
-        self.points: list[dict[str, Any]] = []
-        self.train_s = 0.0
+        super().__init__(classifier, x, y, write)
+        self.attack, self.budget_s = attack, budget_s
 
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.started = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.train_s += time.perf_counter() - self.started
+    def measure(self, logs: dict) -> dict[str, Any]:
         begin = time.perf_counter()
         correct = np.argmax(self.classifier.predict(self.x, batch_size=500, verbose=0), axis=-1) == self.y
         broken = self.attack(self.classifier, self.x, self.y, batch_size=500).success
-        self.points.append({
-            "epoch": epoch + 1, "train_seconds": round(self.train_s, 1), "train_loss": float((logs or {}).get("loss", np.nan)),
-            "clean_accuracy": float(correct.mean()), "robust_accuracy": float((correct & ~broken).mean()),
-            "eval_seconds": round(time.perf_counter() - begin, 1),
-        })
-        print(json.dumps(self.points[-1]), file=sys.stderr, flush=True)
-        self.write()
+        return {"train_loss": float(logs.get("loss", np.nan)), "clean_accuracy": float(correct.mean()),
+                "robust_accuracy": float((correct & ~broken).mean()), "eval_seconds": round(time.perf_counter() - begin, 1)}
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch, logs)
         if self.train_s > self.budget_s:
             self.model.stop_training = True
 
