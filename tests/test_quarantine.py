@@ -135,6 +135,7 @@ def test_records_survive_a_restart_and_new_ones_append(tmp_path):
 
 CHILD = """
 import sys
+import threading
 import numpy as np
 from serving.quarantine import Quarantine, QuarantineFull
 
@@ -142,8 +143,12 @@ quarantine = Quarantine(sys.argv[1], max_queue=50)
 x = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
 committed = []
 
-def report(future, request_id):  # runs once the record's transaction committed
-    print("committed", request_id, flush=True)
+printing = threading.Lock()
+
+def report(future, request_id):  # runs once the record's transaction committed (writer or main thread)
+    with printing:  # one whole line at a time: print's pieces from two threads would interleave
+        sys.stdout.write(f"committed {request_id}\\n")
+        sys.stdout.flush()
 
 i = 0
 while True:  # keep the writer busy until the parent kills this process
@@ -168,7 +173,8 @@ def test_a_sigkill_loses_nothing_whose_commit_was_reported_and_the_store_verifie
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
-    reported += [line.split()[1] for line in child.stdout.read().splitlines() if line.startswith("committed")]
+    complete = child.stdout.read().split("\n")[:-1]  # the kill may cut the last line short: it was not reported
+    reported += [line.split()[1] for line in complete if line.startswith("committed ")]
     child.stdout.close()
     assert child.returncode == -signal.SIGKILL
     with Quarantine(store) as quarantine:  # reopening replays SQLite's write-ahead log
