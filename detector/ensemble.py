@@ -29,6 +29,7 @@ from detector.features import fit_linear_rule, load_arrays, save_arrays
 from foundation.validation import Interval, Options, Satisfies
 
 ARRAYS_FILE = "stacker.npz"
+RULES = ("logistic", "max")  # how the members' scores are combined (see the module)
 _ARRAYS = ("score_mean", "score_scale", "coef", "intercept")
 
 
@@ -61,7 +62,7 @@ class EnsembleDetector(Detector):
     uses_classifier: ClassVar[bool] = True  # handed on to the members that need it
     _parameter_constraints = {
         "members": [Satisfies("a list of at least 2 Detector instances", _members)],  # saved as their kinds
-        "rule": [Options("logistic", "max")],
+        "rule": [Options(*RULES)],
         "C": [Interval(float, 0, closed="neither")],
         "seed": [Interval(int, 0)],
     }

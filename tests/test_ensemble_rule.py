@@ -57,3 +57,10 @@ def test_max_rule_needs_enough_clean_images(images):
         ensemble.fit(images["clean"][:10], images["bright"][:10], verbose=0)
     with pytest.raises(ValueError, match="rule must be one of"):
         EnsembleDetector([Brightness(), Contrast()], rule="mean")
+
+
+def test_fit_detector_refuses_an_unknown_rule_before_training_anything():
+    from training.detector import fit_detector
+
+    with pytest.raises(ValueError, match=r"ensemble_rule must be one of \['logistic', 'max'\], got 'mean'"):
+        fit_detector([object()], family="ensemble", ensemble_rule="mean")  # never reaches the datasets

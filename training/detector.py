@@ -22,6 +22,7 @@ import keras
 
 from attacks.dataset import AdversarialDataset
 from detector import FAMILIES, Detector, EnsembleDetector, InputDetector, JointDetector
+from detector.ensemble import RULES
 from detector.benign_shift import augment_benign, benign_versions
 
 
@@ -181,8 +182,8 @@ def fit_detector(
     """
     if not datasets:
         raise ValueError("fitting a detector needs at least one adversarial dataset")
-    if ensemble_rule not in ("logistic", "max"):  # before any member is trained
-        raise ValueError(f"ensemble_rule must be 'logistic' or 'max', got {ensemble_rule!r}")
+    if ensemble_rule not in RULES:  # before any member is trained
+        raise ValueError(f"ensemble_rule must be one of {list(RULES)}, got {ensemble_rule!r}")
     fingerprint = _common_fingerprint(datasets)
     split = split_by_source(datasets, calibration_fraction, seed)
     x_adversarial = np.concatenate(split.adversarial_fit)
