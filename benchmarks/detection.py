@@ -1,6 +1,6 @@
 """Detection quality per detector family x attack, one calibrated threshold each; prints JSON.
 
-Protocol (README "Detectors"): a reference classifier is trained; FGSM and PGD datasets are made
+Protocol (README "Detectors"): a reference classifier is trained (or `--model` loaded); FGSM and PGD datasets are made
 from `--n-train` training images; every family is fitted on them (20% of the sources held out to
 calibrate its threshold at 5% clean FPR); then on `--n-test` test images each family is scored on
 the seen attacks (FGSM, PGD) and unseen ones (CW-L2, DeepFool), counting only successful adversarial
@@ -15,6 +15,8 @@ many test images only (ART's CW is slow); the clean FPR and the AUROC's negative
     python benchmarks/detection.py --data ../shared/data/mnist/mnist_keras_arrays.npz --eps 0.3
     python benchmarks/detection.py --data ../shared/data/cifar10 --eps 8/255 --epochs 15
     python benchmarks/detection.py --data digits --families input --unseen --retrain-on cw
+    python benchmarks/detection.py --data ../shared/data/cifar10 --eps 8/255 --model runs/cifar-resnet.keras \
+        --unseen cw deepfool pgd:eps=0.5,norm=2,steps=40 --art --n-unseen 200
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 from attacks import make_attack, parse_attack_spec  # noqa: E402
 from attacks.dataset import ArraySource, generate_dataset, load_adversarial_dataset  # noqa: E402
-from detector.evaluation import evaluate  # noqa: E402
+from detector.evaluation import attack_keys, evaluate  # noqa: E402
+from foundation.models import load_model  # noqa: E402
 from training.classifier import accuracy, train_classifier  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.detector import fit_detector, retrain_input_detector  # noqa: E402
@@ -48,9 +51,11 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=5000)
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=5, help="classifier training epochs")
+    parser.add_argument("--model", help="a saved classifier (.keras, loaded with safe_mode) instead of training the reference CNN")
     parser.add_argument("--detector-epochs", type=int, default=10)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
-    parser.add_argument("--unseen", nargs="*", default=["cw", "deepfool"])
+    parser.add_argument("--unseen", nargs="*", default=["cw", "deepfool"],
+                        help="unseen attacks as specs, e.g. cw deepfool pgd:eps=0.5,norm=2,steps=40")
     parser.add_argument("--n-unseen", type=int, help="unseen attacks on the first this many test images (default all)")
     parser.add_argument("--art", action="store_true", help="also ART's CW-L2 and DeepFool as unseen attacks")
     parser.add_argument("--art-cw-search-steps", type=int, default=5)
@@ -70,9 +75,10 @@ def main() -> None:
 
     started = time.perf_counter()
     data = load_dataset(args.data)
-    classifier = train_classifier(data.x_train, data.y_train, data.num_classes, epochs=args.epochs, verbose=2)
+    classifier = (load_model(args.model) if args.model else
+                  train_classifier(data.x_train, data.y_train, data.num_classes, epochs=args.epochs, verbose=2))
     report: dict = {
-        "data": args.data, "eps": eps, "n_train": args.n_train, "n_test": args.n_test,
+        "data": args.data, "model": args.model, "eps": eps, "n_train": args.n_train, "n_test": args.n_test,
         "classifier_clean_accuracy": accuracy(classifier, data.x_test, data.y_test),
         "families": {}, "fit_seconds": {}, "attack_seconds": {},
     }
@@ -89,12 +95,12 @@ def main() -> None:
         seen_sets = datasets[:2]
 
         x_test, y_test = data.x_test[: args.n_test], data.y_test[: args.n_test]
-        test_attacks = seen + [make_attack(name) for name in args.unseen]
+        test_attacks = seen + [parse_attack_spec(spec) for spec in args.unseen]
         results = []
-        for i, attack in enumerate(test_attacks):  # the unseen ones on the first n_unseen images
+        for i, (key, attack) in enumerate(zip(attack_keys(test_attacks), test_attacks, strict=True)):
             m, begin = len(x_test) if i < len(seen) else args.n_unseen or len(x_test), time.perf_counter()
-            results.append(attack(classifier, x_test[:m], y_test[:m], batch_size=256))
-            report["attack_seconds"][attack.name] = time.perf_counter() - begin
+            results.append(attack(classifier, x_test[:m], y_test[:m], batch_size=256))  # unseen: the first n_unseen
+            report["attack_seconds"][key] = time.perf_counter() - begin
         if args.art:
             m = args.n_unseen or len(x_test)
             art_runs = art_attacks(classifier, x_test[:m], y_test[:m], {
