@@ -8,17 +8,18 @@ from detector.ensemble import EnsembleDetector
 from detector.input_detector import InputDetector
 from detector.joint import JointDetector
 from detector.mahalanobis import MahalanobisDetector
+from detector.margin import MarginDetector
 from detector.squeeze import SqueezeDetector
 from detector.svm import SafetyNetDetector
 
 FAMILIES.update({
     cls.kind: cls
-    for cls in (InputDetector, ActivationDetector, SafetyNetDetector, MahalanobisDetector, SqueezeDetector, EnsembleDetector,
-                JointDetector)
+    for cls in (InputDetector, ActivationDetector, SafetyNetDetector, MahalanobisDetector, SqueezeDetector,
+                MarginDetector, EnsembleDetector, JointDetector)
 })
 
 
 __all__ = [
     "FAMILIES", "ActivationDetector", "Calibration", "Detector", "EnsembleDetector", "InputDetector", "JointDetector",
-    "MahalanobisDetector", "SafetyNetDetector", "SqueezeDetector", "calibrate_threshold", "load_detector",
+    "MahalanobisDetector", "MarginDetector", "SafetyNetDetector", "SqueezeDetector", "calibrate_threshold", "load_detector",
 ]

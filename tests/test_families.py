@@ -23,6 +23,7 @@ from detector.activations import ActivationDetector
 from detector.base import MANIFEST
 from detector.ensemble import EnsembleDetector
 from detector.mahalanobis import MahalanobisDetector, min_distance
+from detector.margin import MarginDetector
 from detector.squeeze import SqueezeDetector, bit_depth, median, parse_squeezer
 from detector.svm import SafetyNetDetector, rbf_decision_function, squared_distances
 
@@ -36,6 +37,7 @@ MAKERS = {
     "safetynet": lambda clf: SafetyNetDetector(clf),
     "mahalanobis": lambda clf: MahalanobisDetector(clf),
     "squeeze": lambda clf: SqueezeDetector(clf, squeezers=["bit_depth:1"]),
+    "margin": lambda clf: MarginDetector(clf),  # not for FGSM / PGD: tests/test_margin.py
 }
 
 
@@ -92,7 +94,7 @@ def _held_out_auroc(detector, digits, adversarial) -> dict[str, float]:
     return {name: auroc(clean, detector.score(test)) for name, (_, test) in adversarial.items()}
 
 
-@pytest.mark.parametrize("family", sorted(MAKERS))
+@pytest.mark.parametrize("family", sorted(FLOORS))
 def test_family_detects_held_out_adversarials(family, fitted, digits, adversarial, digits_classifier):
     detector = fitted[family]
     assert detector.kind == family

@@ -121,7 +121,7 @@ def make_detector(family: str, classifier: keras.Model | None, *, epochs: int, s
         return InputDetector(epochs=epochs, seed=seed)
     if family == "activations":
         return cls(classifier, epochs=epochs, seed=seed)
-    if family == "squeeze":
+    if family in ("squeeze", "margin"):
         return cls(classifier)
     return cls(classifier, seed=seed)
 
