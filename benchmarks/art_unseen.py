@@ -7,7 +7,10 @@ the detector's calibrated threshold, on the images that fool the classifier.
 """
 from __future__ import annotations
 
+import json
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -17,6 +20,7 @@ from cw_reference import art as art_cw
 from cw_reference import fooled
 from detector.base import Detector
 from detector.metrics import detection
+from foundation.storage import model_fingerprint
 from peers import art_classifier
 from timing import importable
 
@@ -28,16 +32,32 @@ def require_art() -> None:
                          " to measure against, never a dependency of safetynet")
 
 
-def art_attacks(model: keras.Model, x: np.ndarray, y: np.ndarray, cw_params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def art_attacks(model: keras.Model, x: np.ndarray, y: np.ndarray, cw_params: dict[str, Any],
+                cache: Path | None = None) -> dict[str, dict[str, Any]]:
     """ART's CarliniL2Method (untargeted, `cw_params`) and DeepFool (its defaults) on (x, y): images,
-    success (the model's argmax differs from y) and wall time of each."""
+    success (the model's argmax differs from y) and wall time of each. With `cache`, a result stored
+    there for the same images, parameters and model weights is reused, and a new one is stored."""
     from art.attacks.evasion import DeepFool
+
+    key = json.dumps({"params": cw_params, "model": model_fingerprint(model)}, sort_keys=True)
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            if str(stored["key"]) != key or not np.array_equal(stored["x"], x):
+                raise SystemExit(f"{cache} holds ART's images for another model, images or parameters: remove it or pick another path")
+            return {name: {"x_adv": stored[f"{name}_x_adv"], "success": stored[f"{name}_success"],
+                           "seconds": float(stored[f"{name}_seconds"]), "params": cw_params, "cached": str(cache)}
+                    for name in ("art_cw", "art_deepfool")}
 
     runs = {"art_cw": art_cw(model, x, y, cw_params)}
     start = time.perf_counter()
     x_adv = DeepFool(art_classifier(model), batch_size=cw_params["batch_size"], verbose=False).generate(x).astype(np.float32)
     runs["art_deepfool"] = {"x_adv": x_adv, "success": fooled(model, x_adv, y, cw_params["batch_size"]),
                             "seconds": time.perf_counter() - start}
+    if cache is not None:
+        arrays = {f"{name}_{field}": run[field] for name, run in runs.items() for field in ("x_adv", "success", "seconds")}
+        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as handle:
+            np.savez(handle, x=x, key=key, **arrays)
+        Path(handle.name).replace(cache)
     return runs
 
 

@@ -41,7 +41,7 @@ from training.data import load_dataset  # noqa: E402
 from training.detector import fit_detector, retrain_input_detector  # noqa: E402
 from timing import emit  # noqa: E402
 
-FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "ensemble")
+FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "margin", "ensemble")
 
 
 def main() -> None:
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--model", help="a saved classifier (.keras, loaded with safe_mode) instead of training the reference CNN")
     parser.add_argument("--detector-epochs", type=int, default=10)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
+    parser.add_argument("--members", nargs="+", help="the ensemble's members (default: fit_detector's for the images)")
     parser.add_argument("--unseen", nargs="*", default=["cw", "deepfool"],
                         help="unseen attacks as specs, e.g. cw deepfool pgd:eps=0.5,norm=2,steps=40")
     parser.add_argument("--n-unseen", type=int, help="unseen attacks on the first this many test images (default all)")
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--art-cw-search-steps", type=int, default=5)
     parser.add_argument("--art-cw-iter", type=int, default=50)
     parser.add_argument("--art-cw-const", type=float, default=1.0, help="ART's initial c (its default 0.01)")
+    parser.add_argument("--art-cache", type=Path, help="reuse ART's images stored here (same model, images and parameters) or store them")
     parser.add_argument("--no-retrain", action="store_true")
     parser.add_argument("--retrain-on", choices=("deepfool", "cw"), default="deepfool")
     parser.add_argument("--n-retrain", type=int, help="training images the retraining attack runs on (default --n-train)")
@@ -105,14 +107,16 @@ def main() -> None:
             m = args.n_unseen or len(x_test)
             art_runs = art_attacks(classifier, x_test[:m], y_test[:m], {
                 "binary_search_steps": args.art_cw_search_steps, "max_iter": args.art_cw_iter,
-                "initial_const": args.art_cw_const, "learning_rate": 0.01, "confidence": 0.0, "batch_size": 256})
-            report["art_cw_params"] = art_runs["art_cw"]["params"]
+                "initial_const": args.art_cw_const, "learning_rate": 0.01, "confidence": 0.0, "batch_size": 256},
+                args.art_cache)
+            report["art_cw_params"], report["art_cached"] = art_runs["art_cw"]["params"], art_runs["art_cw"].get("cached")
             report["attack_seconds"] |= {name: run["seconds"] for name, run in art_runs.items()}
         detectors = {}
         for family in args.families:
             begin = time.perf_counter()
             detectors[family] = fit_detector(seen_sets, family=family, classifier=classifier,
-                                             epochs=args.detector_epochs, verbose=0)
+                                             epochs=args.detector_epochs, verbose=0,
+                                             **({"members": args.members} if args.members else {}))
             report["fit_seconds"][family] = time.perf_counter() - begin
             # detection quality of the non-adaptive attacks only: benchmarks/evaluation.py runs the adaptive ones
             evaluation = evaluate(classifier, detectors[family], x_test, y_test, test_attacks,
