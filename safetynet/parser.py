@@ -10,6 +10,7 @@ from safetynet import __version__
 from safetynet.arguments import (
     ADAPTIVE_STEPS,
     ADAPTIVE_SUITE,
+    COLOUR_MEMBERS,
     DEFAULT_MEMBERS,
     FAMILIES,
     OneLineParser,
@@ -141,8 +142,9 @@ def _add_detectors(commands: Commands) -> None:
     detect.add_argument("--family", default="input", choices=FAMILIES,
                         help="detector family (default input; all others read the classifier: give --model)")
     detect.add_argument("--model", help="the classifier the datasets were made for (needed by all families but input)")
-    detect.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS), choices=[f for f in FAMILIES if f != "ensemble"],
-                        help=f"ensemble members (default: {' '.join(DEFAULT_MEMBERS)})")
+    detect.add_argument("--members", nargs="+", choices=[f for f in FAMILIES if f not in ("ensemble", "joint")],
+                        help=f"ensemble members (default: {' '.join(DEFAULT_MEMBERS)}; for colour images "
+                             f"{' '.join(COLOUR_MEMBERS)})")
     detect.add_argument("--target-fpr", type=float, default=0.05, help="clean false-positive rate to calibrate to (default 0.05)")
     detect.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     detect.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

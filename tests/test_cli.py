@@ -224,7 +224,7 @@ def test_version_and_help_text_for_every_option():
                     if not action.help and not isinstance(action, argparse._SubParsersAction)]
     assert undocumented == []
     members = build_parser().parse_args(["train-detector", "--adversarial", "a", "--out", "d"]).members
-    assert members == ["input", "safetynet", "squeeze"]  # a list that prints as words in --help, not a tuple
+    assert members is None  # fit_detector picks them by the images (training.detector.default_members)
 
 
 def test_dataset_commands_info_verify_shard_and_merge(quickstart_dir, tmp_path, capsys):
@@ -294,9 +294,11 @@ def test_the_cli_mirrors_the_library_names_and_defaults():
     from safetynet import arguments
     from safetynet.parser import build_parser
     from detector import FAMILIES
-    from training.detector import DEFAULT_MEMBERS
+    from training.detector import COLOUR_MEMBERS, DEFAULT_MEMBERS, default_members
 
     assert set(arguments.FAMILIES) == set(FAMILIES) and tuple(arguments.DEFAULT_MEMBERS) == tuple(DEFAULT_MEMBERS)
+    assert tuple(arguments.COLOUR_MEMBERS) == tuple(COLOUR_MEMBERS)
+    assert default_members((28, 28, 1)) == DEFAULT_MEMBERS and default_members((32, 32, 3)) == COLOUR_MEMBERS
     from attacks import ATTACKS
     from training.data import BUILTIN_DATASETS
 
@@ -328,6 +330,10 @@ def test_every_family_trains_evaluates_and_guards_through_the_cli(family, quicks
                  "--name", "digits", "--policy", "flag"]) == 0
     guard = Guard.load(tmp_path / "guard")
     assert (guard.name, guard.policy, guard.detector.kind) == ("digits", "flag", family)
+    if family == "ensemble":  # grey images: the grey default members, margin among them
+        from training.detector import DEFAULT_MEMBERS
+
+        assert tuple(member.kind for member in guard.detector.members) == DEFAULT_MEMBERS
     assert guard.predict(np.zeros((2, 8, 8, 1), np.float32)).rejected.shape == (2,)
     # without --model: refused (one line, exit 2) for the families that read the classifier
     expected = 2 if guard.detector.uses_classifier else 0

@@ -106,7 +106,16 @@ def _describe(datasets: Sequence[AdversarialDataset], paths: Sequence[str] | Non
     ]
 
 
-DEFAULT_MEMBERS = ("input", "safetynet", "squeeze")
+# the ensemble's members by image kind (docs/benchmarks.md, "Detection quality"): `margin` sees the
+# minimal attacks (CW-L2, DeepFool) the learned families miss; on colour images only the families
+# that separate even the seen attacks with a real classifier are kept
+DEFAULT_MEMBERS = ("input", "safetynet", "squeeze", "margin")
+COLOUR_MEMBERS = ("input", "squeeze", "margin")
+
+
+def default_members(image_shape: Sequence[int | None]) -> tuple[str, ...]:
+    """The ensemble's members for images of this (H, W, C) shape: COLOUR_MEMBERS for 3 channels."""
+    return COLOUR_MEMBERS if image_shape[-1] == 3 else DEFAULT_MEMBERS
 
 
 def make_detector(family: str, classifier: keras.Model | None, *, epochs: int, seed: int) -> Detector:
@@ -150,7 +159,7 @@ def fit_detector(
     *,
     family: str = "input",
     classifier: keras.Model | None = None,
-    members: Sequence[str] = DEFAULT_MEMBERS,
+    members: Sequence[str] | None = None,
     paths: Sequence[str] | None = None,
     target_fpr: float = 0.05,
     shifted_fpr: float = 0.10,
@@ -163,7 +172,8 @@ def fit_detector(
 ) -> Detector:
     """Train a detector of `family` on clean vs adversarial pairs and calibrate it on held-out clean
     images. An `ensemble` fits its `members` on 75% of the training sources and its stacker on the
-    other 25%, so the stacker learns how members behave on images they have not seen; `joint` does
+    other 25%, so the stacker learns how members behave on images they have not seen (`members`
+    None: `default_members` for the images); `joint` does
     the same with one member (`members[0]`) and the classifier's logit gap (`detector.joint`).
     `ensemble_rule` combines an ensemble's members (`detector.ensemble`): "max" (default) flags what
     any member flags at a common clean quantile, which keeps the squeezer's view of minimal attacks
@@ -187,6 +197,7 @@ def fit_detector(
     fingerprint = _common_fingerprint(datasets)
     split = split_by_source(datasets, calibration_fraction, seed)
     x_adversarial = np.concatenate(split.adversarial_fit)
+    members = tuple(members) if members else default_members(x_adversarial.shape[1:])
     if family in ("ensemble", "joint"):
         if family == "joint" and classifier is None:
             raise ValueError("the 'joint' detector reads the classifier: give the classifier model")

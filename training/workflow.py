@@ -34,7 +34,7 @@ from training.attack_specs import default_eps, resolve_attack
 from training.augmented import train_augmented
 from training.classifier import accuracy, build_classifier, train_adversarial, train_classifier, train_on_adversarial_data
 from training.data import ImageDataset, load_dataset
-from training.detector import DEFAULT_MEMBERS, fit_detector, retrain_input_detector
+from training.detector import fit_detector, retrain_input_detector
 from training.resnet import RESNET_WIDTH
 
 Log = Callable[[str], None]
@@ -200,7 +200,7 @@ def train_detector_stage(
     *,
     family: str = "input",
     model_path: str | os.PathLike | None = None,
-    members: Sequence[str] = DEFAULT_MEMBERS,
+    members: Sequence[str] | None = None,
     target_fpr: float = 0.05,
     epochs: int = 10,
     seed: int = 0,
