@@ -17,7 +17,7 @@ ADAPTIVE_SUITE = ("adaptive_pgd", "apgd_ce", "apgd_dlr", "apgd_dlr_targeted", "o
 ADAPTIVE_STEPS = 60  # AdaptiveSettings.steps
 FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "margin", "ensemble", "joint")  # detector.FAMILIES
 DEFAULT_MEMBERS = ("input", "safetynet", "squeeze", "margin")  # training.detector.DEFAULT_MEMBERS
-COLOUR_MEMBERS = ("input", "squeeze", "margin")  # training.detector.COLOUR_MEMBERS
+COLOUR_MEMBERS = ("input", "activations", "margin")  # training.detector.COLOUR_MEMBERS
 ARCHITECTURES = ("reference", "resnet")  # training.classifier.ARCHITECTURES
 RESNET_WIDTH = 64  # training.resnet.RESNET_WIDTH
 
