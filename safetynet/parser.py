@@ -84,7 +84,7 @@ def _add_training(commands: Commands) -> None:
     add_data_option(harden)
     harden.add_argument("--out", required=True, help="new output folder: classifier.keras, datasets/, detector/, guard/, report/")
     harden.add_argument("--attack", default="pgd:steps=10", metavar="SPEC", type=training_attack_spec,
-                        help="training attack: pgd:steps=10 (default, PGD-AT), fgsm_rs (fast, for CPUs)")
+                        help="training attack: pgd:steps=10 (default, PGD-AT), pgd:steps=4 (CPUs), fgsm_rs (fastest, weaker)")
     harden.add_argument("--eps", type=float, help="the guard's budget (default 0.3 for grayscale, 8/255 for colour)")
     harden.add_argument("--epochs", type=int, default=20, help="at most this many (early stop on robust validation accuracy)")
     harden.add_argument("--eps-warmup", type=float, default=3.0, metavar="EPOCHS", help="ramp eps up over this many epochs (default 3)")

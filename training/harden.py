@@ -38,7 +38,7 @@ from training.workflow import Data, Log, as_dataset, attack_stage, train_detecto
 
 @dataclasses.dataclass(frozen=True)
 class HardenSettings(Parameterized):
-    """attack: the training attack spec (`pgd:steps=10`, `fgsm_rs` for a fast CPU run); eps: its
+    """attack: the training attack spec (`pgd:steps=10`; `pgd:steps=4` on a CPU; `fgsm_rs`, faster and weaker); eps: its
     budget and the guard's (default: 0.3 for grey images, 8/255 for colour). epochs: at most this
     many; training stops earlier once robust validation accuracy has not improved for `patience`
     epochs after the warm-up. schedule: "cosine" decays the learning rate to 2% over `epochs`. validation_n: training images held out for that check
