@@ -16,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import numpy as np
-
 import keras
+import numpy as np
 
 from attacks.dataset import AdversarialDataset
 from detector import FAMILIES, Detector, EnsembleDetector, InputDetector, JointDetector
@@ -106,9 +105,8 @@ def _describe(datasets: Sequence[AdversarialDataset], paths: Sequence[str] | Non
     ]
 
 
-# the ensemble's members by image kind (docs/benchmarks.md, "Detection quality"): `margin` sees the
-# minimal attacks (CW-L2, DeepFool) the learned families miss; on CIFAR-10 with the reference ResNet
-# `squeeze` (seen attacks AUROC 0.61-0.67) and `mahalanobis` (FGSM 0.54) are left out
+# the ensemble's members by image kind (docs/benchmarks.md, "Detection quality"): `margin` sees minimal attacks;
+# on CIFAR-10 with the ResNet `squeeze` (seen AUROC 0.61-0.67) and `mahalanobis` (FGSM 0.54) are left out
 DEFAULT_MEMBERS = ("input", "safetynet", "squeeze", "margin")
 COLOUR_MEMBERS = ("input", "activations", "margin")
 
@@ -148,10 +146,6 @@ def _calibrate(detector: Detector, x_held_out: np.ndarray, target_fpr: float, sh
         return detector.calibrate(x_held_out, target_fpr)
     shifted = benign_versions(x_held_out, [seed, 3])
     return detector.calibrate(x_held_out, target_fpr, shifted=shifted, shifted_fpr=shifted_fpr)
-
-
-def _fit(detector: Detector, x_clean: np.ndarray, x_adversarial: np.ndarray, verbose: int | str) -> Detector:
-    return detector.fit(x_clean, x_adversarial, verbose=verbose)
 
 
 def fit_detector(
@@ -207,18 +201,18 @@ def fit_detector(
         members_clean = _benign(split.x_clean_fit[clean_part], benign_augmentation, seed, 1)
         stacker_clean = _benign(split.x_clean_fit[~clean_part], benign_augmentation, seed, 2)
         fitted = [
-            _fit(make_detector(m, classifier, epochs=epochs, seed=seed), members_clean, x_adversarial[adversarial_part], verbose)
+            make_detector(m, classifier, epochs=epochs, seed=seed).fit(members_clean, x_adversarial[adversarial_part], verbose=verbose)
             for m in (members if family == "ensemble" else members[:1])
         ]
         for member in fitted:
             member.classifier_fingerprint = fingerprint
         stacker = (EnsembleDetector(fitted, rule=ensemble_rule, seed=seed) if family == "ensemble"
                    else JointDetector(fitted[0], classifier, seed=seed))
-        detector = _fit(stacker, stacker_clean, x_adversarial[~adversarial_part], verbose)
+        detector = stacker.fit(stacker_clean, x_adversarial[~adversarial_part], verbose=verbose)
         n_fit_clean = len(members_clean) + len(stacker_clean)
     else:
         x_clean = _benign(split.x_clean_fit, benign_augmentation, seed, 1)
-        detector = _fit(make_detector(family, classifier, epochs=epochs, seed=seed), x_clean, x_adversarial, verbose)
+        detector = make_detector(family, classifier, epochs=epochs, seed=seed).fit(x_clean, x_adversarial, verbose=verbose)
         n_fit_clean = len(x_clean)
     _calibrate(detector, split.x_clean_held_out, target_fpr, shifted_fpr if benign_augmentation else None, seed)
     detector.classifier_fingerprint = fingerprint
