@@ -8,7 +8,6 @@ the detector's calibrated threshold, on the images that fool the classifier.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from cw_reference import art as art_cw
 from cw_reference import fooled
 from detector.base import Detector
 from detector.metrics import detection
-from foundation.storage import model_fingerprint
+from foundation.storage import atomic_write, model_fingerprint
 from peers import art_classifier
 from timing import importable
 
@@ -55,9 +54,7 @@ def art_attacks(model: keras.Model, x: np.ndarray, y: np.ndarray, cw_params: dic
                             "seconds": time.perf_counter() - start}
     if cache is not None:
         arrays = {f"{name}_{field}": run[field] for name, run in runs.items() for field in ("x_adv", "success", "seconds")}
-        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npz", delete=False) as handle:
-            np.savez(handle, x=x, key=key, **arrays)
-        Path(handle.name).replace(cache)
+        atomic_write(cache, lambda temp: np.savez(temp, x=x, key=key, **arrays))
     return runs
 
 
