@@ -147,10 +147,10 @@ class AdaptivePGD(OnJointModel, GradientSignAttack):
     def _plan(self) -> Plan:
         return dataclasses.replace(super()._plan(), restarts=len(self.lambdas), keep_best=True)
 
-    def _budget(self, n: int, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _budget(self, index: np.ndarray, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
         overrides = dict(overrides)
-        weights = restart_weights(self.lambdas, overrides.pop("lambdas", None), n)
-        return super()._budget(n, overrides) | {"weights": weights}
+        weights = restart_weights(self.lambdas, overrides.pop("lambdas", None), len(index))
+        return super()._budget(index, overrides) | {"weights": weights}
 
     def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool, *,
                eps: Any, step: Any, momentum: Any, weights: Any) -> tuple:
@@ -214,10 +214,10 @@ class AdaptiveAPGD(OnJointModel, APGD):
     def _plan(self) -> Plan:
         return dataclasses.replace(super()._plan(), restarts=len(self.lambdas) * self.restarts)
 
-    def _budget(self, n: int, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _budget(self, index: np.ndarray, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
         overrides = dict(overrides)
-        weights = restart_weights(self.lambdas, overrides.pop("lambdas", None), n, self.restarts)
-        return super()._budget(n, overrides) | {"weights": weights}
+        weights = restart_weights(self.lambdas, overrides.pop("lambdas", None), len(index), self.restarts)
+        return super()._budget(index, overrides) | {"weights": weights}
 
     def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool, *,
                eps: Any, step: Any, momentum: Any, weights: Any) -> tuple:

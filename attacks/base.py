@@ -116,8 +116,9 @@ class Attack(Parameterized, abc.ABC):
         """Random starts for one batch of `shape` (batch axis first); by default none."""
         return None
 
-    def _budget(self, n: int, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
-        """The runtime inputs of `_batch` for n inputs, from the attack's values and a call's overrides."""
+    def _budget(self, index: np.ndarray, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The runtime inputs of `_batch` for the inputs at `index` (one row each), from the attack's
+        values and a call's overrides."""
         if overrides:
             takes = f"it takes {list(self.budgets)}" if self.budgets else "it has none"
             raise ValueError(f"{self.name} takes no call-time budget {sorted(overrides)}; {takes}")
@@ -193,10 +194,10 @@ class Attack(Parameterized, abc.ABC):
         check_model_input(model, x)
         num_classes = self._classes(model)
         y = check_labels(y, n, num_classes)
-        runtime = self._budget(n, budget)
         index = np.arange(n) if index is None else np.asarray(index)
         if index.shape != (n,):
             raise ValueError(f"index must hold one integer per input ({n}), got shape {index.shape}")
+        runtime = self._budget(index, budget)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         targeted = targets is not None

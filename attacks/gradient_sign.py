@@ -28,6 +28,10 @@ class GradientSignAttack(Attack):
     """Iterative gradient attack with L-inf or L2 projection (the engine behind FGSM, BIM and PGD).
 
     eps: radius of the allowed perturbation in the chosen norm.
+    eps_min: when set, each input's radius is drawn log-uniformly from [eps_min, eps] (from its own
+        generator: seed and index), so a dataset also holds perturbations far below the budget; a
+        detector fitted on it sees small L2 attacks too (docs/benchmarks.md). A call's eps replaces
+        the draw. Datasets only: adversarial training ramps eps with its warm-up instead.
     steps: gradient steps. step_size: the absolute per-step move; or rel_stepsize, the move as a
         fraction of eps (Foolbox's rel_stepsize), which follows eps when a call changes it.
         Default: rel_stepsize 2.5 / steps (Madry et al.).
@@ -46,6 +50,7 @@ class GradientSignAttack(Attack):
     _parameter_constraints = {
         **Attack._parameter_constraints,
         "eps": [Interval(float, 0)],
+        "eps_min": [None, Interval(float, 0, closed="neither")],
         "norm": [NORM],
         "steps": [Interval(int, 1)],
         "step_size": [None, Interval(float, 0)],
@@ -57,6 +62,7 @@ class GradientSignAttack(Attack):
         "loss": [Options(*LOSSES), InstanceOf(Objective, "an Objective")],
     }
     eps: float
+    eps_min: float | None = None
     norm: str = "inf"
     steps: int = 10
     step_size: float | None = None
@@ -75,6 +81,8 @@ class GradientSignAttack(Attack):
                               self.restarts)
         if self.step_size is not None and self.rel_stepsize is not None:
             raise ValueError("give step_size (absolute) or rel_stepsize (a fraction of eps), not both")
+        if self.eps_min is not None and self.eps_min > self.eps:
+            raise param_error(type(self).__name__, "eps_min", f"at most eps ({self.eps:.6g})", self.eps_min)
 
     def _check_eps_range(self, eps: np.ndarray) -> None:
         """An L-inf eps beyond the clip range's width is a mistake (every pixel could go anywhere)."""
@@ -99,13 +107,21 @@ class GradientSignAttack(Attack):
     def _structure(self) -> tuple:
         return (type(self), self._plan(), self.random_start)
 
-    def _budget(self, n: int, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _eps(self, index: np.ndarray) -> np.ndarray | float:
+        """Each input's radius: eps, or with eps_min one log-uniform draw per input."""
+        if self.eps_min is None:
+            return self.eps
+        low, high = np.log(self.eps_min), np.log(self.eps)
+        return np.exp([self.input_rng(key, purpose=2).uniform(low, high) for key in index])
+
+    def _budget(self, index: np.ndarray, overrides: dict[str, Any]) -> dict[str, np.ndarray]:
+        n = len(index)
         unknown = sorted(set(overrides) - set(self.budgets))
         if unknown:
             raise ValueError(f"{self.name} takes no call-time budget {unknown}; it takes {list(self.budgets)}")
         if "step_size" in overrides and "rel_stepsize" in overrides:
             raise ValueError("give step_size (absolute) or rel_stepsize (a fraction of eps), not both")
-        eps = per_sample("eps", overrides.get("eps", self.eps), n)
+        eps = per_sample("eps", overrides["eps"] if "eps" in overrides else self._eps(index), n)
         self._check_eps_range(eps)
         step_size, rel = self.step_size, self.relative_step()
         if "step_size" in overrides:

@@ -1,7 +1,7 @@
 """Detection quality per detector family x attack, one calibrated threshold each; prints JSON.
 
 Protocol (README "Detectors"): a reference classifier is trained (or `--model` loaded); FGSM and PGD datasets are made
-from `--n-train` training images; every family is fitted on them (20% of the sources held out to
+from `--n-train` training images (`--train-attacks`: other specs, e.g. PGD with a radius per image); every family is fitted on them (20% of the sources held out to
 calibrate its threshold at 5% clean FPR); then on `--n-test` test images each family is scored on
 the seen attacks (FGSM, PGD) and unseen ones (CW-L2, DeepFool), counting only successful adversarial
 examples. Finally the `input` detector is retrained on DeepFool (`--retrain-on cw`: CW-L2) made from
@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="classifier training epochs")
     parser.add_argument("--model", help="a saved classifier (.keras, loaded with safe_mode) instead of training the reference CNN")
     parser.add_argument("--detector-epochs", type=int, default=10)
+    parser.add_argument("--train-attacks", nargs="+", default=["fgsm", "pgd:steps=10"],
+                        help="the attacks the families are fitted on, as specs at --eps (e.g. pgd:steps=10,eps_min=1/255);"
+                             " the seen rows stay FGSM and PGD-10 at --eps")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--members", nargs="+", help="the ensemble's members (default: fit_detector's for the images)")
     parser.add_argument("--unseen", nargs="*", default=["cw", "deepfool"],
@@ -85,16 +88,19 @@ def main() -> None:
         "families": {}, "fit_seconds": {}, "attack_seconds": {},
     }
     seen = [make_attack("fgsm", eps=eps), make_attack("pgd", eps=eps, steps=10)]
+    fitted_on = [parse_attack_spec(spec, defaults={"eps": eps}) for spec in args.train_attacks]
+    report["train_attacks"] = [attack.get_params() for attack in fitted_on]
     x, y = data.x_train[: args.n_train], data.y_train[: args.n_train]
     with tempfile.TemporaryDirectory() as scratch:
         paths = []
-        for i, attack in enumerate(seen + ([make_attack(args.retrain_on)] if not args.no_retrain else [])):
-            path, n = Path(scratch) / attack.name, args.n_retrain if i == 2 and args.n_retrain else len(x)
+        for i, attack in enumerate(fitted_on + ([make_attack(args.retrain_on)] if not args.no_retrain else [])):
+            path = Path(scratch) / f"{i}_{attack.name}"
+            n = args.n_retrain if i == len(fitted_on) and args.n_retrain else len(x)
             generate_dataset(classifier, attack, ArraySource(x[:n], y[:n]), path, progress=False,
                              source_info={"data": args.data, "split": "train"})
             paths.append(path)
         datasets = [load_adversarial_dataset(p) for p in paths]
-        seen_sets = datasets[:2]
+        seen_sets = datasets[:len(fitted_on)]
 
         x_test, y_test = data.x_test[: args.n_test], data.y_test[: args.n_test]
         test_attacks = seen + [parse_attack_spec(spec) for spec in args.unseen]
@@ -131,7 +137,7 @@ def main() -> None:
             print(f"{family}: " + ", ".join(f"{n} AUROC {r['auroc']} TPR {r['tpr']}"
                                             for n, r in report["families"][family]["attacks"].items()), file=sys.stderr)
         if "input" in detectors and not args.no_retrain:
-            _, retrain = retrain_input_detector(detectors["input"], datasets[2:], seen_sets,
+            _, retrain = retrain_input_detector(detectors["input"], datasets[len(fitted_on):], seen_sets,
                                                  epochs=args.retrain_epochs, verbose=0)
             report[f"retrain_input_on_{args.retrain_on}"] = retrain
     report["best"] = {}

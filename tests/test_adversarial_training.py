@@ -76,9 +76,14 @@ def test_adversarial_training_raises_robust_accuracy_by_a_clear_margin(digits, d
 def test_fgsm_rs_is_one_step_of_one_and_a_quarter_eps_from_a_random_start():
     attack = training_attack("fgsm_rs:eps=0.2", 0.3)
     assert (attack.steps, attack.random_start, attack.step_size, attack.relative_step()) == (1, True, None, 1.25)
-    assert attack._budget(2, {})["step"] == pytest.approx([0.25, 0.25])
+    assert attack._budget(np.arange(2), {})["step"] == pytest.approx([0.25, 0.25])
     assert training_attack("fgsm-rs", 0.3).eps == 0.3
     assert training_attack("fgsm_rs:step_size=0.1", 0.3).step_size == 0.1
+
+
+def test_a_training_attack_with_eps_min_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="eps_min draws a radius per image for datasets"):
+        training_attack("pgd:eps=0.3,eps_min=0.05", 0.3)
 
 
 def test_mix_zero_is_standard_training_step(digits):

@@ -63,11 +63,11 @@ def test_per_sample_eps_bounds_each_input_by_its_own_radius(model, batch):
 def test_relative_steps_follow_eps_and_absolute_steps_do_not(model, batch):
     x, y = batch
     relative = PGD(eps=0.2, steps=1, rel_stepsize=0.5)
-    assert relative._budget(2, {"eps": 0.1})["step"] == pytest.approx([0.05, 0.05])
+    assert relative._budget(np.arange(2), {"eps": 0.1})["step"] == pytest.approx([0.05, 0.05])
     absolute = PGD(eps=0.2, steps=1, step_size=0.03)
-    assert absolute._budget(2, {"eps": 0.1})["step"] == pytest.approx([0.03, 0.03])
-    assert absolute._budget(2, {"rel_stepsize": 1.0})["step"] == pytest.approx([0.2, 0.2])
-    assert PGD(eps=0.2, steps=8)._budget(1, {})["step"] == pytest.approx([2.5 * 0.2 / 8])
+    assert absolute._budget(np.arange(2), {"eps": 0.1})["step"] == pytest.approx([0.03, 0.03])
+    assert absolute._budget(np.arange(2), {"rel_stepsize": 1.0})["step"] == pytest.approx([0.2, 0.2])
+    assert PGD(eps=0.2, steps=8)._budget(np.arange(1), {})["step"] == pytest.approx([2.5 * 0.2 / 8])
     one_step = BIM(eps=0.1, steps=1, rel_stepsize=1.0)(model, x, y, eps=0.04)
     np.testing.assert_allclose(one_step.linf, 0.04, atol=1e-6)
 
@@ -198,3 +198,25 @@ def test_pgd_on_dlr_fools_a_trained_cnn(digits, digits_classifier):
     x, y = digits.x_test[:60], digits.y_test[:60]
     result = PGD(eps=0.2, steps=10, loss="dlr")(digits_classifier, x, y)
     assert result.success.mean() > 0.8
+
+
+def test_eps_min_draws_each_inputs_radius_from_its_own_generator(model, batch):
+    """eps_min: one log-uniform radius per input in [eps_min, eps], fixed by (seed, index), so a
+    dataset split into shards gets the same radii; a call's eps replaces the draw."""
+    x, y = batch
+    attack = BIM(eps=0.2, eps_min=0.02, steps=4, rel_stepsize=0.5)
+    result = attack(model, x, y, batch_size=5)
+    radii = attack._eps(np.arange(len(x)))
+    assert np.all((radii >= 0.02) & (radii <= 0.2)) and np.ptp(radii) > 0.05
+    assert np.all(result.linf <= radii + 1e-6)
+    np.testing.assert_allclose(result.linf, radii, atol=1e-6)  # 4 steps of half the radius reach it
+    shard = attack(model, x[7:], y[7:], index=np.arange(7, len(x)))
+    np.testing.assert_allclose(shard.x_adv, result.x_adv[7:], atol=1e-6)
+    np.testing.assert_allclose(attack(model, x, y, eps=0.05).linf, 0.05, atol=1e-6)
+    assert BIM(eps=0.2, eps_min=0.02, steps=4, seed=1)._eps(np.arange(3)).tolist() != radii[:3].tolist()
+
+
+@pytest.mark.parametrize("eps_min, message", [(0.3, r"eps_min must be at most eps \(0.2\)"), (0.0, "eps_min")])
+def test_an_eps_min_outside_zero_to_eps_is_refused(eps_min, message):
+    with pytest.raises(ValueError, match=message):
+        PGD(eps=0.2, eps_min=eps_min)

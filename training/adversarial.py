@@ -51,6 +51,9 @@ def training_attack(spec: str | Attack, default_eps: float) -> GradientSignAttac
         raise ValueError(  # noqa: TRY004 (a bad --adversarial spec: the CLI's one-line error)
             f"adversarial training takes a gradient-sign attack (fgsm, fgsm_rs, bim, pgd, mifgsm), got {spec.name!r}"
         )
+    if spec.eps_min is not None:
+        raise ValueError("eps_min draws a radius per image for datasets; adversarial training ramps eps with"
+                         " its warm-up instead (--eps-warmup): leave eps_min out of the training attack")
     return spec
 
 
