@@ -1,7 +1,8 @@
 """Detection quality per detector family x attack, one calibrated threshold each; prints JSON.
 
-Protocol (README "Detectors"): a reference classifier is trained (or `--model` loaded); FGSM and PGD datasets are made
-from `--n-train` training images (`--train-attacks`: other specs, e.g. PGD with a radius per image); every family is fitted on them (20% of the sources held out to
+Protocol (README "Detectors"): a reference classifier is trained (or `--model` loaded); FGSM and
+PGD datasets are made from `--n-train` training images (`--train-attacks`: other specs, e.g. PGD
+with a radius per image); every family is fitted on them (20% of the sources held out to
 calibrate its threshold at 5% clean FPR); then on `--n-test` test images each family is scored on
 the seen attacks (FGSM, PGD) and unseen ones (CW-L2, DeepFool), counting only successful adversarial
 examples. Finally the `input` detector is retrained on DeepFool (`--retrain-on cw`: CW-L2) made from
