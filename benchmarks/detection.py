@@ -37,6 +37,7 @@ from attacks import make_attack, parse_attack_spec  # noqa: E402
 from attacks.dataset import ArraySource, generate_dataset, load_adversarial_dataset  # noqa: E402
 from detector.evaluation import attack_keys, evaluate  # noqa: E402
 from foundation.models import load_model  # noqa: E402
+from training.attack_specs import default_attacks  # noqa: E402
 from training.classifier import accuracy, train_classifier  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.detector import fit_detector, retrain_input_detector  # noqa: E402
@@ -54,9 +55,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="classifier training epochs")
     parser.add_argument("--model", help="a saved classifier (.keras, loaded with safe_mode) instead of training the reference CNN")
     parser.add_argument("--detector-epochs", type=int, default=10)
-    parser.add_argument("--train-attacks", nargs="+", default=["fgsm", "pgd:steps=10"],
-                        help="the attacks the families are fitted on, as specs at --eps (e.g. pgd:steps=10,eps_min=1/255);"
-                             " the seen rows stay FGSM and PGD-10 at --eps")
+    parser.add_argument("--train-attacks", nargs="+",
+                        help="the attacks the families are fitted on, as specs at --eps (default: the seen FGSM and"
+                             " PGD-10; e.g. fgsm pgd pgd:eps_min=1/255); the seen rows stay FGSM and PGD-10 at --eps")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES))
     parser.add_argument("--members", nargs="+", help="the ensemble's members (default: fit_detector's for the images)")
     parser.add_argument("--unseen", nargs="*", default=["cw", "deepfool"],
@@ -88,8 +89,8 @@ def main() -> None:
         "classifier_clean_accuracy": accuracy(classifier, data.x_test, data.y_test),
         "families": {}, "fit_seconds": {}, "attack_seconds": {},
     }
-    seen = [make_attack("fgsm", eps=eps), make_attack("pgd", eps=eps, steps=10)]
-    fitted_on = [parse_attack_spec(spec, defaults={"eps": eps}) for spec in args.train_attacks]
+    seen = default_attacks(data.input_shape, eps)
+    fitted_on = [parse_attack_spec(spec, defaults={"eps": eps}) for spec in args.train_attacks] if args.train_attacks else seen
     report["train_attacks"] = [attack.get_params() for attack in fitted_on]
     x, y = data.x_train[: args.n_train], data.y_train[: args.n_train]
     with tempfile.TemporaryDirectory() as scratch:
