@@ -38,7 +38,7 @@ from attacks.gradient_sign import GradientSignAttack
 from attacks.norms import per_image, perturbation_norms, project
 from attacks.objectives import CrossEntropy, DetectorAware, logit_margin
 from foundation.backend import Forward, repeat, value_and_grad
-from foundation.validation import Options
+from foundation.validation import Interval, Options
 
 # an input counts as misclassified for the switch only past this logit margin, so that the
 # detector's steps do not push it straight back over the decision boundary (as in the authors' code)
@@ -61,16 +61,20 @@ class OrthogonalPGD(OnJointModel, GradientSignAttack):
     as for PGD (runtime budgets as there), except that the first start is the input itself. threshold: the detector rejects scores above it.
     loss: the classifier's loss, "ce" (cross-entropy, the authors' choice), "margin" or "dlr".
     start: where the first start is, "input" (the authors' choice) or "classifier_adversarial" (an
-    APGD-CE example against the classifier alone, `steps` iterations, which the detector then has to be walked past)."""
+    APGD-CE example against the classifier alone, which the detector then has to be walked past).
+    start_steps: that APGD-CE's iterations (None: `steps`); the adaptive suite holds it fixed so that
+    a longer run begins from the same point as a shorter one."""
 
     name = "orthogonal_pgd"
     budgets: ClassVar[tuple[str, ...]] = ("eps", "step_size", "rel_stepsize")
     _parameter_constraints = {**GradientSignAttack._parameter_constraints, **DETECTOR_TERMS,
-                              "loss": [Options("ce", "margin", "dlr")], "start": [Options("input", "classifier_adversarial")]}
+                              "loss": [Options("ce", "margin", "dlr")], "start": [Options("input", "classifier_adversarial")],
+                              "start_steps": [None, Interval(int, 1)]}
     threshold: float
     score_scale: float = 1.0
     steps: int = 100
     start: str = "input"
+    start_steps: int | None = None
     selective: ClassVar[bool] = False
     momentum: float = dataclasses.field(default=0.0, init=False)
     early_stop: bool = dataclasses.field(default=False, init=False)
@@ -83,7 +87,7 @@ class OrthogonalPGD(OnJointModel, GradientSignAttack):
         return dataclasses.replace(super()._plan(), keep_best=True)
 
     def _structure(self) -> tuple:
-        return (*super()._structure(), self.start)
+        return (*super()._structure(), self.start, self.start_steps)
 
     def _batch(self, forward: Forward, x: Any, y: Any, noise: Any, targeted: bool, *,
                eps: Any, step: Any, momentum: Any) -> tuple:
@@ -115,7 +119,8 @@ class OrthogonalPGD(OnJointModel, GradientSignAttack):
 
         first = x
         if self.start == "classifier_adversarial":
-            on_classifier = dataclasses.replace(plan, objective=CrossEntropy(), restarts=1)
+            on_classifier = dataclasses.replace(plan, objective=CrossEntropy(), restarts=1,
+                                                steps=self.start_steps or plan.steps)
             first, _ = apgd_ascend(lambda z: forward(z)[:, :-1], on_classifier, x, y, None, eps, None, targeted)
 
         def restart(r: Any, best: tuple) -> tuple:

@@ -13,7 +13,9 @@ from attacks.adaptive import AdaptiveAPGD, AdaptivePGD, joint_model
 from attacks.orthogonal import OrthogonalPGD, SelectivePGD
 from foundation.backend import value_and_grad
 from detector import Detector, EnsembleDetector, InputDetector
+from detector import adaptive_evaluation
 from detector.adaptive_evaluation import SUITE, AdaptiveSettings
+from detector.adaptive_outcomes import judge
 from detector.calibration import Calibration
 from detector.differentiable import stand_in
 from detector.evaluation import evaluate, format_table
@@ -87,6 +89,32 @@ def test_the_suite_can_be_narrowed(digits_classifier, input_detector, test_image
     row = report["adaptive"]["attacks"]["adaptive_worst_case@eps=0.3"]
     assert list(row["suite"]) == ["apgd_ce", "selective_pgd", "fgsm"]  # in the suite's order, then the evaluated attacks
     assert report["adaptive"]["settings"]["suite"] == ["apgd_ce", "selective_pgd"]
+
+
+@pytest.mark.parametrize("name", ["adaptive_pgd", "orthogonal_pgd", "orthogonal_pgd_warm", "selective_pgd"])
+def test_more_steps_and_restarts_never_find_less(name, monkeypatch, digits_classifier, input_detector, test_images):
+    """Past the base steps the suite's PGD-family attacks keep the default's step (and the warm start its
+    APGD iterations), so a longer run repeats the shorter one's iterates and keeps the best of all: per
+    input, a kept example that ranks no lower (broken > misclassified > neither), at equal rank with
+    a score no higher. (At eps 0.1, where about half the inputs break: with the step shrinking as
+    2.5 eps / steps, 2 to 11 inputs of each attack kept a higher score.)"""
+    monkeypatch.setattr(adaptive_evaluation, "BASE_STEPS", 4)  # the tests' stand-in for 60
+    x, y = test_images
+    joint = joint_model(digits_classifier, input_detector.scoring_model(None))
+    scale = float(np.std(input_detector.score(x)))
+
+    def judged(steps: int, restarts: int) -> tuple[np.ndarray, np.ndarray]:
+        settings = AdaptiveSettings(steps=steps, restarts=restarts, suite=(name,))
+        attack = adaptive_evaluation.suite(PGD(eps=0.1), settings, input_detector.threshold, scale)[name]
+        outcome = judge(digits_classifier, input_detector, attack(joint, x, y), y, 256)
+        return outcome.misclassified.astype(int) + outcome.broken, outcome.scores
+
+    rank, score = judged(4, 1)
+    longer_rank, longer_score = judged(12, 2)
+    assert (longer_rank >= rank).all()
+    same = longer_rank == rank
+    assert (longer_score[same] <= score[same] + 1e-5).all(), np.max(longer_score[same] - score[same])
+    assert (longer_rank > rank).any() or (longer_score[same] < score[same] - 1e-5).any()  # and found more
 
 
 def test_orthogonal_pgd_warm_starts_from_the_classifier_alone_example(digits_classifier, input_detector, test_images):
