@@ -5,7 +5,7 @@ PGD datasets are made from `--n-train` training images (`--train-attacks`: other
 with a radius per image); every family is fitted on them (20% of the sources held out to
 calibrate its threshold at 5% clean FPR); then on `--n-test` test images each family is scored on
 the seen attacks (FGSM, PGD) and unseen ones (CW-L2, DeepFool), counting only successful adversarial
-examples. Finally the `input` detector is retrained on DeepFool (`--retrain-on cw`: CW-L2) made from
+examples, and its clean FPR on the test images and under each benign corruption (`detector.benign_shift`). Finally the `input` detector is retrained on DeepFool (`--retrain-on cw`: CW-L2) made from
 the first `--n-retrain` training images, with replay, and the held-out TPR of the old and new attacks
 is reported before and after.
 
@@ -131,6 +131,7 @@ def main() -> None:
                                   results=results, data=args.data, adaptive=None, taylor_inputs=0)
             report["families"][family] = {
                 "clean_fpr": evaluation["detector"]["clean_fpr"],
+                "clean_fpr_shifted": evaluation["detector"]["clean_fpr_shifted"],  # each benign corruption, and max
                 "attacks": {name: {k: row[k] for k in ("success_rate", "auroc", "tpr")}
                             for name, row in evaluation["attacks"].items()},
             }
