@@ -149,12 +149,14 @@ def _add_detectors(commands: Commands) -> None:
     detect.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     detect.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
-    retrain = commands.add_parser("retrain", help="fine-tune a detector on a new attack, replaying earlier data")
+    retrain = commands.add_parser("retrain", help="retrain a detector on a new attack, replaying earlier data")
     retrain.add_argument("--detector", required=True, help="the detector directory to start from (left unchanged)")
     retrain.add_argument("--adversarial", nargs="+", required=True, help="dataset directories of the new attack(s)")
     retrain.add_argument("--replay", nargs="*", help="earlier datasets to replay (default: those the detector was trained on)")
     retrain.add_argument("--out", help="new detector directory (default: the next free DETECTOR.vN beside it)")
-    retrain.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
+    retrain.add_argument("--model", help="the datasets' classifier (every family but input is fitted again and needs it)")
+    retrain.add_argument("--epochs", type=int, help="fine-tuning epochs of input (default 5); training epochs of a"
+                                                    " refit (default: those its members had)")
     retrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     evaluate = commands.add_parser("evaluate", help="detection rates per attack on the test split -> report.json")

@@ -37,7 +37,8 @@ from serving.quarantine import Quarantine, QuarantineFull
 from serving.quarantine_export import export_quarantine
 from serving.quarantine_index import INDEX, LEGACY_IMAGES, verify_store
 from serving.quarantine_review import list_records, mark_records, show_record
-from training.detector import fit_detector, retrain_input_detector, split_by_source
+from training.detector import fit_detector, split_by_source
+from training.retrain import retrain_input_detector
 from training.attack_specs import trained_attacks
 
 FINGERPRINT = "f" * 64

@@ -1,5 +1,5 @@
-"""Fit a detector on stored adversarial datasets, calibrate it on held-out clean images, and retrain
-it on a new attack without forgetting the old ones.
+"""Fit a detector on stored adversarial datasets and calibrate it on held-out clean images
+(`training.retrain` retrains one on a new attack without forgetting the old ones).
 
 The source images of the datasets are split by their source index: a random `calibration_fraction`
 of them is kept out of training entirely. Their clean versions set the threshold and their
@@ -30,7 +30,7 @@ def adversarial_only(data: AdversarialDataset) -> bool:
     return bool(data.manifest.get("adversarial_only", False))
 
 
-def _common_fingerprint(datasets: Sequence[AdversarialDataset]) -> str:
+def common_fingerprint(datasets: Sequence[AdversarialDataset]) -> str:
     """The one classifier all datasets were made for; the source indices of those with clean images
     must also refer to the same images (same data and split), or pairing clean and adversarial
     images by index is wrong. Adversarial-only datasets need at least one such dataset beside them."""
@@ -97,7 +97,7 @@ def split_by_source(datasets: Sequence[AdversarialDataset], calibration_fraction
     )
 
 
-def _describe(datasets: Sequence[AdversarialDataset], paths: Sequence[str] | None) -> list[dict[str, Any]]:
+def describe_datasets(datasets: Sequence[AdversarialDataset], paths: Sequence[str] | None) -> list[dict[str, Any]]:
     return [
         {"attack": d.manifest["attack"], "count": int(len(d.index)), "source": d.manifest.get("source", {}),
          **({"adversarial_only": True} if adversarial_only(d) else {}), **({"path": str(paths[i])} if paths else {})}
@@ -133,12 +133,12 @@ def make_detector(family: str, classifier: keras.Model | None, *, epochs: int, s
     return cls(classifier, seed=seed)
 
 
-def _benign(x: np.ndarray, augment: bool, seed: int, stream: int) -> np.ndarray:
+def with_benign_copies(x: np.ndarray, augment: bool, seed: int, stream: int) -> np.ndarray:
     """`x`, with a benignly corrupted copy of each image appended when `augment` (seeded per stream)."""
     return augment_benign(x, np.random.default_rng([seed, stream])) if augment else x
 
 
-def _calibrate(detector: Detector, x_held_out: np.ndarray, target_fpr: float, shifted_fpr: float | None,
+def calibrate_held_out(detector: Detector, x_held_out: np.ndarray, target_fpr: float, shifted_fpr: float | None,
                seed: int) -> Detector:
     """Calibrate on the held-out clean images at `target_fpr`; with `shifted_fpr`, also cap the FPR
     of each benign corruption of every held-out image (`benign_versions`) at `shifted_fpr`."""
@@ -188,7 +188,7 @@ def fit_detector(
         raise ValueError("fitting a detector needs at least one adversarial dataset")
     if ensemble_rule not in RULES:  # before any member is trained
         raise ValueError(f"ensemble_rule must be one of {list(RULES)}, got {ensemble_rule!r}")
-    fingerprint = _common_fingerprint(datasets)
+    fingerprint = common_fingerprint(datasets)
     split = split_by_source(datasets, calibration_fraction, seed)
     x_adversarial = np.concatenate(split.adversarial_fit)
     members = tuple(members) if members else default_members(x_adversarial.shape[1:])
@@ -198,8 +198,8 @@ def fit_detector(
         rng = np.random.default_rng(seed)
         clean_part = rng.random(len(split.x_clean_fit)) < 0.75
         adversarial_part = rng.random(len(x_adversarial)) < 0.75
-        members_clean = _benign(split.x_clean_fit[clean_part], benign_augmentation, seed, 1)
-        stacker_clean = _benign(split.x_clean_fit[~clean_part], benign_augmentation, seed, 2)
+        members_clean = with_benign_copies(split.x_clean_fit[clean_part], benign_augmentation, seed, 1)
+        stacker_clean = with_benign_copies(split.x_clean_fit[~clean_part], benign_augmentation, seed, 2)
         fitted = [
             make_detector(m, classifier, epochs=epochs, seed=seed).fit(members_clean, x_adversarial[adversarial_part], verbose=verbose)
             for m in (members if family == "ensemble" else members[:1])
@@ -211,13 +211,13 @@ def fit_detector(
         detector = stacker.fit(stacker_clean, x_adversarial[~adversarial_part], verbose=verbose)
         n_fit_clean = len(members_clean) + len(stacker_clean)
     else:
-        x_clean = _benign(split.x_clean_fit, benign_augmentation, seed, 1)
+        x_clean = with_benign_copies(split.x_clean_fit, benign_augmentation, seed, 1)
         detector = make_detector(family, classifier, epochs=epochs, seed=seed).fit(x_clean, x_adversarial, verbose=verbose)
         n_fit_clean = len(x_clean)
-    _calibrate(detector, split.x_clean_held_out, target_fpr, shifted_fpr if benign_augmentation else None, seed)
+    calibrate_held_out(detector, split.x_clean_held_out, target_fpr, shifted_fpr if benign_augmentation else None, seed)
     detector.classifier_fingerprint = fingerprint
     detector.info = {
-        "trained_on": _describe(datasets, paths),
+        "trained_on": describe_datasets(datasets, paths),
         "calibration_fraction": calibration_fraction,
         "benign_augmentation": benign_augmentation,
         "n_fit_clean": int(n_fit_clean),
@@ -234,67 +234,3 @@ def detection_rates(detector: Detector, split: SourceSplit, names: Sequence[str]
         name: float(detector.predict(x).mean()) if len(x) else float("nan")
         for name, x in zip(names, split.adversarial_held_out, strict=True)
     }
-
-
-def retrain_input_detector(
-    detector: InputDetector,
-    new: Sequence[AdversarialDataset],
-    replay: Sequence[AdversarialDataset],
-    *,
-    paths: Sequence[str] | None = None,
-    epochs: int = 5,
-    learning_rate: float = 3e-4,
-    seed: int = 0,
-    benign_augmentation: bool = True,
-    shifted_fpr: float | None = None,
-    verbose: int | str = 2,
-    version: int | None = None,
-) -> tuple[InputDetector, dict[str, Any]]:
-    """Fine-tune on new attacks mixed with replayed earlier data, recalibrate at the same target
-    FPR, and report detection on every attack before and after. The given detector is unchanged.
-    `benign_augmentation` and `shifted_fpr` as in `fit_detector`; `shifted_fpr` defaults to the
-    detector's own cap (0.10 if it had none).
-
-    Returns the new detector (its `info.version` is `version`, default one higher) and the
-    before/after report.
-    """
-    if not new:
-        raise ValueError("retraining needs at least one new adversarial dataset")
-    if detector.calibration is None:
-        raise ValueError("the detector to retrain is not calibrated")
-    datasets = [*new, *replay]
-    fingerprint = _common_fingerprint(datasets)
-    if detector.classifier_fingerprint not in (None, fingerprint):
-        raise ValueError("the new datasets were made for a different classifier than the detector's")
-    split = split_by_source(datasets, detector.info.get("calibration_fraction", 0.2), seed)
-    names = [f"{'new' if i < len(new) else 'replay'}:{d.attack}:{i}" for i, d in enumerate(datasets)]
-    before = detection_rates(detector, split, names)
-
-    retrained = InputDetector(**(detector.get_params() | {"epochs": epochs, "seed": seed}))
-    retrained.model = _clone(detector)
-    retrained.fit(_benign(split.x_clean_fit, benign_augmentation, seed, 1), np.concatenate(split.adversarial_fit),
-                  warm_start=True, learning_rate=learning_rate, verbose=verbose)
-    if shifted_fpr is None:
-        shifted_fpr = detector.calibration.shifted_fpr or 0.10
-    _calibrate(retrained, split.x_clean_held_out, detector.calibration.target_fpr,
-               shifted_fpr if benign_augmentation else None, seed)
-    retrained.classifier_fingerprint = fingerprint
-    retrained.info = {
-        **detector.info,
-        "trained_on": detector.info.get("trained_on", []) + _describe(new, paths[: len(new)] if paths else None),
-        "version": int(detector.info.get("version", 1)) + 1 if version is None else version,
-        "benign_augmentation": benign_augmentation,
-        "retrained_with_replay": _describe(replay, paths[len(new):] if paths else None),
-    }
-    after = detection_rates(retrained, split, names)
-    report = {"before": before, "after": after, "threshold_before": detector.threshold,
-              "threshold_after": retrained.threshold, "calibration_fpr_after": retrained.calibration.fpr}
-    return retrained, report
-
-
-def _clone(detector: InputDetector) -> Any:
-    import keras
-
-    model = keras.models.clone_model(detector.model)
-    model.set_weights(detector.model.get_weights())
-    return model

@@ -28,13 +28,14 @@ from attacks.dataset import (
 from foundation.backend import Devices
 from foundation.models import load_model, save_model
 from foundation.storage import model_fingerprint
-from detector import InputDetector, load_detector
+from detector import Detector, load_detector
 from training.adversarial import format_robustness, robustness_report, training_attack, write_robustness
 from training.attack_specs import default_eps, resolve_attack
 from training.augmented import train_augmented
 from training.classifier import accuracy, build_classifier, train_adversarial, train_classifier, train_on_adversarial_data
 from training.data import ImageDataset, load_dataset
-from training.detector import fit_detector, retrain_input_detector
+from training.detector import fit_detector
+from training.retrain import retrain_detector
 from training.resnet import RESNET_WIDTH
 
 Log = Callable[[str], None]
@@ -239,24 +240,30 @@ def retrain_stage(
     detector_dir: str | os.PathLike,
     adversarial: Sequence[str | os.PathLike],
     *,
+    model_path: str | os.PathLike | None = None,
     replay: Sequence[str | os.PathLike] | None = None,
     out: str | os.PathLike | None = None,
-    epochs: int = 5,
+    epochs: int | None = None,
     seed: int = 0,
     benign_augmentation: bool = True,
     shifted_fpr: float | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Fine-tune a detector on new attacks with replay of earlier data; write a new version next
-    to the old one (never over it) and print detection on every attack before and after.
+    """Retrain a detector on new attacks with replay of earlier data (`training.retrain`: `input` is
+    fine-tuned, every other family fitted again, which needs the classifier at `model_path`); write
+    a new version next to the old one (never over it) and print detection on every attack before
+    and after.
 
     `replay` defaults to the datasets the detector was trained on (as recorded in its manifest).
     `adversarial` may hold quarantine exports (adversarial-only): their images join the adversarial
     side and the clean images come from the other datasets (see `training.detector`).
     """
-    detector = load_detector(detector_dir)
-    if not isinstance(detector, InputDetector):
-        raise ValueError(f"retraining supports the 'input' family; {detector_dir} is {detector.kind!r}")
+    kind = Detector.read_manifest(detector_dir).get("kind")
+    if model_path is None and kind != "input":
+        raise ValueError(f"retraining the {kind!r} detector at {detector_dir} fits it again, and it reads "
+                         "the classifier: give --model")
+    classifier = None if model_path is None else load_model(model_path)
+    detector = load_detector(detector_dir, classifier=classifier)
     version, default_out = next_version(detector_dir, int(detector.info.get("version", 1)))
     out = Path(out) if out else default_out
     if out.exists():
@@ -265,8 +272,8 @@ def retrain_stage(
         replay = [entry["path"] for entry in detector.info.get("trained_on", []) if "path" in entry]
     new_sets = [load_adversarial_dataset(p) for p in adversarial]
     replay_sets = [load_adversarial_dataset(p) for p in replay]
-    retrained, report = retrain_input_detector(
-        detector, new_sets, replay_sets, paths=[str(Path(p).resolve()) for p in [*adversarial, *replay]],
+    retrained, report = retrain_detector(
+        detector, new_sets, replay_sets, classifier=classifier, paths=[str(Path(p).resolve()) for p in [*adversarial, *replay]],
         epochs=epochs, seed=seed, benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr,
         verbose=_fit_verbosity(), version=version,
     )
