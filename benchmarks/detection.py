@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--n-retrain", type=int, help="training images the retraining attack runs on (default --n-train)")
     parser.add_argument("--retrain-epochs", type=int, default=5, help="fine-tuning epochs of input (others refit)")
     parser.add_argument("--retrain-families", nargs="+", default=["input"], help="the fitted families to retrain")
+    parser.add_argument("--retrain-shifted-fpr", type=float, help="the retrained detectors' benign-corruption cap (default: theirs)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     eps = parse_attack_spec(f"fgsm:eps={args.eps}").eps
@@ -145,7 +146,8 @@ def main() -> None:
         for family in [] if args.no_retrain else [f for f in args.retrain_families if f in detectors]:
             begin = time.perf_counter()
             _, retrain = retrain_detector(detectors[family], datasets[len(fitted_on):], seen_sets, classifier=classifier,
-                                          epochs=args.retrain_epochs if family == "input" else None, verbose=0)
+                                          epochs=args.retrain_epochs if family == "input" else None,
+                                          shifted_fpr=args.retrain_shifted_fpr, verbose=0)
             report[f"retrain_{family}_on_{args.retrain_on}"] = retrain | {"seconds": time.perf_counter() - begin}
     report["best"] = {}
     for name in report["families"][args.families[0]]["attacks"] if report["families"] else []:

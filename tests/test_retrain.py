@@ -57,3 +57,18 @@ def test_retrain_fits_an_ensemble_again_with_its_members_and_rule(quickstart_dir
         return auroc(np.asarray(member.score(split.x_clean_held_out)), np.asarray(member.score(split.adversarial_held_out[0])))
 
     assert separation(new.members[0]) > separation(old.members[0])  # 0.912 -> 0.927 when measured
+
+
+def test_retraining_that_loses_detection_says_so_and_why():
+    from training.retrain import retrain_lines
+
+    report = {"before": {"new:cw:0": 0.989, "replay:fgsm:1": 1.0}, "after": {"new:cw:0": 0.734, "replay:fgsm:1": 1.0},
+              "threshold_before": 1.117, "threshold_after": 1.376, "bound_by_after": "jpeg90+noise0.02"}
+    lines = retrain_lines(report, "version 2 saved to d.v2")  # the MNIST ensemble retrained on CW, as measured
+    assert lines[1].split() == ["new:cw:0", "0.9890", "0.7340"]
+    assert lines[3] == "threshold 1.117 -> 1.376 (set by the cap on jpeg90+noise0.02); version 2 saved to d.v2"
+    assert len(lines) == 5 and lines[4].startswith("warning: retraining lowered the held-out TPR of new:cw:0 from "
+                                                   "0.9890 to 0.7340; the cap on jpeg90+noise0.02 set the threshold")
+    kept = report | {"after": {"new:cw:0": 0.98, "replay:fgsm:1": 1.0}, "bound_by_after": "nominal"}
+    lines = retrain_lines(kept, "saved")
+    assert len(lines) == 4 and "(set by the target FPR)" in lines[3]  # a point's loss or less: no warning

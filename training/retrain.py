@@ -116,7 +116,24 @@ def _report(old: Detector, retrained: Detector, split: Any, names: list[str], be
     }
     after = detection_rates(retrained, split, names)
     return {"before": before, "after": after, "threshold_before": old.threshold,
-            "threshold_after": retrained.threshold, "calibration_fpr_after": retrained.calibration.fpr}
+            "threshold_after": retrained.threshold, "calibration_fpr_after": retrained.calibration.fpr,
+            "bound_by_after": retrained.calibration.bound_by}
+
+
+def retrain_lines(report: dict[str, Any], saved: str) -> list[str]:
+    """The before/after table, the threshold and `saved`, then a warning per attack whose held-out TPR
+    fell by more than a point: retraining can lose, most often where a benign corruption's cap lifted
+    the threshold (a new attack that looks like noise teaches the detector to flag noisy images)."""
+    cause = report["bound_by_after"]
+    lines = [f"{'held-out TPR':<32}{'before':>10}{'after':>10}"]
+    lines += [f"{name:<32}{before:>10.4f}{report['after'][name]:>10.4f}" for name, before in report["before"].items()]
+    lines.append(f"threshold {report['threshold_before']:.4g} -> {report['threshold_after']:.4g} "
+                 f"(set by {'the target FPR' if cause in (None, 'nominal') else f'the cap on {cause}'}); {saved}")
+    why = ("" if cause in (None, "nominal") else f" the cap on {cause} set the threshold: keep the old version, or "
+           "retry with a higher --shifted-fpr or --no-benign-augmentation")
+    return lines + [f"warning: retraining lowered the held-out TPR of {name} from {before:.4f} to "
+                    f"{report['after'][name]:.4f};{why}"
+                    for name, before in report["before"].items() if report["after"][name] < before - 0.01]
 
 
 def retrain_input_detector(

@@ -35,7 +35,7 @@ from training.augmented import train_augmented
 from training.classifier import accuracy, build_classifier, train_adversarial, train_classifier, train_on_adversarial_data
 from training.data import ImageDataset, load_dataset
 from training.detector import fit_detector
-from training.retrain import retrain_detector
+from training.retrain import retrain_detector, retrain_lines
 from training.resnet import RESNET_WIDTH
 
 Log = Callable[[str], None]
@@ -278,10 +278,8 @@ def retrain_stage(
         verbose=_fit_verbosity(), version=version,
     )
     retrained.save(out)
-    log(f"{'held-out TPR':<32}{'before':>10}{'after':>10}")
-    for name in report["before"]:
-        log(f"{name:<32}{report['before'][name]:>10.4f}{report['after'][name]:>10.4f}")
-    log(f"threshold {report['threshold_before']:.4g} -> {report['threshold_after']:.4g}; version {version} saved to {out}")
+    for line in retrain_lines(report, f"version {version} saved to {out}"):
+        log(line)
     return report | {"out": str(out)}
 
 
