@@ -72,3 +72,5 @@ def test_retraining_that_loses_detection_says_so_and_why():
     kept = report | {"after": {"new:cw:0": 0.98, "replay:fgsm:1": 1.0}, "bound_by_after": "nominal"}
     lines = retrain_lines(kept, "saved")
     assert len(lines) == 4 and "(set by the target FPR)" in lines[3]  # a point's loss or less: no warning
+    lost = kept | {"after": {"new:cw:0": 0.5, "replay:fgsm:1": 1.0}}
+    assert retrain_lines(lost, "saved")[-1] == "warning: retraining lowered the held-out TPR of new:cw:0 from 0.9890 to 0.5000"

@@ -1,7 +1,8 @@
 """Retrain a fitted detector on a new attack without forgetting the old ones: the `input` family is
 fine-tuned from its weights; every other family (the ensemble, joint, activations and the rest) is
 fitted again, with its own members, rule, training epochs, target FPR and benign cap, on the new
-datasets and replayed earlier ones. Either way the held-out TPR of every attack is measured before
+datasets and replayed earlier ones (each family as `fit_detector` makes it: parameters set by hand
+in Python, such as an activation detector's layers, are not carried over). Either way the held-out TPR of every attack is measured before
 and after on the same held-out sources (`training.detector.split_by_source`), which neither the old
 nor the new detector was fitted on.
 
@@ -129,10 +130,10 @@ def retrain_lines(report: dict[str, Any], saved: str) -> list[str]:
     lines += [f"{name:<32}{before:>10.4f}{report['after'][name]:>10.4f}" for name, before in report["before"].items()]
     lines.append(f"threshold {report['threshold_before']:.4g} -> {report['threshold_after']:.4g} "
                  f"(set by {'the target FPR' if cause in (None, 'nominal') else f'the cap on {cause}'}); {saved}")
-    why = ("" if cause in (None, "nominal") else f" the cap on {cause} set the threshold: keep the old version, or "
+    why = ("" if cause in (None, "nominal") else f"; the cap on {cause} set the threshold: keep the old version, or "
            "retry with a higher --shifted-fpr or --no-benign-augmentation")
     return lines + [f"warning: retraining lowered the held-out TPR of {name} from {before:.4f} to "
-                    f"{report['after'][name]:.4f};{why}"
+                    f"{report['after'][name]:.4f}{why}"
                     for name, before in report["before"].items() if report["after"][name] < before - 0.01]
 
 
