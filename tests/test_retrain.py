@@ -74,3 +74,23 @@ def test_retraining_that_loses_detection_says_so_and_why():
     assert len(lines) == 4 and "(set by the target FPR)" in lines[3]  # a point's loss or less: no warning
     lost = kept | {"after": {"new:cw:0": 0.5, "replay:fgsm:1": 1.0}}
     assert retrain_lines(lost, "saved")[-1] == "warning: retraining lowered the held-out TPR of new:cw:0 from 0.9890 to 0.5000"
+
+
+def test_retrain_fits_a_joint_detector_again_around_its_member(digits, digits_classifier, tmp_path):
+    """The robust guard's rule (`harden`): the member detector and the classifier's logit gap, fitted again."""
+    from attacks import FGSM, PGD
+    from attacks.dataset import ArraySource, generate_dataset, load_adversarial_dataset
+    from training.detector import fit_detector
+    from training.retrain import retrain_detector
+
+    source = ArraySource(digits.x_train[:400], digits.y_train[:400])
+    attacks = [FGSM(eps=0.3), PGD(eps=0.3, steps=5), PGD(eps=1.5, norm="2", steps=10)]
+    for i, attack in enumerate(attacks):
+        generate_dataset(digits_classifier, attack, source, tmp_path / str(i), progress=False)
+    old_sets, new_sets = [load_adversarial_dataset(tmp_path / str(i)) for i in (0, 1)], [load_adversarial_dataset(tmp_path / "2")]
+    joint = fit_detector(old_sets, family="joint", classifier=digits_classifier, epochs=2, verbose=0)
+    retrained, report = retrain_detector(joint, new_sets, old_sets, classifier=digits_classifier, epochs=2, verbose=0)
+    assert (retrained.kind, retrained.member.kind, retrained.info["version"]) == ("joint", "input", 2)
+    assert retrained.member is not joint.member and set(report["after"]) == {"new:pgd:0", "replay:fgsm:1", "replay:pgd:2"}
+    assert retrained.info["n_fit_adversarial"] > joint.info["n_fit_adversarial"]  # the new attack's images too
+    assert retrained.calibration.target_fpr == joint.calibration.target_fpr and retrained.calibration.fpr <= 0.05
