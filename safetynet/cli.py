@@ -74,8 +74,8 @@ def _pipeline(args: argparse.Namespace) -> int:
             benign_augmentation=not args.no_benign_augmentation, shifted_fpr=args.shifted_fpr,
         )
     elif args.command == "retrain":
-        workflow.retrain_stage(args.detector, args.adversarial, model_path=args.model, replay=args.replay, out=args.out, epochs=args.epochs,
-                               seed=args.seed, benign_augmentation=not args.no_benign_augmentation,
+        workflow.retrain_stage(args.detector, args.adversarial, model_path=args.model, replay=args.replay, out=args.out,
+                               epochs=args.epochs, seed=args.seed, benign_augmentation=not args.no_benign_augmentation,
                                shifted_fpr=args.shifted_fpr)
     elif args.command == "evaluate":
         from detector.adaptive_evaluation import AdaptiveSettings
