@@ -38,7 +38,7 @@ from serving.quarantine_export import export_quarantine
 from serving.quarantine_index import INDEX, LEGACY_IMAGES, verify_store
 from serving.quarantine_review import list_records, mark_records, show_record
 from training.detector import fit_detector, split_by_source
-from training.retrain import retrain_input_detector
+from training.retrain import retrain_detector
 from training.attack_specs import trained_attacks
 
 FINGERPRINT = "f" * 64
@@ -482,7 +482,7 @@ def test_split_takes_clean_images_only_from_ordinary_datasets(production):
 def test_retrain_needs_a_dataset_with_clean_images(production):
     detector = production["guard"].detector
     with pytest.raises(ValueError, match="no clean images"):
-        retrain_input_detector(detector, [production["export"]], [], epochs=1, verbose=0)
+        retrain_detector(detector, [production["export"]], [], epochs=1, verbose=0)
 
 
 def test_retrain_on_a_quarantine_export_raises_its_detection(production, digits, digits_classifier, capsys):

@@ -2,9 +2,9 @@
 fine-tuned from its weights; every other family (the ensemble, joint, activations and the rest) is
 fitted again, with its own members, rule, training epochs, target FPR and benign cap, on the new
 datasets and replayed earlier ones (each family as `fit_detector` makes it: parameters set by hand
-in Python, such as an activation detector's layers, are not carried over). Either way the held-out TPR of every attack is measured before
-and after on the same held-out sources (`training.detector.split_by_source`), which neither the old
-nor the new detector was fitted on.
+in Python, such as an activation detector's layers, are not carried over). Either way the held-out
+TPR of every attack is measured before and after on the same held-out sources
+(`training.detector.split_by_source`), which neither the old nor the new detector was fitted on.
 
 The `input` family on 8x8 digits learns nothing from CW-L2 (held-out AUROC 0.65 after fine-tuning,
 with or without benign augmentation), while the default ensemble, whose `margin` member sees minimal
@@ -30,6 +30,7 @@ from training.detector import (
 )
 
 REFIT_EPOCHS = 10  # fit_detector's default, for families without an `epochs` parameter of their own
+FINE_TUNE_LEARNING_RATE = 3e-4  # the `input` family's fine-tuning, a third of its training rate
 
 
 def _check(detector: Detector, new: Sequence[AdversarialDataset], replay: Sequence[AdversarialDataset]) -> str:
@@ -79,29 +80,30 @@ def retrain_detector(
     `epochs`: fine-tuning epochs for `input` (None: 5), training epochs of a refit (None: those its
     members were fitted with). `classifier`: needed by every family but `input`. `shifted_fpr`
     defaults to the detector's own cap (0.10 if it had none); `version` to one higher."""
-    _check(detector, new, replay)
-    if shifted_fpr is None:
-        shifted_fpr = detector.calibration.shifted_fpr or 0.10
-    if isinstance(detector, InputDetector):
-        return retrain_input_detector(detector, new, replay, paths=paths, epochs=5 if epochs is None else epochs,
-                                      seed=seed, benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr,
-                                      verbose=verbose, version=version)
-    if classifier is None:
+    fingerprint = _check(detector, new, replay)
+    refits = not isinstance(detector, InputDetector)
+    if refits and classifier is None:
         raise ValueError(f"retraining a {detector.kind!r} detector fits it again, and it reads the classifier: "
                          "give the classifier model")
-    datasets = [*new, *replay]
-    fraction = detector.info.get("calibration_fraction", 0.2)
+    if shifted_fpr is None:
+        shifted_fpr = detector.calibration.shifted_fpr or 0.10
+    datasets, fraction = [*new, *replay], detector.info.get("calibration_fraction", 0.2)
     split, names = split_by_source(datasets, fraction, seed), _names(new, replay)
     before = detection_rates(detector, split, names)
-    family = detector.kind
-    refit = fit_detector(
-        datasets, family=family, classifier=classifier, paths=paths,
-        members=[m.kind for m in _members(detector)] if family in ("ensemble", "joint") else None,
-        ensemble_rule=detector.rule if isinstance(detector, EnsembleDetector) else "max",
-        target_fpr=detector.calibration.target_fpr, shifted_fpr=shifted_fpr, calibration_fraction=fraction,
-        epochs=_epochs(detector) if epochs is None else epochs, seed=seed,
-        benign_augmentation=benign_augmentation, verbose=verbose)
-    return refit, _report(detector, refit, split, names, before, new, replay, paths, benign_augmentation, version)
+    if refits:
+        family = detector.kind
+        retrained = fit_detector(
+            datasets, family=family, classifier=classifier, paths=paths,
+            members=[m.kind for m in _members(detector)] if family in ("ensemble", "joint") else None,
+            ensemble_rule=detector.rule if isinstance(detector, EnsembleDetector) else "max",
+            target_fpr=detector.calibration.target_fpr, shifted_fpr=shifted_fpr, calibration_fraction=fraction,
+            epochs=_epochs(detector) if epochs is None else epochs, seed=seed,
+            benign_augmentation=benign_augmentation, verbose=verbose)
+    else:
+        retrained = _fine_tune(detector, split, 5 if epochs is None else epochs, seed, benign_augmentation,
+                               shifted_fpr, verbose)
+        retrained.classifier_fingerprint = fingerprint
+    return retrained, _report(detector, retrained, split, names, before, new, replay, paths, benign_augmentation, version)
 
 
 def _report(old: Detector, retrained: Detector, split: Any, names: list[str], before: dict[str, float],
@@ -137,36 +139,16 @@ def retrain_lines(report: dict[str, Any], saved: str) -> list[str]:
                     for name, before in report["before"].items() if report["after"][name] < before - 0.01]
 
 
-def retrain_input_detector(
-    detector: InputDetector,
-    new: Sequence[AdversarialDataset],
-    replay: Sequence[AdversarialDataset],
-    *,
-    paths: Sequence[str] | None = None,
-    epochs: int = 5,
-    learning_rate: float = 3e-4,
-    seed: int = 0,
-    benign_augmentation: bool = True,
-    shifted_fpr: float | None = None,
-    verbose: int | str = 2,
-    version: int | None = None,
-) -> tuple[InputDetector, dict[str, Any]]:
-    """Fine-tune a copy of an `input` detector on new attacks mixed with replayed earlier data and
-    recalibrate it at the same target FPR. `benign_augmentation` and `shifted_fpr` as in
-    `fit_detector`; `shifted_fpr` defaults to the detector's own cap (0.10 if it had none)."""
-    fingerprint = _check(detector, new, replay)
-    split, names = split_by_source([*new, *replay], detector.info.get("calibration_fraction", 0.2), seed), _names(new, replay)
-    before = detection_rates(detector, split, names)
+def _fine_tune(detector: InputDetector, split: Any, epochs: int, seed: int, benign_augmentation: bool,
+               shifted_fpr: float, verbose: int | str) -> InputDetector:
+    """A copy of an `input` detector fine-tuned on the split's fitting side (new attacks and replay)
+    and recalibrated at the same target FPR (with `shifted_fpr` as the cap when augmenting)."""
     retrained = InputDetector(**(detector.get_params() | {"epochs": epochs, "seed": seed}))
     retrained.model = _clone(detector)
     retrained.fit(with_benign_copies(split.x_clean_fit, benign_augmentation, seed, 1), np.concatenate(split.adversarial_fit),
-                  warm_start=True, learning_rate=learning_rate, verbose=verbose)
-    if shifted_fpr is None:
-        shifted_fpr = detector.calibration.shifted_fpr or 0.10
-    calibrate_held_out(retrained, split.x_clean_held_out, detector.calibration.target_fpr,
-               shifted_fpr if benign_augmentation else None, seed)
-    retrained.classifier_fingerprint = fingerprint
-    return retrained, _report(detector, retrained, split, names, before, new, replay, paths, benign_augmentation, version)
+                  warm_start=True, learning_rate=FINE_TUNE_LEARNING_RATE, verbose=verbose)
+    return calibrate_held_out(retrained, split.x_clean_held_out, detector.calibration.target_fpr,
+                              shifted_fpr if benign_augmentation else None, seed)
 
 
 def _clone(detector: InputDetector) -> keras.Model:
