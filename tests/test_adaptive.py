@@ -188,6 +188,12 @@ def test_the_suites_attacks_validate_their_parameters(cls, kwargs, message):
         cls(**({"eps": EPS, "threshold": 0.0} | kwargs))
 
 
+@pytest.mark.parametrize("start_steps", [0, 2.5, "120"])
+def test_the_warm_starts_iterations_are_validated(start_steps):
+    with pytest.raises(ValueError, match="start_steps"):
+        OrthogonalPGD(eps=EPS, threshold=0.0, start="classifier_adversarial", start_steps=start_steps)
+
+
 def test_apgd_on_the_joint_model_validates_its_lambdas():
     for lambdas in ((), (1.0, -0.5), (float("nan"),)):
         with pytest.raises(ValueError, match="lambdas"):
