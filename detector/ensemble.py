@@ -11,7 +11,11 @@ more robust than one. Two rules:
   member's view of attacks never seen. Anchoring at the median instead let a member with a wide
   bulk and a bounded top (`margin`: minus a logit gap, never above 0) reach only about 1.2 where
   the others' tails set the threshold higher, so it flagged nothing (MNIST, ART's CW-L2: 60.1%
-  with it and without it, 95.9% for `margin` alone).
+  with it and without it, 95.9% for `margin` alone). Given benignly corrupted clean images
+  (`shifted`), each member is anchored on its worst condition (the largest of those quantiles over
+  the pristine images and each corruption): a member that flags, say, JPEG + noise is scaled down
+  alone, instead of the one threshold rising for every member under the benign cap (MNIST, retrained
+  on CW-L2: the `input` member learnt CW's noise, and the cap cost `margin`'s view of CW).
 
 Fit the stacker on images the members were NOT trained on: a member's scores on its own training
 images are over-confident.
@@ -22,7 +26,7 @@ Each member is saved whole (its own manifest and files) in a sub-directory `memb
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -42,11 +46,15 @@ def member_directory(index: int) -> str:
     return f"member_{index}"
 
 
-def _clean_quantiles(scores: np.ndarray, count: int) -> dict[str, np.ndarray]:
-    """The "max" rule's standardisation: each member's clean 95th percentile to 0 and 99th to 1."""
-    if len(scores) < 20 or not np.isfinite(scores).all():
-        raise ValueError(f"the max rule needs at least 20 clean images with finite member scores, got {len(scores)}")
-    lower, upper = np.quantile(scores, MAX_RULE_QUANTILES[0], axis=0), np.quantile(scores, MAX_RULE_QUANTILES[1], axis=0)
+def _tail_anchors(groups: Sequence[np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """The "max" rule's standardisation from (n, members) clean scores per condition (pristine, then
+    each benign corruption): each member's 95th percentile to 0 and 99th to 1, on its worst condition."""
+    for scores in groups:
+        if len(scores) < 20 or not np.isfinite(scores).all():
+            raise ValueError("the max rule needs at least 20 clean images with finite member scores, "
+                             f"got {len(scores)}")
+    lower = np.max([np.quantile(scores, MAX_RULE_QUANTILES[0], axis=0) for scores in groups], axis=0)
+    upper = np.max([np.quantile(scores, MAX_RULE_QUANTILES[1], axis=0) for scores in groups], axis=0)
     return {"score_mean": lower, "score_scale": np.maximum(upper - lower, 1e-12),
             "coef": np.ones((1, count)), "intercept": np.zeros(1)}
 
@@ -88,12 +96,18 @@ class EnsembleDetector(Detector):
     def image_shape(self) -> tuple[int | None, ...] | None:
         return next((shape for shape in (m.image_shape() for m in self.members) if shape is not None), None)
 
-    def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 1) -> None:
-        """Fit the stacker on clean (0) vs adversarial (1) images, ideally ones no member was trained on
-        (the "max" rule reads the clean ones only)."""
+    def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *,
+             shifted: Mapping[str, np.ndarray] | None = None, verbose: int | str = 1) -> None:
+        """Fit the stacker on clean (0) vs adversarial (1) images, ideally ones no member was trained on.
+        The "max" rule reads the clean ones only, and `shifted` (corruption name -> those clean images
+        corrupted, `detector.benign_shift.benign_versions`) when given."""
         if self.rule == "max":
-            self.arrays = _clean_quantiles(self.member_scores(x_clean), len(self.members))
+            groups = [x_clean, *(shifted or {}).values()]
+            self.arrays = _tail_anchors([self.member_scores(x) for x in groups], len(self.members))
             return
+        if shifted is not None:
+            raise ValueError("benignly corrupted images (shifted) anchor the max rule only; "
+                             "the logistic rule takes them among the clean images")
         mean, scale, coef, intercept = fit_linear_rule(self.member_scores, x_clean, x_adversarial, C=self.C, seed=self.seed,
                                                        what="a member")
         self.arrays = {"score_mean": mean, "score_scale": scale, "coef": coef, "intercept": intercept}

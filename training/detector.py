@@ -180,7 +180,9 @@ def fit_detector(
     adversarial, and sets the one threshold as the smallest that flags at most `target_fpr` of the
     held-out clean images and at most `shifted_fpr` of them under each corruption (all held-out
     images per corruption); `detector.calibration` records each corruption's own threshold and
-    which cap bound. Without it, the threshold flags `target_fpr` of the held-out images.
+    which cap bound. An ensemble's max rule then anchors each member on its worst corruption of the
+    stacker's images, so that a member which flags one corruption does not lift the threshold for
+    all. Without it, the threshold flags `target_fpr` of the held-out images.
 
     `paths` (the datasets' directories) are recorded so that retraining can replay them later.
     """
@@ -208,7 +210,9 @@ def fit_detector(
             member.classifier_fingerprint = fingerprint
         stacker = (EnsembleDetector(fitted, rule=ensemble_rule, seed=seed) if family == "ensemble"
                    else JointDetector(fitted[0], classifier, seed=seed))
-        detector = stacker.fit(stacker_clean, x_adversarial[~adversarial_part], verbose=verbose)
+        anchors = ({"shifted": benign_versions(split.x_clean_fit[~clean_part], [seed, 2])}
+                   if benign_augmentation and family == "ensemble" and ensemble_rule == "max" else {})
+        detector = stacker.fit(stacker_clean, x_adversarial[~adversarial_part], verbose=verbose, **anchors)
         n_fit_clean = len(members_clean) + len(stacker_clean)
     else:
         x_clean = with_benign_copies(split.x_clean_fit, benign_augmentation, seed, 1)
