@@ -8,7 +8,8 @@ the seen attacks (FGSM, PGD) and unseen ones (CW-L2, DeepFool), counting only su
 examples, and its clean FPR on the test images and under each benign corruption (`detector.benign_shift`).
 Finally the `input` detector (`--retrain-families`: others too, which are fitted again) is retrained
 on DeepFool (`--retrain-on cw`: CW-L2) made from the first `--n-retrain` training images, with
-replay, and the held-out TPR of the old and new attacks is reported before and after.
+replay, and the held-out TPR of the old and new attacks is reported before and after, with the
+retrained detector's rows on the test images (`test_after`: ART's attacks too with `--art`).
 
 `--art` adds IBM ART's CW-L2 and DeepFool as unseen attacks beside ours (benchmarks/art_unseen.py;
 ART is never a dependency). `--n-unseen` runs the unseen attacks, ours and ART's, on the first that
@@ -36,6 +37,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 from attacks import make_attack, parse_attack_spec  # noqa: E402
 from attacks.dataset import ArraySource, generate_dataset, load_adversarial_dataset  # noqa: E402
+from detector import Detector  # noqa: E402
 from detector.evaluation import attack_keys, evaluate  # noqa: E402
 from foundation.models import load_model  # noqa: E402
 from training.attack_specs import default_attacks  # noqa: E402
@@ -123,6 +125,23 @@ def main() -> None:
                 args.art_cache)
             report["art_cw_params"], report["art_cached"] = art_runs["art_cw"]["params"], art_runs["art_cw"].get("cached")
             report["attack_seconds"] |= {name: run["seconds"] for name, run in art_runs.items()}
+        def test_rows(detector: Detector, label: str) -> dict:
+            """Clean FPR (nominal, each benign corruption) and every attack's row on the test images."""
+            # detection quality of the non-adaptive attacks only: benchmarks/evaluation.py runs the adaptive ones
+            evaluation = evaluate(classifier, detector, x_test, y_test, test_attacks,
+                                  results=results, data=args.data, adaptive=None, taylor_inputs=0)
+            rows = {
+                "clean_fpr": evaluation["detector"]["clean_fpr"],
+                "clean_fpr_shifted": evaluation["detector"]["clean_fpr_shifted"],  # each benign corruption, and max
+                "attacks": {name: {k: row[k] for k in ("success_rate", "auroc", "tpr")}
+                            for name, row in evaluation["attacks"].items()},
+            }
+            if args.art:
+                rows["attacks"] |= art_rows(detector, x_test, art_runs)
+            print(f"{label}: " + ", ".join(f"{n} AUROC {r['auroc']} TPR {r['tpr']}"
+                                           for n, r in rows["attacks"].items()), file=sys.stderr)
+            return rows
+
         detectors = {}
         for family in args.families:
             begin = time.perf_counter()
@@ -130,25 +149,16 @@ def main() -> None:
                                              epochs=args.detector_epochs, verbose=0,
                                              **({"members": args.members} if args.members else {}))
             report["fit_seconds"][family] = time.perf_counter() - begin
-            # detection quality of the non-adaptive attacks only: benchmarks/evaluation.py runs the adaptive ones
-            evaluation = evaluate(classifier, detectors[family], x_test, y_test, test_attacks,
-                                  results=results, data=args.data, adaptive=None, taylor_inputs=0)
-            report["families"][family] = {
-                "clean_fpr": evaluation["detector"]["clean_fpr"],
-                "clean_fpr_shifted": evaluation["detector"]["clean_fpr_shifted"],  # each benign corruption, and max
-                "attacks": {name: {k: row[k] for k in ("success_rate", "auroc", "tpr")}
-                            for name, row in evaluation["attacks"].items()},
-            }
-            if args.art:
-                report["families"][family]["attacks"] |= art_rows(detectors[family], x_test, art_runs)
-            print(f"{family}: " + ", ".join(f"{n} AUROC {r['auroc']} TPR {r['tpr']}"
-                                            for n, r in report["families"][family]["attacks"].items()), file=sys.stderr)
+            report["families"][family] = test_rows(detectors[family], family)
         for family in [] if args.no_retrain else [f for f in args.retrain_families if f in detectors]:
             begin = time.perf_counter()
-            _, retrain = retrain_detector(detectors[family], datasets[len(fitted_on):], seen_sets, classifier=classifier,
-                                          epochs=args.retrain_epochs if family == "input" else None,
-                                          shifted_fpr=args.retrain_shifted_fpr, verbose=0)
-            report[f"retrain_{family}_on_{args.retrain_on}"] = retrain | {"seconds": time.perf_counter() - begin}
+            retrained, retrain = retrain_detector(detectors[family], datasets[len(fitted_on):], seen_sets,
+                                                  classifier=classifier, shifted_fpr=args.retrain_shifted_fpr,
+                                                  epochs=args.retrain_epochs if family == "input" else None, verbose=0)
+            retrain["seconds"] = time.perf_counter() - begin
+            # the retrained detector on the test images too: the new attack unseen there, ART's beside ours
+            retrain["test_after"] = test_rows(retrained, f"{family} retrained on {args.retrain_on}")
+            report[f"retrain_{family}_on_{args.retrain_on}"] = retrain
     report["best"] = {}
     for name in report["families"][args.families[0]]["attacks"] if report["families"] else []:
         auroc, family = max((row["attacks"][name]["auroc"] or 0.0, f) for f, row in report["families"].items())
