@@ -9,6 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
+from training.calibration_images import CalibrationImages
+
 EXIT_USAGE = 2
 ATTACK_NAMES = ("fgsm", "bim", "pgd", "mifgsm", "apgd", "cw", "deepfool", "jsma")  # attacks.ATTACKS
 TRAINING_ATTACK_NAMES = (*ATTACK_NAMES, "fgsm_rs")  # training.adversarial.training_attack
@@ -105,14 +107,28 @@ def add_architecture_options(parser: argparse.ArgumentParser) -> None:
                         "(default on for resnet's standard training; --no-augment turns it off)")
 
 
-def add_benign_options(parser: argparse.ArgumentParser, *, keeps_detector_cap: bool = False) -> None:
+def calibration_images(text: str) -> str:
+    """--calibrate-on: DATA:SPLIT:START:STOP, checked here; the images are loaded by the stage."""
+    try:
+        return str(CalibrationImages.parse(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_benign_options(parser: argparse.ArgumentParser, *, keeps_detector_cap: bool = False, names_images: bool = False) -> None:
     """--no-benign-augmentation and --shifted-fpr, for the commands that fit a detector (here so that
-    the four share one wording; `retrain` keeps the detector's own cap unless told)."""
+    the four share one wording; `retrain` keeps the detector's own cap unless told); with
+    `names_images`, --calibrate-on."""
     parser.add_argument("--no-benign-augmentation", action="store_true", help="fit and calibrate on the clean "
                         "images only, without corrupted copies (JPEG, noise, shifts, resizing)")
     parser.add_argument("--shifted-fpr", type=float, default=None if keeps_detector_cap else 0.10, metavar="F",
                         help="with benign augmentation, the threshold also flags at most F of the held-out clean "
                         "images under each corruption (default " + ("the detector's own" if keeps_detector_cap else "0.10") + ")")
+    if names_images:
+        parser.add_argument("--calibrate-on", type=calibration_images, metavar="DATA:SPLIT:START:STOP",
+                            help="set the threshold on these clean images, which the classifier never trained on (e.g. "
+                            "mnist.npz:test:1000:3000; STOP may be empty), instead of held-out images of the datasets "
+                            "(default" + (": the detector's own" if keeps_detector_cap else " held-out images") + ")")
 
 
 def device_count(text: str) -> int | str:

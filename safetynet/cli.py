@@ -71,12 +71,12 @@ def _pipeline(args: argparse.Namespace) -> int:
         workflow.train_detector_stage(
             args.adversarial, args.out, family=args.family, model_path=args.model, members=args.members,
             target_fpr=args.target_fpr, epochs=args.epochs, seed=args.seed,
-            benign_augmentation=not args.no_benign_augmentation, shifted_fpr=args.shifted_fpr,
+            benign_augmentation=not args.no_benign_augmentation, shifted_fpr=args.shifted_fpr, calibrate_on=args.calibrate_on,
         )
     elif args.command == "retrain":
         workflow.retrain_stage(args.detector, args.adversarial, model_path=args.model, replay=args.replay, out=args.out,
                                epochs=args.epochs, seed=args.seed, benign_augmentation=not args.no_benign_augmentation,
-                               shifted_fpr=args.shifted_fpr)
+                               shifted_fpr=args.shifted_fpr, calibrate_on=args.calibrate_on)
     elif args.command == "evaluate":
         from detector.adaptive_evaluation import AdaptiveSettings
         from training.evaluate_stage import evaluate_stage

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_training, _add_datasets, _add_detectors, _add_quarantine, _add_serving):
         add(commands)
     for fits in ("quickstart", "harden", "train-detector", "retrain"):  # the commands that fit a detector
-        add_benign_options(commands.choices[fits], keeps_detector_cap=fits == "retrain")
+        add_benign_options(commands.choices[fits], keeps_detector_cap=fits == "retrain", names_images=fits in ("train-detector", "retrain"))
     for trains in ("train-classifier", "harden"):  # the commands that train adversarially
         add_devices_option(commands.choices[trains])
     return parser

@@ -277,7 +277,7 @@ def test_retrain_on_a_new_attack_keeps_the_old_ones_and_writes_a_new_version(qui
 
 
 def test_retrain_names_the_next_free_version(tmp_path):
-    from training.workflow import next_version
+    from training.retrain import next_version
 
     (tmp_path / "detector").mkdir()
     assert next_version(tmp_path / "detector", 1) == (2, tmp_path / "detector.v2")

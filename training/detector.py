@@ -23,6 +23,7 @@ from attacks.dataset import AdversarialDataset
 from detector import FAMILIES, Detector, EnsembleDetector, InputDetector, JointDetector
 from detector.ensemble import RULES
 from detector.benign_shift import augment_benign, benign_versions
+from foundation.validation import check_image_shape, check_images
 
 
 def adversarial_only(data: AdversarialDataset) -> bool:
@@ -138,6 +139,25 @@ def with_benign_copies(x: np.ndarray, augment: bool, seed: int, stream: int) -> 
     return augment_benign(x, np.random.default_rng([seed, stream])) if augment else x
 
 
+def calibration_set(split: SourceSplit, calibration_images: np.ndarray | None) -> np.ndarray:
+    """The clean images to set the threshold on: the given ones (checked before anything is fitted:
+    their shape, range, and that the detector does not fit on them), else the held-out sources'
+    clean versions."""
+    if calibration_images is None:
+        return split.x_clean_held_out
+    x = check_image_shape(check_images(calibration_images, (0.0, 1.0)), split.x_clean_held_out.shape[1:],
+                          "the adversarial datasets' images")
+    fitted = {image.tobytes() for image in split.x_clean_fit}
+    if overlap := sum(image.tobytes() in fitted for image in x):
+        raise ValueError(f"{overlap} of the {len(x)} calibration images are source images the detector is fitted on: "
+                         "calibrate on images neither the classifier nor the detector trained on")
+    return x
+
+
+def calibration_info(x_calibration: np.ndarray, given: bool) -> dict[str, Any]:
+    return {"n_calibration": int(len(x_calibration)), "calibrated_on": "given images" if given else "held-out sources"}
+
+
 def calibrate_held_out(detector: Detector, x_held_out: np.ndarray, target_fpr: float, shifted_fpr: float | None,
                seed: int) -> Detector:
     """Calibrate on the held-out clean images at `target_fpr`; with `shifted_fpr`, also cap the FPR
@@ -162,6 +182,7 @@ def fit_detector(
     seed: int = 0,
     benign_augmentation: bool = True,
     ensemble_rule: str = "max",
+    calibration_images: np.ndarray | None = None,
     verbose: int | str = 2,
 ) -> Detector:
     """Train a detector of `family` on clean vs adversarial pairs and calibrate it on held-out clean
@@ -184,6 +205,10 @@ def fit_detector(
     stacker's images, so that a member which flags one corruption does not lift the threshold for
     all. Without it, the threshold flags `target_fpr` of the held-out images.
 
+    `calibration_images`: clean images the classifier never trained on, to set the threshold on
+    instead of the held-out sources' clean versions (`training.calibration_images` says why); the
+    held-out sources then only measure detection, and are still never trained on.
+
     `paths` (the datasets' directories) are recorded so that retraining can replay them later.
     """
     if not datasets:
@@ -193,6 +218,7 @@ def fit_detector(
     fingerprint = common_fingerprint(datasets)
     split = split_by_source(datasets, calibration_fraction, seed)
     x_adversarial = np.concatenate(split.adversarial_fit)
+    x_calibration = calibration_set(split, calibration_images)
     members = tuple(members) if members else default_members(x_adversarial.shape[1:])
     if family in ("ensemble", "joint"):
         if family == "joint" and classifier is None:
@@ -218,7 +244,7 @@ def fit_detector(
         x_clean = with_benign_copies(split.x_clean_fit, benign_augmentation, seed, 1)
         detector = make_detector(family, classifier, epochs=epochs, seed=seed).fit(x_clean, x_adversarial, verbose=verbose)
         n_fit_clean = len(x_clean)
-    calibrate_held_out(detector, split.x_clean_held_out, target_fpr, shifted_fpr if benign_augmentation else None, seed)
+    calibrate_held_out(detector, x_calibration, target_fpr, shifted_fpr if benign_augmentation else None, seed)
     detector.classifier_fingerprint = fingerprint
     detector.info = {
         "trained_on": describe_datasets(datasets, paths),
@@ -226,7 +252,7 @@ def fit_detector(
         "benign_augmentation": benign_augmentation,
         "n_fit_clean": int(n_fit_clean),
         "n_fit_adversarial": int(len(x_adversarial)),
-        "n_calibration": int(len(split.x_clean_held_out)),
+        **calibration_info(x_calibration, calibration_images is not None),
         "version": 1,
     }
     return detector

@@ -12,6 +12,9 @@ attacks, already catches most of it: refitting the ensemble is what retraining m
 """
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Any, Sequence
 
 import keras
@@ -21,6 +24,8 @@ from attacks.dataset import AdversarialDataset
 from detector import Detector, EnsembleDetector, InputDetector, JointDetector
 from training.detector import (
     calibrate_held_out,
+    calibration_info,
+    calibration_set,
     common_fingerprint,
     describe_datasets,
     detection_rates,
@@ -72,6 +77,7 @@ def retrain_detector(
     seed: int = 0,
     benign_augmentation: bool = True,
     shifted_fpr: float | None = None,
+    calibration_images: np.ndarray | None = None,
     verbose: int | str = 2,
     version: int | None = None,
 ) -> tuple[Detector, dict[str, Any]]:
@@ -79,8 +85,12 @@ def retrain_detector(
 
     `epochs`: fine-tuning epochs for `input` (None: 5), training epochs of a refit (None: those its
     members were fitted with). `classifier`: needed by every family but `input`. `shifted_fpr`
-    defaults to the detector's own cap (0.10 if it had none); `version` to one higher."""
+    defaults to the detector's own cap (0.10 if it had none); `version` to one higher.
+    `calibration_images` as in `fit_detector`: a detector calibrated on given images needs them again."""
     fingerprint = _check(detector, new, replay)
+    if calibration_images is None and detector.info.get("calibrated_on") == "given images":
+        raise ValueError("the detector was calibrated on given clean images, not on its held-out sources: "
+                         "give the same calibration images again")
     refits = not isinstance(detector, InputDetector)
     if refits and classifier is None:
         raise ValueError(f"retraining a {detector.kind!r} detector fits it again, and it reads the classifier: "
@@ -89,6 +99,7 @@ def retrain_detector(
         shifted_fpr = detector.calibration.shifted_fpr or 0.10
     datasets, fraction = [*new, *replay], detector.info.get("calibration_fraction", 0.2)
     split, names = split_by_source(datasets, fraction, seed), _names(new, replay)
+    x_calibration = calibration_set(split, calibration_images)  # checked before anything is fitted
     before = detection_rates(detector, split, names)
     if refits:
         family = detector.kind
@@ -98,10 +109,12 @@ def retrain_detector(
             ensemble_rule=detector.rule if isinstance(detector, EnsembleDetector) else "max",
             target_fpr=detector.calibration.target_fpr, shifted_fpr=shifted_fpr, calibration_fraction=fraction,
             epochs=_epochs(detector) if epochs is None else epochs, seed=seed,
-            benign_augmentation=benign_augmentation, verbose=verbose)
+            benign_augmentation=benign_augmentation, calibration_images=calibration_images, verbose=verbose)
     else:
-        retrained = _fine_tune(detector, split, 5 if epochs is None else epochs, seed, benign_augmentation,
-                               shifted_fpr, verbose)
+        retrained = _fine_tune(detector, split, 5 if epochs is None else epochs, seed, benign_augmentation, verbose)
+        calibrate_held_out(retrained, x_calibration, detector.calibration.target_fpr,
+                           shifted_fpr if benign_augmentation else None, seed)
+        retrained.info = calibration_info(x_calibration, calibration_images is not None)
         retrained.classifier_fingerprint = fingerprint
     return retrained, _report(detector, retrained, split, names, before, new, replay, paths, benign_augmentation, version)
 
@@ -111,7 +124,7 @@ def _report(old: Detector, retrained: Detector, split: Any, names: list[str], be
             benign_augmentation: bool, version: int | None) -> dict[str, Any]:
     """Record the lineage in the retrained detector's info, and the before/after report."""
     retrained.info = {
-        **old.info, **{k: v for k, v in retrained.info.items() if k.startswith("n_")},
+        **old.info, **{k: v for k, v in retrained.info.items() if k.startswith("n_") or k == "calibrated_on"},
         "trained_on": old.info.get("trained_on", []) + describe_datasets(new, paths[: len(new)] if paths else None),
         "version": int(old.info.get("version", 1)) + 1 if version is None else version,
         "benign_augmentation": benign_augmentation,
@@ -140,18 +153,30 @@ def retrain_lines(report: dict[str, Any], saved: str) -> list[str]:
 
 
 def _fine_tune(detector: InputDetector, split: Any, epochs: int, seed: int, benign_augmentation: bool,
-               shifted_fpr: float, verbose: int | str) -> InputDetector:
-    """A copy of an `input` detector fine-tuned on the split's fitting side (new attacks and replay)
-    and recalibrated at the same target FPR (with `shifted_fpr` as the cap when augmenting)."""
+               verbose: int | str) -> InputDetector:
+    """A copy of an `input` detector fine-tuned on the split's fitting side (new attacks and replay),
+    not yet calibrated."""
     retrained = InputDetector(**(detector.get_params() | {"epochs": epochs, "seed": seed}))
     retrained.model = _clone(detector)
     retrained.fit(with_benign_copies(split.x_clean_fit, benign_augmentation, seed, 1), np.concatenate(split.adversarial_fit),
                   warm_start=True, learning_rate=FINE_TUNE_LEARNING_RATE, verbose=verbose)
-    return calibrate_held_out(retrained, split.x_clean_held_out, detector.calibration.target_fpr,
-                              shifted_fpr if benign_augmentation else None, seed)
+    return retrained
 
 
 def _clone(detector: InputDetector) -> keras.Model:
     model = keras.models.clone_model(detector.model)
     model.set_weights(detector.model.get_weights())
     return model
+
+
+def next_version(detector_dir: str | os.PathLike, version: int) -> tuple[int, Path]:
+    """The retrained detector's version number and default folder, DETECTOR.vN beside the others:
+    N is one past both `version` (the detector's own) and every sibling version already written, so
+    retraining detector.v2 writes detector.v3 (not detector.v2.v3), and retraining detector again
+    after detector.v2 exists writes detector.v3 instead of failing."""
+    path = Path(detector_dir).resolve()
+    base = re.sub(r"\.v\d+$", "", path.name)
+    pattern = re.compile(rf"{re.escape(base)}\.v(\d+)")
+    taken = [int(match.group(1)) for sibling in path.parent.iterdir() if (match := pattern.fullmatch(sibling.name))]
+    number = max([version, *taken]) + 1
+    return number, Path(detector_dir).parent / f"{base}.v{number}"

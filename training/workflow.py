@@ -14,7 +14,6 @@ arguments onto these functions and nothing else.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,10 +31,11 @@ from detector import Detector, load_detector
 from training.adversarial import format_robustness, robustness_report, training_attack, write_robustness
 from training.attack_specs import default_eps, resolve_attack
 from training.augmented import train_augmented
+from training.calibration_images import named_images
 from training.classifier import accuracy, build_classifier, train_adversarial, train_classifier, train_on_adversarial_data
 from training.data import ImageDataset, load_dataset
 from training.detector import fit_detector
-from training.retrain import retrain_detector, retrain_lines
+from training.retrain import next_version, retrain_detector, retrain_lines
 from training.resnet import RESNET_WIDTH
 
 Log = Callable[[str], None]
@@ -207,11 +207,14 @@ def train_detector_stage(
     seed: int = 0,
     benign_augmentation: bool = True,
     shifted_fpr: float = 0.10,
+    calibrate_on: str | None = None,
     log: Log = print,
 ) -> float:
     """Fit a detector on adversarial datasets, calibrate it, save it; return its threshold.
     `benign_augmentation`: fit on corrupted copies of the clean images too, and cap the FPR of each
-    corruption of the held-out images at `shifted_fpr` (`fit_detector`).
+    corruption of the held-out images at `shifted_fpr` (`fit_detector`). `calibrate_on`
+    (DATA:SPLIT:START:STOP, `training.calibration_images`): clean images the classifier never
+    trained on, to set the threshold on instead of the held-out sources.
 
     Families that read the classifier (all but `input`) need `model_path`, the classifier the
     datasets were made for (checked against their fingerprint).
@@ -220,16 +223,20 @@ def train_detector_stage(
     classifier = None if model_path is None else load_model(model_path)
     if classifier is not None and model_fingerprint(classifier) != datasets[0].manifest["classifier_fingerprint"]:
         raise ValueError(f"{model_path} is not the classifier the adversarial datasets were made for")
+    named, x_calibration = named_images(calibrate_on)
     detector = fit_detector(
         datasets, family=family, classifier=classifier, members=members,
-        paths=[str(Path(p).resolve()) for p in adversarial], target_fpr=target_fpr, epochs=epochs,
-        seed=seed, benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr, verbose=_fit_verbosity(),
+        paths=[str(Path(p).resolve()) for p in adversarial], target_fpr=target_fpr, epochs=epochs, seed=seed,
+        benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr, calibration_images=x_calibration,
+        verbose=_fit_verbosity(),
     )
+    if named:
+        detector.info["calibration_images"] = named  # retrain loads them again
     detector.save(out)
     calibration = detector.calibration
     log(
-        f"detector saved to {out}: threshold {calibration.threshold:.4g}, calibration FPR "
-        f"{calibration.fpr:.4f} on {calibration.n_clean} held-out clean images"
+        f"detector saved to {out}: threshold {calibration.threshold:.4g}, calibration FPR {calibration.fpr:.4f} on "
+        + (f"images {named}" if named else f"{calibration.n_clean} held-out clean images")
         + (f" (set by {calibration.bound_by}: each benign corruption at most {calibration.shifted_fpr:g})"
            if calibration.bound_by else "")
     )
@@ -247,6 +254,7 @@ def retrain_stage(
     seed: int = 0,
     benign_augmentation: bool = True,
     shifted_fpr: float | None = None,
+    calibrate_on: str | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Retrain a detector on new attacks with replay of earlier data (`training.retrain`: `input` is
@@ -254,8 +262,8 @@ def retrain_stage(
     a new version next to the old one (never over it) and print detection on every attack before
     and after.
 
-    `replay` defaults to the datasets the detector was trained on (as recorded in its manifest).
-    `adversarial` may hold quarantine exports (adversarial-only): their images join the adversarial
+    `replay` defaults to the datasets the detector was trained on (as recorded in its manifest),
+    `calibrate_on` to the images it was calibrated on. `adversarial` may hold quarantine exports (adversarial-only): their images join the adversarial
     side and the clean images come from the other datasets (see `training.detector`).
     """
     kind = Detector.read_manifest(detector_dir).get("kind")
@@ -272,25 +280,15 @@ def retrain_stage(
         replay = [entry["path"] for entry in detector.info.get("trained_on", []) if "path" in entry]
     new_sets = [load_adversarial_dataset(p) for p in adversarial]
     replay_sets = [load_adversarial_dataset(p) for p in replay]
+    named, x_calibration = named_images(calibrate_on or detector.info.get("calibration_images"))
     retrained, report = retrain_detector(
         detector, new_sets, replay_sets, classifier=classifier, paths=[str(Path(p).resolve()) for p in [*adversarial, *replay]],
         epochs=epochs, seed=seed, benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr,
-        verbose=_fit_verbosity(), version=version,
+        calibration_images=x_calibration, verbose=_fit_verbosity(), version=version,
     )
+    if named:
+        retrained.info["calibration_images"] = named
     retrained.save(out)
     for line in retrain_lines(report, f"version {version} saved to {out}"):
         log(line)
     return report | {"out": str(out)}
-
-
-def next_version(detector_dir: str | os.PathLike, version: int) -> tuple[int, Path]:
-    """The retrained detector's version number and default folder, DETECTOR.vN beside the others:
-    N is one past both `version` (the detector's own) and every sibling version already written, so
-    retraining detector.v2 writes detector.v3 (not detector.v2.v3), and retraining detector again
-    after detector.v2 exists writes detector.v3 instead of failing."""
-    path = Path(detector_dir).resolve()
-    base = re.sub(r"\.v\d+$", "", path.name)
-    pattern = re.compile(rf"{re.escape(base)}\.v(\d+)")
-    taken = [int(match.group(1)) for sibling in path.parent.iterdir() if (match := pattern.fullmatch(sibling.name))]
-    number = max([version, *taken]) + 1
-    return number, Path(detector_dir).parent / f"{base}.v{number}"

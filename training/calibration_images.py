@@ -1,0 +1,71 @@
+"""Clean images to set a detector's threshold on, named as DATA:SPLIT:START:STOP.
+
+A threshold is a quantile of the detector's scores on clean images. Adversarial datasets are
+usually made on the classifier's own training images, on which a classifier is more confident than
+on new ones, so a threshold set on their held-out clean versions flags more than the target FPR
+of the images met in service whenever the detector reads the classifier (`margin`, the ensemble,
+`joint`). Naming images the classifier never trained on (its validation slice, or test images kept
+out of evaluation) sets the threshold where it will be used.
+
+Parsing imports nothing heavy (the command line checks the spec before loading anything).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationImages:
+    """Images START to STOP (STOP excluded; empty for the end of the split) of a dataset's split."""
+
+    data: str
+    split: str
+    start: int
+    stop: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> CalibrationImages:
+        parts = text.rsplit(":", 3)
+        if len(parts) != 4 or not parts[0]:
+            raise ValueError(f"expected DATA:SPLIT:START:STOP such as mnist.npz:test:1000:3000, got {text!r}")
+        data, split, start, stop = parts
+        if split not in SPLITS:
+            raise ValueError(f"the split of {text!r} must be one of {SPLITS}, got {split!r}")
+        if not start.isdigit() or stop and not stop.isdigit():
+            raise ValueError(f"START and STOP of {text!r} must be image indices (STOP may be empty for the end)")
+        if stop and int(stop) <= int(start):
+            raise ValueError(f"STOP must be greater than START in {text!r}")
+        return cls(data, split, int(start), int(stop) if stop else None)
+
+    def __str__(self) -> str:
+        return f"{self.data}:{self.split}:{self.start}:{'' if self.stop is None else self.stop}"
+
+    def load(self) -> np.ndarray:
+        """The images, checked to be there: a range past the split's end is an error, not a short slice."""
+        from training.data import load_dataset  # here, so that parsing stays light
+
+        dataset = load_dataset(self.data)
+        x = dataset.x_train if self.split == "train" else dataset.x_test
+        stop = len(x) if self.stop is None else self.stop
+        if stop > len(x) or self.start >= stop:
+            raise ValueError(f"{self}: the {self.split} split of {self.data} has {len(x)} images")
+        return x[self.start:stop]
+
+
+def named_images(text: str | None) -> tuple[str | None, np.ndarray | None]:
+    """For a stage given DATA:SPLIT:START:STOP (or None): the spec to record, data path made
+    absolute, and the images it names."""
+    if text is None:
+        return None, None
+    named = CalibrationImages.parse(text)
+    path = Path(named.data).expanduser()
+    if path.exists():
+        named = dataclasses.replace(named, data=str(path.resolve()))
+    return str(named), named.load()
