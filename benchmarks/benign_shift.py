@@ -10,10 +10,15 @@ classifier and datasets; `--augment-with` restricts the corruptions the augmenta
 With augmentation each family is calibrated by the default rule (at most 5% of the held-out clean
 images flagged and at most `--shifted-fpr` of them under each corruption: row "on") and, on the
 same fitted detector, by the rule before it (5% of the held-out images each followed by one
-randomly corrupted copy, as `fit_detector` did before the per-corruption caps: row "on_mix").
+randomly corrupted copy, as `fit_detector` did before the per-corruption caps: row "on_mix"), and
+by the default rule on each `--calibrate-on` set of clean images instead of the held-out sources
+(row "on@DATA:SPLIT:START:STOP"). `--model` loads a classifier instead of training one.
 
     python benchmarks/benign_shift.py --data digits --epochs 8 --eps 0.3
     python benchmarks/benign_shift.py --data ../shared/data/mnist/mnist_keras_arrays.npz --n-train 5000 --epochs 3
+    python benchmarks/benign_shift.py --data ../shared/data/mnist/mnist_keras_arrays.npz --n-train 5000 \
+        --model runs/mnist.keras --families ensemble --augmentation on \
+        --calibrate-on ../shared/data/mnist/mnist_keras_arrays.npz:test:1000:3000 ../shared/data/mnist/mnist_keras_arrays.npz:test:8000:10000
 """
 from __future__ import annotations
 
@@ -35,9 +40,11 @@ from detector import benign_shift  # noqa: E402
 from detector.benign_shift import BENIGN_SHIFTS, augment_benign, shifted_fprs  # noqa: E402
 from detector.calibration import calibrate_threshold  # noqa: E402
 from detector.metrics import auroc, flagged  # noqa: E402
+from foundation.models import load_model  # noqa: E402
+from training.calibration_images import CalibrationImages  # noqa: E402
 from training.classifier import train_classifier  # noqa: E402
 from training.data import load_dataset  # noqa: E402
-from training.detector import fit_detector, split_by_source  # noqa: E402
+from training.detector import calibrate_held_out, fit_detector, split_by_source  # noqa: E402
 from timing import emit  # noqa: E402
 
 
@@ -66,8 +73,13 @@ def main() -> None:
     parser.add_argument("--augment-with", nargs="+", choices=list(BENIGN_SHIFTS),
                         help="the corruptions the augmentation draws from (default all)")
     parser.add_argument("--shifted-fpr", type=float, default=0.10, help="cap on each corruption's FPR in calibration")
+    parser.add_argument("--model", help="a saved classifier (.keras, loaded with safe_mode) instead of training one")
+    parser.add_argument("--calibrate-on", nargs="+", default=[], type=CalibrationImages.parse, metavar="DATA:SPLIT:START:STOP",
+                        help="with augmentation, also calibrate each detector on these clean images (one row each)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if any(spec.split == "test" and spec.start < args.n_test for spec in args.calibrate_on):
+        parser.error("--calibrate-on: the first --n-test test images are the ones evaluated; start after them")
     if args.augment_with:
         benign_shift.AUGMENTATIONS = tuple(args.augment_with)
     settings = {"off": [False], "on": [True], "both": [False, True]}[args.augmentation]
@@ -75,9 +87,10 @@ def main() -> None:
     started = time.perf_counter()
     data = load_dataset(args.data)
     x, y = data.x_train[: args.n_train], data.y_train[: args.n_train]
-    classifier = train_classifier(x, y, data.num_classes, epochs=args.epochs, verbose=0)
+    classifier = load_model(args.model) if args.model else train_classifier(x, y, data.num_classes, epochs=args.epochs, verbose=0)
+    named = {f"on@{spec}": spec.load() for spec in args.calibrate_on}
     x_test = data.x_test[: args.n_test]
-    report: dict = {"data": args.data, "eps": args.eps, "n_train": len(x), "n_test": len(x_test),
+    report: dict = {"data": args.data, "model": args.model, "eps": args.eps, "n_train": len(x), "n_test": len(x_test),
                     "augment_with": list(benign_shift.AUGMENTATIONS), "shifted_fpr": args.shifted_fpr, "families": {}}
     attacks = (make_attack("fgsm", eps=args.eps), make_attack("pgd", eps=args.eps, steps=10))
     seen = {a.name: a(classifier, x_test, data.y_test[: args.n_test], batch_size=256) for a in attacks}
@@ -97,6 +110,8 @@ def main() -> None:
                                         shifted_fpr=args.shifted_fpr, verbose=0)
                 rules = {"on": detector.calibration, "on_mix": calibrate_threshold(detector.score(mix), 0.05)} if augment \
                     else {"off": detector.calibration}
+                for rule, images in named.items() if augment else ():
+                    rules[rule] = calibrate_held_out(detector, images, 0.05, args.shifted_fpr, 0).calibration
                 for rule, calibration in rules.items():
                     detector.calibration = calibration
                     key = f"{family}/augmentation_{rule}"

@@ -3,7 +3,8 @@
 Protocol (README "Detectors"): a reference classifier is trained (or `--model` loaded); FGSM and
 PGD datasets are made from `--n-train` training images (`--train-attacks`: other specs, e.g. PGD
 with a radius per image); every family is fitted on them (20% of the sources held out to
-calibrate its threshold at 5% clean FPR); then on `--n-test` test images each family is scored on
+calibrate its threshold at 5% clean FPR, or on `--calibrate-on` images the classifier never
+trained on); then on `--n-test` test images each family is scored on
 the seen attacks (FGSM, PGD) and unseen ones (CW-L2, DeepFool), counting only successful adversarial
 examples, and its clean FPR on the test images and under each benign corruption (`detector.benign_shift`).
 Finally the `input` detector (`--retrain-families`: others too, which are fitted again) is retrained
@@ -41,6 +42,7 @@ from detector import Detector  # noqa: E402
 from detector.evaluation import attack_keys, evaluate  # noqa: E402
 from foundation.models import load_model  # noqa: E402
 from training.attack_specs import default_attacks  # noqa: E402
+from training.calibration_images import CalibrationImages  # noqa: E402
 from training.classifier import accuracy, train_classifier  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.detector import fit_detector  # noqa: E402
@@ -78,8 +80,13 @@ def main() -> None:
     parser.add_argument("--retrain-epochs", type=int, default=5, help="fine-tuning epochs of input (others refit)")
     parser.add_argument("--retrain-families", nargs="+", default=["input"], help="the fitted families to retrain")
     parser.add_argument("--retrain-shifted-fpr", type=float, help="the retrained detectors' benign-corruption cap (default: theirs)")
+    parser.add_argument("--calibrate-on", type=CalibrationImages.parse, metavar="DATA:SPLIT:START:STOP",
+                        help="set every threshold on these clean images (e.g. test images after --n-test) instead of"
+                             " the held-out training sources, on which the classifier is more confident")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    if args.calibrate_on and args.calibrate_on.split == "test" and args.calibrate_on.start < args.n_test:
+        parser.error("--calibrate-on: the first --n-test test images are the ones evaluated; start after them")
     eps = parse_attack_spec(f"fgsm:eps={args.eps}").eps
     if args.art:
         from art_unseen import art_attacks, art_rows, require_art
@@ -90,8 +97,10 @@ def main() -> None:
     data = load_dataset(args.data)
     classifier = (load_model(args.model) if args.model else
                   train_classifier(data.x_train, data.y_train, data.num_classes, epochs=args.epochs, verbose=2))
+    x_calibration = None if args.calibrate_on is None else args.calibrate_on.load()
     report: dict = {
         "data": args.data, "model": args.model, "eps": eps, "n_train": args.n_train, "n_test": args.n_test,
+        "calibrate_on": None if args.calibrate_on is None else str(args.calibrate_on),
         "classifier_clean_accuracy": accuracy(classifier, data.x_test, data.y_test),
         "families": {}, "fit_seconds": {}, "attack_seconds": {},
     }
@@ -146,7 +155,7 @@ def main() -> None:
         for family in args.families:
             begin = time.perf_counter()
             detectors[family] = fit_detector(seen_sets, family=family, classifier=classifier,
-                                             epochs=args.detector_epochs, verbose=0,
+                                             epochs=args.detector_epochs, calibration_images=x_calibration, verbose=0,
                                              **({"members": args.members} if args.members else {}))
             report["fit_seconds"][family] = time.perf_counter() - begin
             report["families"][family] = test_rows(detectors[family], family)
@@ -154,6 +163,7 @@ def main() -> None:
             begin = time.perf_counter()
             retrained, retrain = retrain_detector(detectors[family], datasets[len(fitted_on):], seen_sets,
                                                   classifier=classifier, shifted_fpr=args.retrain_shifted_fpr,
+                                                  calibration_images=x_calibration,
                                                   epochs=args.retrain_epochs if family == "input" else None, verbose=0)
             retrain["seconds"] = time.perf_counter() - begin
             # the retrained detector on the test images too: the new attack unseen there, ART's beside ours
