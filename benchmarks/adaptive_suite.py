@@ -7,10 +7,13 @@
   epochs, batch 64, eps warm-up over 3 epochs: clean accuracy about 86%), and an `input` detector on
   its FGSM and PGD examples. The worst case over the suite should be at most the
   classifier's own robust accuracy plus what the detector adds, and no more than an independent
-  suite found (18% or less); the classifier alone is measured with `robustness_report`.
+  suite found (18% or less); the classifier alone is measured with `robustness_report` and, with
+  `--art-autoattack`, with IBM ART's AutoAttack (a second implementation, benchmark-only) as a check
+  that the floor it sets is not an artefact of our own attacks.
 
     python benchmarks/adaptive_suite.py                        # both settings, default suite
     python benchmarks/adaptive_suite.py --setting mnist-input --n 1000
+    python benchmarks/adaptive_suite.py --setting robust-digits --art-autoattack
 """
 from __future__ import annotations
 
@@ -54,6 +57,26 @@ def mnist_input(n: int) -> tuple[keras.Model, InputDetector, np.ndarray, np.ndar
     return classifier, detector, data.x_test[:n], data.y_test[:n], {}
 
 
+def art_autoattack(classifier: keras.Model, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """The classifier alone under ART's AutoAttack at EPS: APGD-CE and APGD-DLR (100 steps, 5
+    restarts), Square (5,000 queries), each untargeted and then targeted at every other class;
+    robust accuracy is the share classified correctly after the worst of them."""
+    from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, SquareAttack
+
+    from peers import art_classifier
+
+    estimator = art_classifier(classifier)
+    apgd = [AutoProjectedGradientDescent(estimator, norm=np.inf, eps=EPS, eps_step=2 * EPS, max_iter=100, nb_random_init=5,
+                                         batch_size=len(x), loss_type=loss, verbose=False)
+            for loss in ("cross_entropy", "difference_logits_ratio")]
+    square = SquareAttack(estimator, norm=np.inf, eps=EPS, max_iter=5000, p_init=0.8, nb_restarts=1, verbose=False)
+    began = time.perf_counter()
+    x_adv = AutoAttack(estimator, norm=np.inf, eps=EPS, attacks=[*apgd, square], batch_size=len(x),
+                       targeted=True).generate(x.astype(np.float32), y=y)
+    assert np.abs(x_adv - x).max() <= EPS + 1e-5, "ART's AutoAttack left the eps ball"
+    return {"robust_accuracy": accuracy(classifier, x_adv, y), "seconds": round(time.perf_counter() - began, 1)}
+
+
 def robust_digits(n: int) -> tuple[keras.Model, InputDetector, np.ndarray, np.ndarray, dict[str, Any]]:
     data = load_dataset("digits")
     classifier = train_adversarial(data.x_train, data.y_train, data.num_classes, training_attack(f"pgd:eps={EPS},steps=10", EPS),
@@ -71,6 +94,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="test images (digits has 360)")
     parser.add_argument("--steps", type=int, default=AdaptiveSettings.steps)
     parser.add_argument("--restarts", type=int, default=AdaptiveSettings.restarts)
+    parser.add_argument("--art-autoattack", action="store_true", help="robust-digits: also measure the classifier alone"
+                        " under ART's AutoAttack (pip install adversarial-robustness-toolbox multiprocess)")
     args = parser.parse_args()
     settings = AdaptiveSettings(steps=args.steps, restarts=args.restarts, max_inputs=None)
     out: dict[str, Any] = {"backend": keras.backend.backend(), "eps": EPS, "settings": vars(args)}
@@ -78,6 +103,8 @@ def main() -> None:
         began = time.perf_counter()
         classifier, detector, x, y, extra = (mnist_input if name == "mnist-input" else robust_digits)(args.n)
         setup_s = time.perf_counter() - began
+        if args.art_autoattack and name == "robust-digits":
+            extra["classifier_alone_art_autoattack"] = art_autoattack(classifier, x, y)
         began = time.perf_counter()
         report = evaluate(classifier, detector, x, y, [PGD(eps=EPS, steps=40)], data=name, adaptive=settings,
                           taylor_inputs=0, progress=False)

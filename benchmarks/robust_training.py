@@ -3,8 +3,9 @@
 After every epoch: clean accuracy and PGD robust accuracy (--curve-steps, one start) on the first
 --curve-n test images, with the training seconds so far (evaluation time excluded). Training stops
 after --epochs or once --budget-minutes of training time are spent. At the end: the full report of
-`training.adversarial.robustness_report` (the worst case per input over PGD-40 x 5 restarts,
-APGD-CE, APGD-DLR and targeted APGD-DLR on --eval-n test images; CW-L2 on --cw-n). The JSON is rewritten after every epoch, so a run cut short keeps its curve.
+`training.adversarial.robustness_report` (the worst case per input over PGD x 5 restarts,
+APGD-CE, APGD-DLR and targeted APGD-DLR, 100 iterations each (40 before 2026-11-30), on --eval-n
+test images; CW-L2 on --cw-n). The JSON is rewritten after every epoch, so a run cut short keeps its curve.
 
     python benchmarks/robust_training.py                                 # MNIST, FGSM-RS eps 0.3
     python benchmarks/robust_training.py --attack pgd:eps=0.3,steps=40   # Madry's PGD-40
@@ -104,7 +105,7 @@ def main() -> None:
     )
     begin = time.perf_counter()
     report["final"] = robustness_report(
-        model, x_test, y_test, eps=attack.eps, norm=attack.norm, steps=40, restarts=args.eval_restarts,
+        model, x_test, y_test, eps=attack.eps, norm=attack.norm, restarts=args.eval_restarts,
         cw_n=args.cw_n, seed=args.seed,
     )
     report["final"]["seconds"] = round(time.perf_counter() - begin, 1)

@@ -200,13 +200,14 @@ def mixed_batches(
 
 
 def robustness_report(
-    model: keras.Model, x: np.ndarray, y: np.ndarray, *, eps: float, norm: str = "inf", steps: int = 40,
+    model: keras.Model, x: np.ndarray, y: np.ndarray, *, eps: float, norm: str = "inf", steps: int = 100,
     restarts: int = 5, target_classes: int = 9, cw_n: int = 100, batch_size: int = 256, seed: int = 0,
 ) -> dict[str, Any]:
     """Clean and robust accuracy on (x, y) under a worst-case suite: PGD-`steps` with `restarts`
     random starts, APGD-CE, APGD-DLR and targeted APGD-DLR (Croce & Hein 2020: towards each of the
     input's `target_classes` most likely other classes in turn, on the inputs no earlier target
-    broke, as the adaptive suite of `evaluate` does), each `steps` iterations, on all of x; and
+    broke, as the adaptive suite of `evaluate` does), each `steps` iterations (AutoAttack's 100 by
+    default: at 40, 0.8 points above ART's AutoAttack on a PGD-trained digits CNN), on all of x; and
     CW-L2 on the first `cw_n` images. An input counts as robust when it is classified correctly and no attack of the suite
     found a misclassified point within eps (in `norm`): "robust_accuracy" is that worst case, with
     each attack's own figure beside it and the attack that broke most inputs alone. CW-L2 (no eps)
