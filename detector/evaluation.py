@@ -178,6 +178,8 @@ def evaluate(
             "clean_fpr": false_positives / len(x),
             "clean_fpr_interval": list(false_positive_interval(false_positives, len(x))),
             "calibration_fpr": detector.calibration.fpr,
+            # where the threshold was set: the held-out sources, or the images train-detector --calibrate-on named
+            "calibrated_on": detector.info.get("calibration_images", detector.info.get("calibrated_on", "held-out sources")),
             # the clean FPR on ordinary corruptions of the same images (JPEG, noise, shifts, resizing)
             "clean_fpr_shifted": shifted_fprs(detector, x, seed=seed),
             "guarded_clean_accuracy": float(np.mean(clean_correct | clean_flagged)),

@@ -36,7 +36,7 @@ def _summary(report: dict[str, Any]) -> Table:
         ["classifier clean accuracy", _number(report["classifier"]["clean_accuracy"])],
         ["detector", f"{det['kind']}, threshold {det['threshold']:.6g}"],
         ["clean FPR (target)", (f"{det['clean_fpr']:.4f} (95% CI {low:.4f}-{high:.4f}; target {det['target_fpr']:.3f}, "
-                                f"calibration {_number(det['calibration_fpr'])})")],
+                                f"calibration {_number(det['calibration_fpr'])} on {det.get('calibrated_on', 'held-out sources')})")],
         ["guarded clean accuracy", _number(det["guarded_clean_accuracy"])],
     ]
     if det.get("clean_fpr_shifted"):  # the clean FPR on benign corruptions of the same images

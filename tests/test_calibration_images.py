@@ -41,6 +41,15 @@ def test_the_images_are_that_range_of_the_split_and_no_shorter(digits):
         CalibrationImages.parse("digits:test:300:400").load()
 
 
+def test_overlap_with_the_evaluated_test_images_is_found(tmp_path, monkeypatch):
+    images = CalibrationImages.parse("digits:test:180:")
+    assert not images.overlaps("digits", "test", 180) and images.overlaps("digits", "test", 181)
+    assert not images.overlaps("digits", "train", 1000) and not images.overlaps("mnist", "test", 1000)
+    (tmp_path / "data.npz").touch()
+    monkeypatch.chdir(tmp_path)
+    assert CalibrationImages.parse(f"{tmp_path}/data.npz:test:0:10").overlaps("data.npz", "test", 5)  # one file, two spellings
+
+
 @pytest.fixture(scope="module")
 def digits_sets(digits, digits_classifier, tmp_path_factory):
     """FGSM and PGD datasets of the first 300 digits training images."""
@@ -109,6 +118,10 @@ def test_the_cli_records_the_images_and_retrain_calibrates_on_them_again(quickst
     retrained = json.loads((tmp_path / "detector.v2" / "manifest.json").read_text())
     assert retrained["info"]["calibration_images"] == "digits:test:0:200"
     assert retrained["info"]["n_calibration"] == retrained["calibration"]["n_clean"] == 200
+    # evaluating on the images the threshold was set on is refused before any attack runs
+    model = str(quickstart_dir / "classifier.keras")
+    assert main(["evaluate", "--model", model, "--detector", str(detector), "--n", "50", "--out", str(tmp_path / "eval")]) == 2
+    assert "threshold was set on digits:test:0:200, which includes some of the 50 test images" in capsys.readouterr().err
 
 
 def test_a_bad_calibrate_on_is_a_one_line_usage_error(capsys):

@@ -151,6 +151,7 @@ def test_report_numbers_match_hand_computation(recorded_report, digits, digits_c
     assert det["threshold"] == threshold
     assert det["target_fpr"] == 0.1
     assert det["calibration_fpr"] == corner.calibration.fpr
+    assert det["calibrated_on"] == "held-out sources"  # what a detector without --calibrate-on reports
     assert det["clean_fpr"] == pytest.approx(np.mean(clean > threshold))
     assert 0.0 < det["clean_fpr"] < 0.3  # calibrated on train, so near the target on test
 

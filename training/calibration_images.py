@@ -47,6 +47,11 @@ class CalibrationImages:
     def __str__(self) -> str:
         return f"{self.data}:{self.split}:{self.start}:{'' if self.stop is None else self.stop}"
 
+    def overlaps(self, data: str, split: str, count: int) -> bool:
+        """Whether these images include any of the first `count` images of `data`'s `split` (the ones
+        `evaluate` scores): a threshold judged on its own calibration images looks better than it is."""
+        return split == self.split and self.start < count and _same_data(self.data, data)
+
     def load(self) -> np.ndarray:
         """The images, checked to be there: a range past the split's end is an error, not a short slice."""
         from training.data import load_dataset  # here, so that parsing stays light
@@ -57,6 +62,12 @@ class CalibrationImages:
         if stop > len(x) or self.start >= stop:
             raise ValueError(f"{self}: the {self.split} split of {self.data} has {len(x)} images")
         return x[self.start:stop]
+
+
+def _same_data(first: str, second: str) -> bool:
+    """The same data spec: the same file or folder when both are paths that exist, else the same name."""
+    paths = [Path(spec).expanduser() for spec in (first, second)]
+    return paths[0].resolve() == paths[1].resolve() if all(p.exists() for p in paths) else first == second
 
 
 def named_images(text: str | None) -> tuple[str | None, np.ndarray | None]:

@@ -21,6 +21,7 @@ from detector.report import write_report_files
 from foundation.models import load_model
 from foundation.storage import remembered_fingerprints
 from training.attack_specs import resolve_attack, sweep_eps, trained_attacks
+from training.calibration_images import CalibrationImages
 from training.detector import make_detector
 from training.workflow import Data, Log, as_dataset, select
 
@@ -80,6 +81,10 @@ def evaluate_stage(
     if cross_attack and cross_attack_epochs < 1:
         raise ValueError(f"cross_attack_epochs must be >= 1, got {cross_attack_epochs}")
     x, y, _ = select(data, "test", n)
+    named = detector.info.get("calibration_images")
+    if named and CalibrationImages.parse(named).overlaps(data.name, "test", len(x)):
+        raise ValueError(f"the detector's threshold was set on {named}, which includes some of the {len(x)} test images "
+                         "evaluated here: evaluate other images (fewer with --n) or calibrate on others")
     x_train, y_train, _ = select(data, "train", cross_attack_n) if cross_attack else (None, None, None)
     log(f"attacking {len(x)} test images: {', '.join(attack_label(a) for a in attacks)}")
     bar = _progress("attacks", len(x) * len(attacks))
