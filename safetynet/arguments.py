@@ -126,7 +126,7 @@ def add_benign_options(parser: argparse.ArgumentParser, *, keeps_detector_cap: b
                         "images under each corruption (default " + ("the detector's own" if keeps_detector_cap else "0.10") + ")")
     if names_images:
         parser.add_argument("--calibrate-on", type=calibration_images, metavar="DATA:SPLIT:START:STOP",
-                            help="set the threshold on these clean images, which the classifier never trained on (e.g. "
+                            help="set the threshold on these clean images, like those the guard will serve (e.g. "
                             "mnist.npz:test:1000:3000; STOP may be empty), instead of held-out images of the datasets "
                             "(default" + (": the detector's own" if keeps_detector_cap else " held-out images") + ")")
 

@@ -205,9 +205,10 @@ def fit_detector(
     stacker's images, so that a member which flags one corruption does not lift the threshold for
     all. Without it, the threshold flags `target_fpr` of the held-out images.
 
-    `calibration_images`: clean images the classifier never trained on, to set the threshold on
-    instead of the held-out sources' clean versions (`training.calibration_images` says why); the
-    held-out sources then only measure detection, and are still never trained on.
+    `calibration_images`: clean images like those the guard will serve, none of them a source the
+    detector fits on, to set the threshold on instead of the held-out sources' clean versions
+    (`training.calibration_images` says why); the held-out sources then only measure detection,
+    and are still never trained on.
 
     `paths` (the datasets' directories) are recorded so that retraining can replay them later.
     """

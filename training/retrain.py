@@ -124,7 +124,9 @@ def _report(old: Detector, retrained: Detector, split: Any, names: list[str], be
             benign_augmentation: bool, version: int | None) -> dict[str, Any]:
     """Record the lineage in the retrained detector's info, and the before/after report."""
     retrained.info = {
-        **old.info, **{k: v for k, v in retrained.info.items() if k.startswith("n_") or k == "calibrated_on"},
+        # the spec of the old calibration images goes: retrain_stage records the one it used
+        **{k: v for k, v in old.info.items() if k != "calibration_images"},
+        **{k: v for k, v in retrained.info.items() if k.startswith("n_") or k == "calibrated_on"},
         "trained_on": old.info.get("trained_on", []) + describe_datasets(new, paths[: len(new)] if paths else None),
         "version": int(old.info.get("version", 1)) + 1 if version is None else version,
         "benign_augmentation": benign_augmentation,
