@@ -78,7 +78,7 @@ def main() -> None:
                         help="with augmentation, also calibrate each detector on these clean images (one row each)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
-    if any(spec.split == "test" and spec.start < args.n_test for spec in args.calibrate_on):
+    if any(spec.overlaps(args.data, "test", args.n_test) for spec in args.calibrate_on):
         parser.error("--calibrate-on: the first --n-test test images are the ones evaluated; start after them")
     if args.augment_with:
         benign_shift.AUGMENTATIONS = tuple(args.augment_with)

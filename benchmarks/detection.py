@@ -3,8 +3,8 @@
 Protocol (README "Detectors"): a reference classifier is trained (or `--model` loaded); FGSM and
 PGD datasets are made from `--n-train` training images (`--train-attacks`: other specs, e.g. PGD
 with a radius per image); every family is fitted on them (20% of the sources held out to
-calibrate its threshold at 5% clean FPR, or on `--calibrate-on` images the classifier never
-trained on); then on `--n-test` test images each family is scored on
+calibrate its threshold at 5% clean FPR, or on `--calibrate-on` images like those the guard will
+serve); then on `--n-test` test images each family is scored on
 the seen attacks (FGSM, PGD) and unseen ones (CW-L2, DeepFool), counting only successful adversarial
 examples, and its clean FPR on the test images and under each benign corruption (`detector.benign_shift`).
 Finally the `input` detector (`--retrain-families`: others too, which are fitted again) is retrained
@@ -82,10 +82,10 @@ def main() -> None:
     parser.add_argument("--retrain-shifted-fpr", type=float, help="the retrained detectors' benign-corruption cap (default: theirs)")
     parser.add_argument("--calibrate-on", type=CalibrationImages.parse, metavar="DATA:SPLIT:START:STOP",
                         help="set every threshold on these clean images (e.g. test images after --n-test) instead of"
-                             " the held-out training sources, on which the classifier is more confident")
+                             " the held-out training sources")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
-    if args.calibrate_on and args.calibrate_on.split == "test" and args.calibrate_on.start < args.n_test:
+    if args.calibrate_on and args.calibrate_on.overlaps(args.data, "test", args.n_test):
         parser.error("--calibrate-on: the first --n-test test images are the ones evaluated; start after them")
     eps = parse_attack_spec(f"fgsm:eps={args.eps}").eps
     if args.art:

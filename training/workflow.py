@@ -213,8 +213,8 @@ def train_detector_stage(
     """Fit a detector on adversarial datasets, calibrate it, save it; return its threshold.
     `benign_augmentation`: fit on corrupted copies of the clean images too, and cap the FPR of each
     corruption of the held-out images at `shifted_fpr` (`fit_detector`). `calibrate_on`
-    (DATA:SPLIT:START:STOP, `training.calibration_images`): clean images the classifier never
-    trained on, to set the threshold on instead of the held-out sources.
+    (DATA:SPLIT:START:STOP, `training.calibration_images`): clean images like those the guard
+    will serve, to set the threshold on instead of the held-out sources.
 
     Families that read the classifier (all but `input`) need `model_path`, the classifier the
     datasets were made for (checked against their fingerprint).
@@ -263,8 +263,9 @@ def retrain_stage(
     and after.
 
     `replay` defaults to the datasets the detector was trained on (as recorded in its manifest),
-    `calibrate_on` to the images it was calibrated on. `adversarial` may hold quarantine exports (adversarial-only): their images join the adversarial
-    side and the clean images come from the other datasets (see `training.detector`).
+    `calibrate_on` to the images it was calibrated on. `adversarial` may hold quarantine exports
+    (adversarial-only): their images join the adversarial side and the clean images come from the
+    other datasets (see `training.detector`).
     """
     kind = Detector.read_manifest(detector_dir).get("kind")
     if model_path is None and kind != "input":
