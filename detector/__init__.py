@@ -9,17 +9,18 @@ from detector.input_detector import InputDetector
 from detector.joint import JointDetector
 from detector.mahalanobis import MahalanobisDetector
 from detector.margin import MarginDetector
+from detector.odds import OddsDetector
 from detector.squeeze import SqueezeDetector
 from detector.svm import SafetyNetDetector
 
 FAMILIES.update({
     cls.kind: cls
     for cls in (InputDetector, ActivationDetector, SafetyNetDetector, MahalanobisDetector, SqueezeDetector,
-                MarginDetector, EnsembleDetector, JointDetector)
+                MarginDetector, OddsDetector, EnsembleDetector, JointDetector)
 })
 
 
 __all__ = [
     "FAMILIES", "ActivationDetector", "Calibration", "Detector", "EnsembleDetector", "InputDetector", "JointDetector",
-    "MahalanobisDetector", "MarginDetector", "SafetyNetDetector", "SqueezeDetector", "calibrate_threshold", "load_detector",
+    "MahalanobisDetector", "MarginDetector", "OddsDetector", "SafetyNetDetector", "SqueezeDetector", "calibrate_threshold", "load_detector",
 ]

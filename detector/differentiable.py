@@ -5,7 +5,7 @@ choice; its gradient rule (`Detector.gradient`) names the method:
 
 | family | stand-in (`method`) |
 |---|---|
-| `input`, `activations`, `mahalanobis` | the score itself (`white-box`) |
+| `input`, `activations`, `mahalanobis`, `margin`, `odds` (its fixed noise) | the score itself (`white-box`) |
 | `squeeze` (bit depth, median) | exact forward pass, squeezers differentiated as the identity (`bpda`, Athalye et al. 2018) |
 | `safetynet` | exact forward pass; the code quantiser differentiated as a sum of sigmoids (`bpda`) |
 | `ensemble`, `joint` | the stacker's or rule's map over the members' graphs or stand-ins |

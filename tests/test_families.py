@@ -24,6 +24,7 @@ from detector.base import MANIFEST
 from detector.ensemble import EnsembleDetector
 from detector.mahalanobis import MahalanobisDetector, min_distance
 from detector.margin import MarginDetector
+from detector.odds import OddsDetector
 from detector.squeeze import SqueezeDetector, bit_depth, median, parse_squeezer
 from detector.svm import SafetyNetDetector, rbf_decision_function, squared_distances
 
@@ -38,6 +39,7 @@ MAKERS = {
     "mahalanobis": lambda clf: MahalanobisDetector(clf),
     "squeeze": lambda clf: SqueezeDetector(clf, squeezers=["bit_depth:1"]),
     "margin": lambda clf: MarginDetector(clf),  # not for FGSM / PGD: tests/test_margin.py
+    "odds": lambda clf: OddsDetector(clf),  # tests/test_odds.py
 }
 
 
