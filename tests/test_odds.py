@@ -54,6 +54,12 @@ def test_clean_shifts_are_standardised_per_predicted_class(odds, digits):
     assert odds.arrays["shift_mean"].shape == odds.arrays["shift_scale"].shape == (10, 10)
     assert (odds.arrays["shift_scale"] > 0).all()
     assert odds.predict(digits.x_test[N:]).mean() < 0.12
+    predicted, shift = odds._shifts(digits.x_train[:900])  # the images it was fitted on
+    z = (shift - odds.arrays["shift_mean"][predicted]) / odds.arrays["shift_scale"][predicted]
+    for c in range(10):
+        others = np.delete(z[predicted == c], c, axis=1)  # the predicted class's own pair is always 0
+        np.testing.assert_allclose(others.mean(axis=0), 0.0, atol=1e-3)
+        np.testing.assert_allclose(others.std(axis=0), 1.0, atol=1e-3)
 
 
 def test_scores_are_deterministic_and_depend_on_the_stored_noise(odds, digits, digits_classifier, tmp_path):

@@ -132,8 +132,6 @@ def make_detector(family: str, classifier: keras.Model | None, *, epochs: int, s
         return cls(classifier, epochs=epochs, seed=seed)
     if family in ("squeeze", "margin"):
         return cls(classifier)
-    if family == "odds":
-        return cls(classifier, seed=seed)
     return cls(classifier, seed=seed)
 
 
