@@ -86,6 +86,12 @@ def id_range(text: str) -> list[int]:
     return list(range(int(first), int(last or first) + 1))
 
 
+def add_adaptive_n_option(parser: argparse.ArgumentParser) -> None:
+    """--adaptive-n, for the commands that run the adaptive suite (evaluate, quickstart)."""
+    parser.add_argument("--adaptive-n", type=int, default=1000,
+                        help="run the adaptive attacks on the first N test images (default 1000: the longest part on a CPU)")
+
+
 def add_data_option(parser: argparse.ArgumentParser) -> None:
     """--data, for every command that reads a dataset."""
     parser.add_argument(

@@ -33,7 +33,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         from training.quickstart import quickstart
 
         quickstart(
-            args.data, args.out, eps=args.eps, n_attack=args.n_attack, n_eval=args.n_eval,
+            args.data, args.out, eps=args.eps, n_attack=args.n_attack, n_eval=args.n_eval, adaptive_n=args.adaptive_n,
             classifier_epochs=args.classifier_epochs, detector_epochs=args.detector_epochs,
             target_fpr=args.target_fpr, family=args.family, robust=not args.no_robust, seed=args.seed,
             overwrite=args.overwrite, benign_augmentation=not args.no_benign_augmentation, shifted_fpr=args.shifted_fpr,

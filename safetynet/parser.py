@@ -14,6 +14,7 @@ from safetynet.arguments import (
     DEFAULT_MEMBERS,
     FAMILIES,
     OneLineParser,
+    add_adaptive_n_option,
     add_architecture_options,
     add_benign_options,
     add_data_option,
@@ -50,13 +51,13 @@ def _add_training(commands: Commands) -> None:
     quick.add_argument("--eps", type=float, help="attack budget (default 0.3 for grayscale, 8/255 for colour)")
     quick.add_argument("--n-attack", type=int, default=10_000, help="training images to attack (default 10000)")
     quick.add_argument("--n-eval", type=int, help="test images to evaluate on (default all)")
+    add_adaptive_n_option(quick)
     quick.add_argument("--classifier-epochs", type=int, default=10, help="training epochs of the classifier (default 10)")
     quick.add_argument("--detector-epochs", type=int, default=10, help="training epochs of each detector (default 10)")
     quick.add_argument("--target-fpr", type=float, default=0.05, help="clean false-positive rate to calibrate to")
     quick.add_argument("--family", default="input", choices=FAMILIES, help="detector family (default input)")
     quick.add_argument("--no-robust", action="store_true", help="skip the robust guard (harden) and the table of both guards")
-    quick.add_argument("--overwrite", action="store_true",
-                       help="replace the outputs of an earlier quickstart in --out (without it, an earlier run is refused)")
+    quick.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart's outputs in --out (refused without it)")
     quick.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     train = commands.add_parser("train-classifier", help="train the reference CNN or a ResNet (optionally adversarially), save it as .keras")
@@ -179,8 +180,7 @@ def _add_detectors(commands: Commands) -> None:
                           help="which adaptive attacks run (default all; the row is the worst case per input over them)")
     evaluate.add_argument("--lambdas", nargs="+", type=float, default=[0.1, 1.0, 10.0],
                           help="weights of the detector term swept by adaptive_pgd (default 0.1 1 10)")
-    evaluate.add_argument("--adaptive-n", type=int, default=1000,
-                          help="run the adaptive attacks on the first N test images (default 1000)")
+    add_adaptive_n_option(evaluate)
     evaluate.add_argument("--adaptive-loss", choices=("margin", "ce"), default="margin",
                           help="classifier term of the adaptive attack: C&W logit margin (default) or cross-entropy")
     evaluate.add_argument("--cross-attack", action="store_true",

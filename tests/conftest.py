@@ -93,9 +93,10 @@ def linear_model_factory():
 @pytest.fixture(scope="session")
 def quickstart_dir(tmp_path_factory) -> Path:
     """`safetynet quickstart --no-robust` on digits (classifier, FGSM/PGD datasets, detector, report;
-    about a minute), shared by the CLI and README tests."""
+    about a minute), shared by the CLI and README tests; the adaptive suite on the first 120 test images."""
     from safetynet.cli import main
 
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    assert main(["quickstart", "--no-robust", "--out", str(out), "--classifier-epochs", "8", "--detector-epochs", "5"]) == 0
+    assert main(["quickstart", "--no-robust", "--out", str(out), "--classifier-epochs", "8", "--detector-epochs", "5",
+                 "--adaptive-n", "120"]) == 0
     return out

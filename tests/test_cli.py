@@ -37,6 +37,8 @@ def test_quickstart_writes_every_artifact_and_a_report_that_meets_the_schema(qui
                  "report.md", "plots/histograms.png"):
         assert (quickstart_dir / part).is_file()
     assert not (quickstart_dir / "robust").exists()
+    (worst,) = report["adaptive"]["attacks"].values()  # --adaptive-n 120 of the 360 digits test images
+    assert report["adaptive"]["settings"]["max_inputs"] == 120 and worst["n"] == 120 and report["n"] == 360
 
 
 @pytest.mark.slow

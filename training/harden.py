@@ -28,6 +28,7 @@ from foundation.backend import Devices
 from foundation.validation import BOOLEAN, Interval, Options, Parameterized
 from foundation.models import load_model, save_model
 from detector import load_detector
+from detector.adaptive_evaluation import DEFAULT_ADAPTIVE, AdaptiveSettings
 from detector.guard_directory import save_guard_directory
 from training.adversarial import training_attack
 from training.attack_specs import default_attacks, default_eps
@@ -136,13 +137,15 @@ def harden(
     *,
     evaluate: bool = True,
     n_eval: int | None = 1000,
+    adaptive: AdaptiveSettings = DEFAULT_ADAPTIVE,
     devices: Devices = 1,
     log: Log = print,
 ) -> HardenedGuard:
     """Build a robust guard from the classifier at `model_path` into the new directory `out`:
     classifier.keras (hardened), datasets/, detector/ (joint rule), guard/ (the deployable guard
     directory) and report/ (unless `evaluate=False`). Everything is checked before training.
-    `devices` (a count or "all") runs the fine-tuning data-parallel (`train_adversarial`)."""
+    `adaptive`: the evaluation's adaptive suite. `devices` (a count or "all") runs the fine-tuning
+    data-parallel (`train_adversarial`)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty: choose another --out or delete it")
@@ -188,6 +191,7 @@ def harden(
     report = None
     if evaluate:
         log("[4/4] evaluation, adaptive attacks included")
-        report = evaluate_stage(classifier_path, detector_path, data, out / "report", n=n_eval, seed=settings.seed, log=log)
+        report = evaluate_stage(classifier_path, detector_path, data, out / "report", n=n_eval, adaptive=adaptive,
+                                seed=settings.seed, log=log)
     return HardenedGuard(out=out, classifier=Path(classifier_path), detector=detector_path, guard=guard_path, report=report,
                          clean_accuracy=clean_accuracy, validation=stopper.history)

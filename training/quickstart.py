@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from detector.adaptive_evaluation import DEFAULT_ADAPTIVE
 from training.attack_specs import default_attacks, default_eps
 from training.data import load_dataset
 from training.evaluate_stage import evaluate_stage
@@ -68,6 +69,7 @@ def quickstart(
     eps: float | None = None,
     n_attack: int = 10_000,
     n_eval: int | None = None,
+    adaptive_n: int = 1000,
     classifier_epochs: int = 10,
     detector_epochs: int = 10,
     target_fpr: float = 0.05,
@@ -84,7 +86,8 @@ def quickstart(
     unless `robust` is False, the robust guard from the same classifier (`harden`, in `out`/robust;
     `hardening` overrides its settings) and the table of both. An earlier run's outputs in `out` are
     refused, or removed first with `overwrite` (only the names in OUTPUTS: nothing else in `out`).
-    `benign_augmentation` and `shifted_fpr` as in `fit_detector`, for both guards' detectors."""
+    `benign_augmentation` and `shifted_fpr` as in `fit_detector`, for both guards' detectors. Both
+    evaluations run the adaptive suite on the first `adaptive_n` test images, the rest on `n_eval`."""
     out = Path(out)
     paths = QuickstartPaths(
         classifier=out / "classifier.keras",
@@ -96,6 +99,7 @@ def quickstart(
     existing = [out / name for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists: rerun with --overwrite to replace the earlier run, or choose another --out")
+    adaptive = dataclasses.replace(DEFAULT_ADAPTIVE, max_inputs=adaptive_n)  # checks adaptive_n before any work
     data = load_dataset(data_spec)
     for path in existing:
         log(f"removing the earlier run's {path}")
@@ -114,7 +118,7 @@ def quickstart(
                          target_fpr=target_fpr, epochs=detector_epochs, seed=seed,
                          benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr, log=log)
     log(f"[4/{steps}] evaluation")
-    plain = evaluate_stage(paths.classifier, paths.detector, data, out, n=n_eval, log=log)
+    plain = evaluate_stage(paths.classifier, paths.detector, data, out, n=n_eval, adaptive=adaptive, log=log)
     if paths.robust is None:
         return paths
     settings = hardening or HardenSettings(
@@ -122,7 +126,7 @@ def quickstart(
         n_attack=n_attack, detector_epochs=detector_epochs, target_fpr=target_fpr,
         benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr, seed=seed)
     log(f"[5/{steps}] robust guard (harden: adversarial fine-tuning at eps {settings.eps:g}, joint detector)")
-    hardened = harden(paths.classifier, data, paths.robust, settings, n_eval=n_eval, log=log)
+    hardened = harden(paths.classifier, data, paths.robust, settings, n_eval=n_eval, adaptive=adaptive, log=log)
     log("")
     log(summary_table({f"plain ({family} detector)": plain, "robust (harden, joint rule)": hardened.report}))
     return paths
