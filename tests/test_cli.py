@@ -44,11 +44,11 @@ def test_quickstart_writes_every_artifact_and_a_report_that_meets_the_schema(qui
 @pytest.mark.slow
 def test_quickstart_builds_the_robust_guard_beside_the_plain_one(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["quickstart", "--out", str(out), "--classifier-epochs", "8", "--detector-epochs", "5"]) == 0
+    assert main(["quickstart", "--out", str(out), "--classifier-epochs", "8", "--detector-epochs", "5", "--adaptive-n", "120"]) == 0
     for part in ("robust/guard/guard.json", "robust/report/report.json"):
         assert (out / part).is_file()
     robust = json.loads((out / "robust" / "report" / "report.json").read_text())
-    assert robust["detector"]["kind"] == "joint" and robust["adaptive"]
+    assert robust["detector"]["kind"] == "joint" and robust["adaptive"]["settings"]["max_inputs"] == 120
     assert all(row["eps"] == pytest.approx(0.1) for row in robust["attacks"].values())
     assert "robust (harden, joint rule)" in capsys.readouterr().out
 
@@ -324,9 +324,10 @@ def test_every_family_trains_evaluates_and_guards_through_the_cli(family, quicks
                  "--epochs", "4", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == family and manifest["calibration"]["target_fpr"] == 0.05
-    assert main(["evaluate", "--model", model, "--detector", str(out), "--n", "200", "--out", str(tmp_path / "eval")]) == 0
+    assert main(["evaluate", "--model", model, "--detector", str(out), "--n", "200", "--adaptive-n", "50",
+                 "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert report["detector"]["kind"] == family
+    assert report["detector"]["kind"] == family and report["adaptive"]["settings"]["max_inputs"] == 50
     assert report["attacks"]["pgd"]["auroc"] > (0.6 if family == "squeeze" else 0.9)
     assert main(["guard", "--model", model, "--detector", str(out), "--out", str(tmp_path / "guard"),
                  "--name", "digits", "--policy", "flag"]) == 0
