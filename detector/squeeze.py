@@ -5,7 +5,8 @@ adversarial images than for clean ones. Score = the largest L1 distance between 
 input and the softmax on any of its squeezed versions (0..2).
 
 Squeezers are written as strings: "bit_depth:B" (B bits per channel, 1..8), "median:K" (K x K median
-filter, K odd >= 3, with OpenCV: it has no 2 x 2 median), "nl_means:S:P:H" (OpenCV non-local means
+filter: odd K >= 3 with OpenCV, K = 2 as Xu et al.'s scipy filter, the upper middle of each pixel's window
+with its upper-left neighbours), "nl_means:S:P:H" (OpenCV non-local means
 with search window S, patch size P and strength H on the 0..255 scale). Images are float in [0, 1].
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import cv2
 import keras
 import numpy as np
 from keras import ops
+from scipy.ndimage import median_filter
 
 from detector.base import Detector
 from detector.features import (
@@ -29,7 +31,7 @@ from detector.features import (
 from foundation.storage import model_fingerprint
 from foundation.validation import Interval, Satisfies, check_image_shape
 
-DEFAULT_SQUEEZERS = {1: ["bit_depth:1", "median:3"], 3: ["bit_depth:5", "median:3", "nl_means:13:3:2"]}
+DEFAULT_SQUEEZERS = {1: ["bit_depth:1", "median:3"], 3: ["bit_depth:5", "median:2", "nl_means:13:3:2"]}
 FALLBACK_SQUEEZERS = ["bit_depth:5", "median:3"]
 
 
@@ -52,7 +54,9 @@ def bit_depth(x: np.ndarray, bits: int) -> np.ndarray:
 
 def median(x: np.ndarray, size: int) -> np.ndarray:
     """cv2.medianBlur per image: on float32 directly for 3 x 3 and 5 x 5 (the sizes OpenCV supports
-    for floats), on 8-bit copies for larger windows."""
+    for floats), on 8-bit copies for larger windows; 2 x 2 (which OpenCV lacks) with scipy, as Xu et al."""
+    if size == 2:
+        return median_filter(np.asarray(x, np.float32), size=(1, 2, 2, 1), mode="nearest")
     if size <= 5:
         return np.stack([_per_channel(image, lambda c: cv2.medianBlur(c, size)) for image in x]).astype(np.float32)
     return np.stack([_per_channel(_to_uint8(image), lambda c: cv2.medianBlur(c, size)) for image in x]).astype(np.float32) / 255.0
@@ -82,7 +86,7 @@ def parse_squeezer(spec: str, image_size: tuple[int | None, ...] = (None, None))
     whole = all(v == int(v) for v in values)
     if name == "bit_depth" and len(values) == 1 and whole and 1 <= values[0] <= 8:
         return lambda x: bit_depth(x, int(values[0]))
-    if name == "median" and len(values) == 1 and whole and values[0] >= 3 and values[0] % 2 == 1:
+    if name == "median" and len(values) == 1 and whole and (values[0] == 2 or values[0] >= 3 and values[0] % 2 == 1):
         size = int(values[0])
         if any(s is not None and size > s for s in image_size):
             raise ValueError(f"squeezer {spec!r}: a {size} x {size} window is larger than the {image_size} image")
@@ -91,7 +95,7 @@ def parse_squeezer(spec: str, image_size: tuple[int | None, ...] = (None, None))
         return lambda x: nl_means(x, int(values[0]), int(values[1]), values[2])
     raise ValueError(
         f"unknown or malformed squeezer {spec!r}: expected 'bit_depth:B' (1 <= B <= 8), 'median:K' "
-        "(odd K >= 3) or 'nl_means:S:P:H' (odd S, P >= 1, H > 0)"
+        "(2, or odd K >= 3) or 'nl_means:S:P:H' (odd S, P >= 1, H > 0)"
     )
 
 
@@ -103,7 +107,7 @@ def _squeezer_specs(specs: Any) -> list[str]:
     return [str(spec) for spec in specs]
 
 
-SQUEEZERS = Satisfies("a non-empty list of squeezer specs: 'bit_depth:B' (1 <= B <= 8), 'median:K' (odd K >= 3) "
+SQUEEZERS = Satisfies("a non-empty list of squeezer specs: 'bit_depth:B' (1 <= B <= 8), 'median:K' (2, or odd K >= 3) "
                       "or 'nl_means:S:P:H' (odd S, P >= 1, H > 0)", _squeezer_specs)
 
 
@@ -114,19 +118,20 @@ def _straight_through(x: Any, squeezed: Any) -> Any:
 
 
 def _median(x: Any, size: int) -> Any:
-    """cv2.medianBlur in keras.ops: replicated borders, the middle of the sorted size x size window
-    (on 8-bit levels for windows above 5, as OpenCV does for float images)."""
+    """`median` in keras.ops: replicated borders, the middle of the sorted size x size window (the
+    upper middle for 2 x 2, whose window is the pixel and its upper-left neighbours, as scipy's), on
+    8-bit levels for windows above 5, as OpenCV does for float images."""
     if size > 5:
         x = ops.round(ops.clip(x, 0.0, 1.0) * 255.0) / 255.0
-    pad = size // 2
+    before, after = size // 2, (size - 1) // 2
     height, width = x.shape[1], x.shape[2]
-    rows = ops.concatenate([ops.repeat(x[:, :1], pad, axis=1), x, ops.repeat(x[:, -1:], pad, axis=1)], axis=1)
-    padded = ops.concatenate([ops.repeat(rows[:, :, :1], pad, axis=2), rows, ops.repeat(rows[:, :, -1:], pad, axis=2)], axis=2)
+    rows = ops.concatenate([ops.repeat(x[:, :1], before, axis=1), x, ops.repeat(x[:, -1:], after, axis=1)], axis=1)
+    padded = ops.concatenate([ops.repeat(rows[:, :, :1], before, axis=2), rows, ops.repeat(rows[:, :, -1:], after, axis=2)], axis=2)
     windows = [padded[:, i:i + height, j:j + width] for i in range(size) for j in range(size)]
     return ops.sort(ops.stack(windows, axis=-1), axis=-1)[..., size * size // 2]
 
 
-def _squeezer(spec: str) -> Callable[[Any], Any] | None:
+def graph_squeezer(spec: str) -> Callable[[Any], Any] | None:
     """The keras.ops version of a squeezer spec, or None when there is none (non-local means)."""
     name, *args = spec.split(":")
     if name == "bit_depth":
@@ -141,8 +146,8 @@ class SqueezeDetector(Detector):
     """Max L1 distance between the classifier's softmax on the input and on squeezed copies.
 
     squeezers: spec strings; None chooses by channel count (grayscale: 1-bit depth and a 3 x 3 median,
-    as Xu et al. for MNIST but with OpenCV's smallest median; colour: 5 bits, 3 x 3 median and
-    non-local means 13-3-2, as for CIFAR-10).
+    as Xu et al. for MNIST but with a 3 x 3 median; colour: 5 bits, 2 x 2 median and non-local
+    means 13-3-2, as Xu et al. for CIFAR-10).
     """
 
     kind = "squeeze"
@@ -179,7 +184,7 @@ class SqueezeDetector(Detector):
     def score_graph(self, images: Any) -> Any | None:
         """The same distances in keras.ops; each squeezer is differentiated as the identity (BPDA,
         Athalye et al. 2018). None with non-local means (OpenCV only)."""
-        functions = [_squeezer(spec) for spec in self.squeezers]
+        functions = [graph_squeezer(spec) for spec in self.squeezers]
         if any(f is None for f in functions):
             return None
         plain = ops.softmax(self.classifier(images))

@@ -25,7 +25,7 @@ from detector.ensemble import EnsembleDetector
 from detector.mahalanobis import MahalanobisDetector, min_distance
 from detector.margin import MarginDetector
 from detector.odds import OddsDetector
-from detector.squeeze import SqueezeDetector, bit_depth, median, parse_squeezer
+from detector.squeeze import SqueezeDetector, bit_depth, graph_squeezer, median, parse_squeezer
 from detector.svm import SafetyNetDetector, rbf_decision_function, squared_distances
 
 EPS = 0.3
@@ -178,7 +178,7 @@ SQUEEZER_SPECS = r"squeezers must be None or a non-empty list of squeezer specs:
         (MahalanobisDetector, {"covariance": "oas"}, r"covariance must be one of \['empirical', 'ledoit_wolf'\], got 'oas'"),
         (MahalanobisDetector, {"C": -1.0}, "C must be a finite number > 0, got -1.0"),
         (SqueezeDetector, {"squeezers": []}, SQUEEZER_SPECS + r"\[\]"),
-        (SqueezeDetector, {"squeezers": ["median:2"]}, SQUEEZER_SPECS + r"\['median:2'\]"),
+        (SqueezeDetector, {"squeezers": ["median:4"]}, SQUEEZER_SPECS + r"\['median:4'\]"),
         (SqueezeDetector, {"squeezers": ["bit_depth:0"]}, SQUEEZER_SPECS + r"\['bit_depth:0'\]"),
         (SqueezeDetector, {"squeezers": ["blur:3"]}, SQUEEZER_SPECS + r"\['blur:3'\]"),
         (SqueezeDetector, {"squeezers": ["nl_means:13:3"]}, SQUEEZER_SPECS + r"\['nl_means:13:3'\]"),
@@ -319,6 +319,12 @@ def test_squeezers_do_what_they_say():
     np.testing.assert_array_equal(bit_depth(x, 1), (x >= 0.5).astype(np.float32))
     assert len(np.unique(bit_depth(x, 3))) <= 8
     np.testing.assert_allclose(median(x, 3), median_filter(x, size=(1, 3, 3, 1), mode="nearest"), atol=1e-7)
+    # 2 x 2 (Xu et al.'s CIFAR-10 squeezer): the upper middle of each pixel with its upper-left neighbours
+    padded = np.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)), mode="edge")
+    window = np.stack([padded[:, :-1, :-1], padded[:, :-1, 1:], padded[:, 1:, :-1], padded[:, 1:, 1:]])
+    np.testing.assert_array_equal(median(x, 2), np.sort(window, axis=0)[2])
+    for size in (2, 3):  # the scoring graph's keras.ops version (white-box attacks) squeezes the same
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(graph_squeezer(f"median:{size}")(x)), median(x, size), atol=1e-7)
     colour = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
     assert parse_squeezer("nl_means:13:3:2")(colour).shape == colour.shape
 
@@ -326,7 +332,7 @@ def test_squeezers_do_what_they_say():
 def test_squeeze_defaults_by_channel_count_and_zero_score_on_fixed_points(digits, digits_classifier):
     assert SqueezeDetector(digits_classifier).squeezers == ["bit_depth:1", "median:3"]
     colour = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten(), keras.layers.Dense(4)])
-    assert SqueezeDetector(colour).squeezers == ["bit_depth:5", "median:3", "nl_means:13:3:2"]
+    assert SqueezeDetector(colour).squeezers == ["bit_depth:5", "median:2", "nl_means:13:3:2"]
     detector = SqueezeDetector(digits_classifier, squeezers=["bit_depth:1"]).fit(digits.x_train[:10], digits.x_train[10:20])
     binary = (digits.x_test[:20] >= 0.5).astype(np.float32)  # unchanged by 1-bit squeezing
     np.testing.assert_array_equal(detector.score(binary), np.zeros(20))
