@@ -154,6 +154,7 @@ def mnist_shaped_npz(tmp_path) -> Path:
         (["train-detector", "--adversarial", "{tmp}/nothing", "--out", "{tmp}/d"], "not found"),
         (["evaluate", "--model", "{model}", "--detector", "{tmp}/nothing", "--out", "{tmp}/e"], "not found"),
         (["evaluate", "--model", "{model}", "--detector", "{detector}", "--attacks", "pgd:eps", "--out", "{tmp}/e"], "cannot parse"),
+        (["quickstart", "--adaptive-n", "0", "--out", "{tmp}/q"], r"adaptive max_inputs must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_input_prints_one_line_exits_2_and_writes_nothing(
