@@ -5,9 +5,9 @@ adversarial images than for clean ones. Score = the largest L1 distance between 
 input and the softmax on any of its squeezed versions (0..2).
 
 Squeezers are written as strings: "bit_depth:B" (B bits per channel, 1..8), "median:K" (K x K median
-filter: odd K >= 3 with OpenCV, K = 2 as Xu et al.'s scipy filter, the upper middle of each pixel's window
-with its upper-left neighbours), "nl_means:S:P:H" (OpenCV non-local means
-with search window S, patch size P and strength H on the 0..255 scale). Images are float in [0, 1].
+filter: odd K >= 3 with OpenCV; K = 2 with scipy, as Xu et al.: the upper middle of each pixel and its
+upper-left neighbours), "nl_means:S:P:H" (OpenCV non-local means with search window S, patch size P
+and strength H on the 0..255 scale). Images are float in [0, 1].
 """
 from __future__ import annotations
 
