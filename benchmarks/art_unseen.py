@@ -58,13 +58,17 @@ def art_attacks(model: keras.Model, x: np.ndarray, y: np.ndarray, cw_params: dic
     return runs
 
 
-def art_rows(detector: Detector, x_clean: np.ndarray, runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per ART attack: success rate, AUROC and TPR at the calibrated threshold on its successful images."""
+def art_rows(detector: Detector, x_clean: np.ndarray, clean_correct: np.ndarray,
+             runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per ART attack: success rate, AUROC and TPR at the calibrated threshold on the images it
+    turned (successful, from a clean image the classifier got right: `clean_correct` of the first
+    images, as our rows in `detector.metrics.attack_row`)."""
     clean_scores = np.asarray(detector.score(x_clean), np.float64)
     rows = {}
     for name, run in runs.items():
         scores = np.asarray(detector.score(run["x_adv"]), np.float64)
-        found = detection(clean_scores, scores[run["success"]], detector.threshold)
+        turned = run["success"] & clean_correct[:len(scores)]
+        found = detection(clean_scores, scores[turned], detector.threshold)
         rows[name] = {"success_rate": float(np.mean(run["success"])), "auroc": found["auroc"], "tpr": found["tpr"],
-                      "n": len(scores), "n_successful": int(np.sum(run["success"]))}
+                      "n": len(scores), "n_successful": int(np.sum(run["success"])), "n_turned": int(turned.sum())}
     return rows

@@ -35,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 
 from attacks import make_attack, parse_attack_spec  # noqa: E402
 from attacks.dataset import ArraySource, generate_dataset, load_adversarial_dataset  # noqa: E402
@@ -120,6 +121,7 @@ def main() -> None:
         seen_sets = datasets[:len(fitted_on)]
 
         x_test, y_test = data.x_test[: args.n_test], data.y_test[: args.n_test]
+        clean_correct = np.argmax(classifier.predict(x_test, verbose=0), axis=-1) == y_test  # what an attack can turn
         test_attacks = seen + [parse_attack_spec(spec) for spec in args.unseen]
         results = []
         for i, (key, attack) in enumerate(zip(attack_keys(test_attacks), test_attacks, strict=True)):
@@ -142,11 +144,11 @@ def main() -> None:
             rows = {
                 "clean_fpr": evaluation["detector"]["clean_fpr"],
                 "clean_fpr_shifted": evaluation["detector"]["clean_fpr_shifted"],  # each benign corruption, and max
-                "attacks": {name: {k: row[k] for k in ("success_rate", "auroc", "tpr")}
+                "attacks": {name: {k: row[k] for k in ("success_rate", "n_turned", "auroc", "tpr")}
                             for name, row in evaluation["attacks"].items()},
             }
             if args.art:
-                rows["attacks"] |= art_rows(detector, x_test, art_runs)
+                rows["attacks"] |= art_rows(detector, x_test, clean_correct, art_runs)
             print(f"{label}: " + ", ".join(f"{n} AUROC {r['auroc']} TPR {r['tpr']}"
                                            for n, r in rows["attacks"].items()), file=sys.stderr)
             return rows

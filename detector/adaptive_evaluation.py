@@ -178,6 +178,7 @@ def evaluate_adaptive(
     keyed: dict[str, tuple[Attack, AttackResult]],
     handled: dict[str, np.ndarray],
     clean_scores: np.ndarray,
+    clean_correct: np.ndarray,
     settings: AdaptiveSettings,
     *,
     seed: int = 0,
@@ -187,7 +188,8 @@ def evaluate_adaptive(
     """The report's "adaptive" section and its curves; (None, {}) when no attack has an L-p budget.
 
     `keyed` maps the non-adaptive report keys to (attack, result); `handled` to whether each input
-    was rejected or still classified correctly under that attack."""
+    was rejected or still classified correctly under that attack; `clean_correct` whether the
+    classifier gets each clean input right."""
     chosen = budgets([attack for attack, _ in keyed.values()])
     if not chosen:
         return None, {}
@@ -236,7 +238,7 @@ def evaluate_adaptive(
         won = np.bincount(choice[kept.broken], minlength=len(names))
         key = _key(template)
         result = AttackResult(kept.x_adv, kept.broken, kept.linf, kept.l2)
-        row, curves[key] = attack_row(clean_scores, threshold, kept.scores, result, kept.misclassified)
+        row, curves[key] = attack_row(clean_scores, threshold, kept.scores, result, kept.misclassified, clean_correct[:count])
         baseline = min(same, key=lambda k: handled[k][:count].mean())  # the strongest on the same inputs
         row |= {
             "eps": template.eps, "norm": template.norm, "n": count,

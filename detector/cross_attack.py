@@ -41,6 +41,7 @@ def cross_attack_matrix(
     train: Mapping[str, TrainingSet],
     test: Mapping[str, AttackResult],
     x_test: np.ndarray,
+    y_test: np.ndarray,
     fit: Fit,
     *,
     x_train: np.ndarray | None = None,
@@ -51,7 +52,9 @@ def cross_attack_matrix(
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Train one detector per entry of `train` (an attack, run on x_train / y_train, or a pair of
-    paired clean and adversarial images) and test each on every result in `test` (on x_test).
+    paired clean and adversarial images) and test each on every result in `test` (on x_test): its
+    positives are the examples the attack turned (successful, from an image of x_test the classifier
+    gets right, as in `detector.metrics.attack_row`).
 
     Returns {"train": names, "test": names, "auroc": rows x columns, "tpr": ..., "clean_fpr": per
     row, "target_fpr", "n_train": per row}; strict JSON values.
@@ -61,6 +64,8 @@ def cross_attack_matrix(
     if not 0.0 < calibration_fraction < 1.0:
         raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
     rng = np.random.default_rng(seed)
+    clean_correct = np.argmax(classifier.predict(x_test, batch_size=batch_size, verbose=0), axis=-1) == y_test
+    turned = {name: np.asarray(result.success) & clean_correct for name, result in test.items()}
     matrix: dict[str, Any] = {"train": list(train), "test": list(test), "auroc": [], "tpr": [], "clean_fpr": [],
                               "target_fpr": target_fpr, "n_train": []}
     for name, source in train.items():
@@ -72,8 +77,9 @@ def cross_attack_matrix(
         detector = fit(x_clean[~held], x_adversarial[~held]).calibrate(x_clean[held], target_fpr)
         clean_scores = np.asarray(detector.score(x_test), np.float64)
         aurocs, tprs = [], []
-        for result in test.values():
-            positives = np.asarray(detector.score(result.x_adv[result.success]), np.float64) if result.success.any() else np.empty(0)
+        for test_name, result in test.items():
+            positives = (np.asarray(detector.score(result.x_adv[turned[test_name]]), np.float64)
+                         if turned[test_name].any() else np.empty(0))
             aurocs.append(auroc(clean_scores, positives))
             tprs.append(float(np.mean(flagged(positives, detector.threshold))) if len(positives) else None)
         matrix["auroc"].append(aurocs)

@@ -154,7 +154,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run each attack on (x, y) and measure the detector on it; then the adaptive attacks (None
     turns them off), the Taylor picture on the first `taylor_inputs` inputs, and what it takes to
-    reproduce the report. `results` (the attacks' results on x, in order) skips running them.
+    reproduce the report. `results` (the attacks' results on x, in order; a result may cover only
+    the first images of x) skips running them.
 
     Returns the report (schema of README "report.json"), strict JSON values only.
     """
@@ -196,12 +197,12 @@ def evaluate(
         keyed[key] = (attack, result)
         misclassified = result.success if result.targets is None else _predict_labels(classifier, result.x_adv, batch_size) != y
         scores = np.asarray(detector.score(result.x_adv), np.float64)
-        row, curves[key] = attack_row(clean_scores, threshold, scores, result, misclassified)
+        row, curves[key] = attack_row(clean_scores, threshold, scores, result, misclassified, clean_correct[:len(scores)])
         handled[key] = flagged(scores, threshold) | ~misclassified
         report["attacks"][key] = {"eps": getattr(attack, "eps", None), **row, "label": attack_label(attack), "params": attack.get_params()}
     if adaptive is not None:
         section, adaptive_curves = evaluate_adaptive(
-            classifier, detector, x, y, keyed, handled, clean_scores, adaptive, seed=seed,
+            classifier, detector, x, y, keyed, handled, clean_scores, clean_correct, adaptive, seed=seed,
             batch_size=batch_size, progress=progress)
         if section is not None:
             report["adaptive"] = section

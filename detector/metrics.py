@@ -125,15 +125,23 @@ def fgsm_taylor(model: keras.Model, x: np.ndarray, y: np.ndarray, eps: np.ndarra
 
 
 def attack_row(clean_scores: np.ndarray, threshold: float, scores: np.ndarray, result: AttackResult,
-               misclassified: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One attack's report row (detection on its successful examples and on all, success, norms,
-    guarded accuracy) and its curves (ROC on successful and on all examples, score histogram)."""
-    success = result.success
+               misclassified: np.ndarray, clean_correct: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One attack's report row (detection on the examples it turned and on all, success, norms,
+    guarded accuracy) and its curves (ROC on the turned and on all examples, score histogram).
+
+    The positives are the examples the attack turned: successful, from an image the classifier got
+    right (`clean_correct`). Its own clean errors are no attack: a minimal attack (CW, DeepFool)
+    returns them unchanged, and counting them as misses would mix the classifier's clean error into
+    the detector's TPR (as in Carlini & Wagner 2017 and Lee et al. 2018). Guarded accuracy still
+    counts every input."""
+    success = np.asarray(result.success)
+    turned = success & np.asarray(clean_correct)
     row = {
         "success_rate": result.success_rate,
-        **detection(clean_scores, scores[success], threshold),
+        **detection(clean_scores, scores[turned], threshold),
         **detection(clean_scores, scores, threshold, "_all"),
         "n_successful": int(success.sum()),
+        "n_turned": int(turned.sum()),
         "mean_linf": float(result.linf.mean()),
         "mean_l2": float(result.l2.mean()),
         "mean_linf_successful": float(result.linf[success].mean()) if success.any() else None,
@@ -142,6 +150,6 @@ def attack_row(clean_scores: np.ndarray, threshold: float, scores: np.ndarray, r
         "misclassification_rate": float(np.mean(misclassified)),
         "guarded_accuracy": guarded_accuracy(flagged(scores, threshold), misclassified),
     }
-    curves = {"roc": roc_points(clean_scores, scores[success]), "roc_all": roc_points(clean_scores, scores),
-              "histogram": histogram(clean_scores, scores[success])}
+    curves = {"roc": roc_points(clean_scores, scores[turned]), "roc_all": roc_points(clean_scores, scores),
+              "histogram": histogram(clean_scores, scores[turned])}
     return row, curves

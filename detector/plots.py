@@ -39,7 +39,7 @@ def roc_figure(report: dict[str, Any]) -> Figure | None:
         axes.plot(roc["fpr"], roc["tpr"], label=name, linestyle="--" if name.startswith("adaptive") else "-")
     axes.axvline(report["detector"]["target_fpr"], color="grey", linewidth=0.8, label="target FPR")
     axes.plot([0, 1], [0, 1], color="lightgrey", linewidth=0.8)
-    axes.set(xlabel="false-positive rate (clean test images)", ylabel="true-positive rate (successful examples)",
+    axes.set(xlabel="false-positive rate (clean test images)", ylabel="true-positive rate (turned examples)",
              title=f"ROC: {report['detector']['kind']} detector on {report['data']}", xlim=(0, 1), ylim=(0, 1.01))
     axes.legend(fontsize=8, loc="lower right")
     return figure
@@ -56,7 +56,7 @@ def histogram_figure(report: dict[str, Any]) -> Figure | None:
         # each side as a fraction of its own images: 10,000 clean images would flatten 50 adversarial ones
         clean, adversarial = (np.asarray(h[side], np.float64) for side in ("clean", "adversarial"))
         axes.stairs(clean / max(clean.sum(), 1.0), h["edges"], label="clean", fill=True, alpha=0.5)
-        axes.stairs(adversarial / max(adversarial.sum(), 1.0), h["edges"], label="adversarial (successful)", fill=True, alpha=0.5)
+        axes.stairs(adversarial / max(adversarial.sum(), 1.0), h["edges"], label="adversarial (turned)", fill=True, alpha=0.5)
         axes.axvline(report["detector"]["threshold"], color="black", linewidth=1, label="threshold")
         axes.set(title=f"{name}\n{clean.sum():.0f} clean, {adversarial.sum():.0f} adversarial",
                  xlabel="detector score", ylabel="fraction of each side's images")

@@ -53,7 +53,8 @@ def _attacks(report: dict[str, Any]) -> Table:
              _number(r["tpr"]), _number(r["tpr_all"]), _number(r["tpr_at_1pct_fpr"]), _number(r["tpr_at_5pct_fpr"]),
              _number(r["guarded_accuracy"]), _number(r["mean_linf"]), _number(r["mean_l2"])]
             for name, r in report["attacks"].items()]
-    notes = [("Positives: successful adversarial examples ('all': every adversarial example); negatives: every clean "
+    notes = [("Positives: the adversarial examples each attack turned, successful from a clean image the classifier got "
+              "right ('all': every adversarial example); negatives: every clean "
               "test image. TPR at the calibrated threshold; TPR @x% FPR off the ROC curve on the test clean images. "
               "Guarded accuracy: rejected or classified correctly (true label, also for targeted attacks).")]
     return "Attacks (non-adaptive)", header, rows, notes

@@ -1,5 +1,5 @@
 """Tests for detector.evaluation: the report schema, hand-checked AUROC / TPR / FPR, counting only
-successful adversarial examples, report keys, the text table, report.json, and a real detector."""
+adversarial examples an attack turned, report keys, the text table, report.json, and a real detector."""
 from __future__ import annotations
 
 import dataclasses
@@ -160,14 +160,16 @@ def test_report_numbers_match_hand_computation(recorded_report, digits, digits_c
         row = report["attacks"][name]
         success = result.success
         assert 0.05 < success.mean() < 0.95, (name, success.mean())  # a mix, so the mask matters
+        turned = success & (predicted == y)  # the positives: successes from images the classifier got right
+        assert 0 < turned.sum() < success.sum(), name  # the classifier errs on some, so that mask matters too
         adversarial = corner.score(result.x_adv)
-        labels = np.r_[np.zeros(len(clean)), np.ones(success.sum())]
-        auroc = roc_auc_score(labels, np.r_[clean, adversarial[success]])
+        labels = np.r_[np.zeros(len(clean)), np.ones(turned.sum())]
+        auroc = roc_auc_score(labels, np.r_[clean, adversarial[turned]])
         assert row["eps"] == eps
         assert row["success_rate"] == pytest.approx(success.mean())
-        assert row["n_successful"] == int(success.sum())
+        assert row["n_successful"] == int(success.sum()) and row["n_turned"] == int(turned.sum())
         assert row["auroc"] == pytest.approx(auroc, abs=1e-12)
-        assert row["tpr"] == pytest.approx(np.mean(adversarial[success] > threshold))
+        assert row["tpr"] == pytest.approx(np.mean(adversarial[turned] > threshold))
         assert row["guarded_accuracy"] == pytest.approx(np.mean((adversarial > threshold) | ~success))
         assert row["mean_linf"] == pytest.approx(result.linf.mean())
         assert row["params"]["attack"] == name
@@ -180,7 +182,7 @@ def test_only_successful_adversarials_are_positives(digits, digits_classifier, c
     # recompute what the attack returned
     result = ScriptedAttack()(digits_classifier, x, digits.y_test)
     clean, adversarial = corner.score(x), corner.score(result.x_adv)
-    success = result.success
+    success = result.success & (np.argmax(digits_classifier.predict(x, verbose=0), axis=-1) == digits.y_test)
     auroc_successful = roc_auc_score(
         np.r_[np.zeros(len(clean)), np.ones(success.sum())], np.r_[clean, adversarial[success]]
     )
@@ -295,9 +297,23 @@ def test_zero_successes_give_none_and_valid_json(digits, digits_classifier, corn
 def test_attack_without_eps_gives_valid_json(digits, digits_classifier, corner, tmp_path):
     report = evaluate(digits_classifier, corner, digits.x_test, digits.y_test, [IdentityAttack()], data="d",
                       progress=False)
-    assert report["attacks"]["identity"]["n_successful"] > 0  # the classifier errs on a few images
+    row = report["attacks"]["identity"]
+    assert row["eps"] is None
     text = write_report(report, tmp_path).read_text(encoding="utf-8")
     json.loads(text, parse_constant=_raise_on_constant)
+
+
+def test_the_classifiers_own_errors_are_no_detection_positives(digits, digits_classifier, corner):
+    """An attack that changes nothing 'succeeds' on exactly the images the classifier already gets
+    wrong, as a minimal attack (CW, DeepFool) does: it turned none, so it has no detection figures,
+    and its guarded accuracy is the guarded clean accuracy."""
+    report = evaluate(digits_classifier, corner, digits.x_test, digits.y_test, [IdentityAttack()], data="d",
+                      progress=False)
+    row = report["attacks"]["identity"]
+    assert row["n_successful"] > 0 and row["n_turned"] == 0  # the classifier errs on a few images
+    assert row["auroc"] is None and row["tpr"] is None
+    assert row["auroc_all"] is not None
+    assert row["guarded_accuracy"] == pytest.approx(report["detector"]["guarded_clean_accuracy"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from attacks import FGSM, PGD
+from attacks import FGSM, PGD, AttackResult
 from detector import InputDetector, load_detector
 from detector.adaptive_evaluation import AdaptiveSettings
 from detector.cross_attack import cross_attack_matrix
@@ -161,13 +161,18 @@ def test_cross_attack_matrix_trains_one_detector_per_attack(digits, digits_class
         return InputDetector(epochs=3).fit(clean, adversarial, verbose=0)
 
     results = {name: a(digits_classifier, x, y) for name, a in attacks.items()}
-    matrix = cross_attack_matrix(digits_classifier, {"fgsm": attacks["fgsm"], "pgd": pgd_pair}, results, x, fit,
+    wrong = np.argmax(digits_classifier.predict(x, verbose=0), axis=-1) != y
+    assert wrong.any()
+    zeros = np.zeros(len(x), np.float32)  # "succeeds" on the classifier's own errors, unchanged: turns none
+    results["unchanged"] = AttackResult(x, wrong, zeros, zeros)
+    matrix = cross_attack_matrix(digits_classifier, {"fgsm": attacks["fgsm"], "pgd": pgd_pair}, results, x, y, fit,
                                  x_train=x_train, y_train=y_train, target_fpr=0.05)
-    assert matrix["train"] == matrix["test"] == ["fgsm", "pgd"]
+    assert matrix["train"] == ["fgsm", "pgd"] and matrix["test"] == ["fgsm", "pgd", "unchanged"]
     assert len(fits) == 2 and all(c == a < 400 for c, a in fits)  # calibration images held out
-    assert np.shape(matrix["auroc"]) == np.shape(matrix["tpr"]) == (2, 2)
-    assert min(min(row) for row in matrix["auroc"]) > 0.8  # FGSM and PGD at 0.3 look alike
+    assert np.shape(matrix["auroc"]) == np.shape(matrix["tpr"]) == (2, 3)
+    assert min(min(row[:2]) for row in matrix["auroc"]) > 0.8  # FGSM and PGD at 0.3 look alike
+    assert all(row[2] is None for row in matrix["auroc"] + matrix["tpr"])  # no positives, no figure
     assert all(0.0 <= fpr < 0.25 for fpr in matrix["clean_fpr"])
     json.dumps(matrix)
     with pytest.raises(ValueError, match="x_train"):
-        cross_attack_matrix(digits_classifier, {"fgsm": attacks["fgsm"]}, results, x, fit)
+        cross_attack_matrix(digits_classifier, {"fgsm": attacks["fgsm"]}, results, x, y, fit)

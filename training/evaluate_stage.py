@@ -100,7 +100,7 @@ def evaluate_stage(
     if cross_attack:
         log(f"cross-attack matrix: one input detector per attack on {len(x_train)} training images")
         report["cross_attack"] = cross_attack_matrix(
-            model, dict(zip(report["attacks"], attacks)), dict(zip(report["attacks"], results)), x,
+            model, dict(zip(report["attacks"], attacks)), dict(zip(report["attacks"], results)), x, y,
             lambda clean, adversarial: make_detector("input", None, epochs=cross_attack_epochs, seed=seed).fit(clean, adversarial, verbose=0),
             x_train=x_train, y_train=y_train, target_fpr=detector.calibration.target_fpr, seed=seed, batch_size=batch_size,
         )
