@@ -19,7 +19,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
 from attacks import FGSM, PGD
-from attacks.dataset import ArraySource, generate_dataset, load_adversarial_dataset
+from attacks.dataset import AdversarialDataset, ArraySource, generate_dataset, load_adversarial_dataset
 from foundation.storage import model_fingerprint
 from detector import FAMILIES, Calibration, InputDetector, calibrate_threshold, load_detector
 from detector.base import FORMAT_VERSION, MANIFEST
@@ -385,6 +385,32 @@ def test_benign_augmentation_lowers_the_clean_fpr_under_shift(detector, datasets
     off, on = shifted_fprs(plain, digits.x_test), shifted_fprs(detector, digits.x_test)
     assert on["shift1"] < off["shift1"] - 0.1, (off, on)
     assert on["resize0.75"] < off["resize0.75"] - 0.3, (off, on)
+
+
+def _minimal_attack_dataset(changed: np.ndarray, success: np.ndarray) -> AdversarialDataset:
+    """Records 0..n-1 of random images; `changed` ones perturbed, the others returned unchanged."""
+    rng = np.random.default_rng(0)
+    x_clean = rng.random((len(changed), 4, 4, 1)).astype(np.float32)
+    x_adv = x_clean + 0.1 * changed[:, None, None, None].astype(np.float32)
+    l2 = np.linalg.norm((x_adv - x_clean).reshape(len(x_clean), -1), axis=1)
+    return AdversarialDataset(manifest={"attack": {"attack": "cw"}}, x_clean=x_clean, x_adv=x_adv,
+                              y=np.zeros(len(changed), np.int64), target=np.full(len(changed), -1), success=success,
+                              linf=l2, l2=l2, index=np.arange(len(changed)))
+
+
+def test_records_a_minimal_attack_left_unchanged_are_no_positives():
+    """CW returns the images it could not fool, and those the classifier already got wrong,
+    unchanged: clean images, neither fitted as adversarial nor counted in the held-out TPR."""
+    changed = np.arange(200) % 3 != 0
+    data = _minimal_attack_dataset(changed, success=np.arange(200) % 2 == 0)  # some unchanged ones "succeed"
+    split = split_by_source([data], 0.2, 0)
+    held_sources = {image.tobytes() for image in split.x_clean_held_out}
+    held = np.array([image.tobytes() in held_sources for image in data.x_clean])
+    np.testing.assert_array_equal(split.adversarial_fit[0], data.x_adv[~held & changed])
+    np.testing.assert_array_equal(split.adversarial_held_out[0], data.x_adv[held & changed & data.success])
+    assert (held & ~changed & data.success).any() and (~held & ~changed).any()  # the case tells the rules apart
+    with pytest.raises(ValueError, match="no perturbed image"):
+        split_by_source([_minimal_attack_dataset(np.zeros(50, bool), np.ones(50, bool))], 0.2, 0)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5])

@@ -71,9 +71,11 @@ def _hold_out(ids: np.ndarray, fraction: float, rng: np.random.Generator, what: 
 
 def split_by_source(datasets: Sequence[AdversarialDataset], calibration_fraction: float, seed: int) -> SourceSplit:
     """Hold out a random `calibration_fraction` of the source images (all their versions), and the
-    same fraction of each adversarial-only dataset's records (by record index)."""
+    same fraction of each adversarial-only dataset's records (by record index). Records the attack
+    left unchanged are dropped (`_changed`)."""
     if not 0.0 < calibration_fraction < 1.0:
         raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
+    changed = [_changed(data) for data in datasets]
     clean_by_index: dict[int, np.ndarray] = {}
     for data in datasets:
         if not adversarial_only(data):
@@ -93,9 +95,20 @@ def split_by_source(datasets: Sequence[AdversarialDataset], calibration_fraction
     return SourceSplit(
         x_clean_fit=np.stack([clean_by_index[s] for s in sources[~is_held]]),
         x_clean_held_out=np.stack([clean_by_index[s] for s in sources[is_held]]),
-        adversarial_fit=[d.x_adv[~h] for d, h in zip(datasets, held, strict=True)],
-        adversarial_held_out=[d.x_adv[h & d.success] for d, h in zip(datasets, held, strict=True)],
+        adversarial_fit=[d.x_adv[~h & c] for d, h, c in zip(datasets, held, changed, strict=True)],
+        adversarial_held_out=[d.x_adv[h & c & d.success] for d, h, c in zip(datasets, held, changed, strict=True)],
     )
+
+
+def _changed(data: AdversarialDataset) -> np.ndarray:
+    """The records an attack perturbed. A minimal attack (CW, DeepFool) returns an image it could not
+    fool, or one the classifier already got wrong, unchanged: a clean image, which as a positive
+    would teach the detector to flag clean images and count as a miss in the held-out TPR. Records
+    of an adversarial-only dataset (no clean counterpart) all count."""
+    changed = np.ones(len(data.index), bool) if adversarial_only(data) else data.l2 > 0
+    if not changed.any():
+        raise ValueError(f"the {data.attack} dataset holds no perturbed image: every record equals its clean source")
+    return changed
 
 
 def describe_datasets(datasets: Sequence[AdversarialDataset], paths: Sequence[str] | None) -> list[dict[str, Any]]:
