@@ -49,13 +49,14 @@ from timing import emit  # noqa: E402
 
 
 def _row(detector, x_test: np.ndarray, seen: dict) -> dict:
-    """Nominal and shifted clean FPR on the test images, and the seen attacks' AUROC / TPR, at the detector's threshold."""
+    """Nominal and shifted clean FPR on the test images, and the seen attacks' AUROC / TPR, at the detector's threshold.
+    `seen`: name -> the images each attack turned (`detector.metrics.attack_row`'s positives)."""
     clean = np.asarray(detector.score(x_test), np.float64)
     row = {"threshold": detector.threshold, "calibration": detector.calibration.to_json(),
            "clean_fpr": float(flagged(clean, detector.threshold).mean()),
            "clean_fpr_shifted": shifted_fprs(detector, x_test), "seen": {}}
-    for name, result in seen.items():
-        scores = np.asarray(detector.score(result.x_adv[result.success]), np.float64)
+    for name, turned in seen.items():
+        scores = np.asarray(detector.score(turned), np.float64)
         row["seen"][name] = {"auroc": auroc(clean, scores), "tpr": float(flagged(scores, detector.threshold).mean())}
     return row
 
@@ -93,8 +94,11 @@ def main() -> None:
     report: dict = {"data": args.data, "model": args.model, "eps": args.eps, "n_train": len(x), "n_test": len(x_test),
                     "augment_with": list(benign_shift.AUGMENTATIONS), "shifted_fpr": args.shifted_fpr, "families": {}}
     attacks = (make_attack("fgsm", eps=args.eps), make_attack("pgd", eps=args.eps, steps=10))
-    seen = {a.name: a(classifier, x_test, data.y_test[: args.n_test], batch_size=256) for a in attacks}
-    report["seen_success_rate"] = {name: float(result.success.mean()) for name, result in seen.items()}
+    y_test = data.y_test[: args.n_test]
+    results = {a.name: a(classifier, x_test, y_test, batch_size=256) for a in attacks}
+    report["seen_success_rate"] = {name: float(result.success.mean()) for name, result in results.items()}
+    clean_correct = np.argmax(classifier.predict(x_test, verbose=0), axis=-1) == y_test
+    seen = {name: result.x_adv[result.success & clean_correct] for name, result in results.items()}
     with tempfile.TemporaryDirectory() as scratch:
         datasets = []
         for attack in attacks:
