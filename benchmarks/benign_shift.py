@@ -39,7 +39,7 @@ from attacks.dataset import ArraySource, generate_dataset, load_adversarial_data
 from detector import benign_shift  # noqa: E402
 from detector.benign_shift import BENIGN_SHIFTS, augment_benign, shifted_fprs  # noqa: E402
 from detector.calibration import calibrate_threshold  # noqa: E402
-from detector.metrics import auroc, flagged  # noqa: E402
+from detector.metrics import auroc, correctly_classified, flagged  # noqa: E402
 from foundation.models import load_model  # noqa: E402
 from training.calibration_images import CalibrationImages  # noqa: E402
 from training.classifier import train_classifier  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
     y_test = data.y_test[: args.n_test]
     results = {a.name: a(classifier, x_test, y_test, batch_size=256) for a in attacks}
     report["seen_success_rate"] = {name: float(result.success.mean()) for name, result in results.items()}
-    clean_correct = np.argmax(classifier.predict(x_test, verbose=0), axis=-1) == y_test
+    clean_correct = correctly_classified(classifier, x_test, y_test)
     seen = {name: result.x_adv[result.success & clean_correct] for name, result in results.items()}
     with tempfile.TemporaryDirectory() as scratch:
         datasets = []

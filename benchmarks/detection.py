@@ -35,12 +35,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 from attacks import make_attack, parse_attack_spec  # noqa: E402
 from attacks.dataset import ArraySource, generate_dataset, load_adversarial_dataset  # noqa: E402
 from detector import Detector  # noqa: E402
 from detector.evaluation import attack_keys, evaluate  # noqa: E402
+from detector.metrics import correctly_classified  # noqa: E402
 from foundation.models import load_model  # noqa: E402
 from training.attack_specs import default_attacks  # noqa: E402
 from training.calibration_images import CalibrationImages  # noqa: E402
@@ -121,7 +120,7 @@ def main() -> None:
         seen_sets = datasets[:len(fitted_on)]
 
         x_test, y_test = data.x_test[: args.n_test], data.y_test[: args.n_test]
-        clean_correct = np.argmax(classifier.predict(x_test, verbose=0), axis=-1) == y_test  # what an attack can turn
+        clean_correct = correctly_classified(classifier, x_test, y_test)
         test_attacks = seen + [parse_attack_spec(spec) for spec in args.unseen]
         results = []
         for i, (key, attack) in enumerate(zip(attack_keys(test_attacks), test_attacks, strict=True)):

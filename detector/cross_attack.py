@@ -16,7 +16,7 @@ import numpy as np
 
 from attacks.base import Attack, AttackResult
 from detector.base import Detector
-from detector.metrics import auroc, flagged, jsonable
+from detector.metrics import auroc, correctly_classified, flagged, jsonable
 
 Fit = Callable[[np.ndarray, np.ndarray], Detector]
 TrainingSet = Attack | tuple[np.ndarray, np.ndarray]
@@ -64,7 +64,7 @@ def cross_attack_matrix(
     if not 0.0 < calibration_fraction < 1.0:
         raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
     rng = np.random.default_rng(seed)
-    clean_correct = np.argmax(classifier.predict(x_test, batch_size=batch_size, verbose=0), axis=-1) == y_test
+    clean_correct = correctly_classified(classifier, x_test, y_test, batch_size)
     turned = {name: np.asarray(result.success) & clean_correct for name, result in test.items()}
     matrix: dict[str, Any] = {"train": list(train), "test": list(test), "auroc": [], "tpr": [], "clean_fpr": [],
                               "target_fpr": target_fpr, "n_train": []}

@@ -34,7 +34,7 @@ from detector.adaptive_evaluation import (
 from detector.base import Detector
 from detector.benign_shift import shifted_fprs
 from detector.calibration import false_positive_interval
-from detector.metrics import attack_row, fgsm_taylor, flagged, jsonable
+from detector.metrics import attack_row, correctly_classified, fgsm_taylor, flagged, jsonable
 from foundation.storage import atomic_write_json, model_fingerprint, remembered_fingerprints
 
 TAYLOR_POINTS = 21
@@ -166,7 +166,7 @@ def evaluate(
     keras.utils.set_random_seed(seed)
     clean_scores = np.asarray(detector.score(x), np.float64)
     clean_flagged = flagged(clean_scores, threshold)
-    clean_correct = _predict_labels(classifier, x, batch_size) == y
+    clean_correct = correctly_classified(classifier, x, y, batch_size)
     false_positives = int(clean_flagged.sum())
     report: dict[str, Any] = {
         "data": data,

@@ -124,6 +124,11 @@ def fgsm_taylor(model: keras.Model, x: np.ndarray, y: np.ndarray, eps: np.ndarra
             "first_order": (value[:, None] + np.outer(l1, eps)).tolist(), "grad_l1": l1.tolist()}
 
 
+def correctly_classified(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Whether the classifier gets each clean input right: what an attack can turn (`attack_row`)."""
+    return np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1) == y
+
+
 def attack_row(clean_scores: np.ndarray, threshold: float, scores: np.ndarray, result: AttackResult,
                misclassified: np.ndarray, clean_correct: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
     """One attack's report row (detection on the examples it turned and on all, success, norms,
