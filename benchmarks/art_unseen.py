@@ -31,6 +31,13 @@ def require_art() -> None:
                          " to measure against, never a dependency of safetynet")
 
 
+def art_cw_params(search_steps: int, iterations: int, initial_const: float) -> dict[str, Any]:
+    """ART CarliniL2Method's settings as the benchmarks run it (untargeted, confidence 0); the
+    cache key of `art_attacks`."""
+    return {"binary_search_steps": search_steps, "max_iter": iterations, "initial_const": initial_const,
+            "learning_rate": 0.01, "confidence": 0.0, "batch_size": 256}
+
+
 def art_attacks(model: keras.Model, x: np.ndarray, y: np.ndarray, cw_params: dict[str, Any],
                 cache: Path | None = None) -> dict[str, dict[str, Any]]:
     """ART's CarliniL2Method (untargeted, `cw_params`) and DeepFool (its defaults) on (x, y): images,

@@ -89,7 +89,7 @@ def main() -> None:
         parser.error("--calibrate-on: the first --n-test test images are the ones evaluated; start after them")
     eps = parse_attack_spec(f"fgsm:eps={args.eps}").eps
     if args.art:
-        from art_unseen import art_attacks, art_rows, require_art
+        from art_unseen import art_attacks, art_cw_params, art_rows, require_art
 
         require_art()
 
@@ -129,10 +129,9 @@ def main() -> None:
             report["attack_seconds"][key] = time.perf_counter() - begin
         if args.art:
             m = args.n_unseen or len(x_test)
-            art_runs = art_attacks(classifier, x_test[:m], y_test[:m], {
-                "binary_search_steps": args.art_cw_search_steps, "max_iter": args.art_cw_iter,
-                "initial_const": args.art_cw_const, "learning_rate": 0.01, "confidence": 0.0, "batch_size": 256},
-                args.art_cache)
+            art_runs = art_attacks(classifier, x_test[:m], y_test[:m],
+                                   art_cw_params(args.art_cw_search_steps, args.art_cw_iter, args.art_cw_const),
+                                   args.art_cache)
             report["art_cw_params"], report["art_cached"] = art_runs["art_cw"]["params"], art_runs["art_cw"].get("cached")
             report["attack_seconds"] |= {name: run["seconds"] for name, run in art_runs.items()}
         def test_rows(detector: Detector, label: str) -> dict:
