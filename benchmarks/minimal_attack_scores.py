@@ -104,29 +104,30 @@ def main() -> None:
         result = attack(model, x_test[:args.n_seen], y_test[:args.n_seen])
         attacked[name] = result.x_adv[np.asarray(result.success) & correct[:args.n_seen]]
 
-    scores: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "margin": lambda x: -np.asarray(logit_gap(predict(model, x)[0]), np.float64),
-        "boundary_distance": lambda x: boundary_distance(model, x),
-    }
+    # each scorer gives one or more named scores per image (the noisy copies serve two)
+    scorers: list[Callable[[np.ndarray], dict[str, np.ndarray]]] = [
+        lambda x: {"margin": -np.asarray(logit_gap(predict(model, x)[0]), np.float64)},
+        lambda x: {"boundary_distance": boundary_distance(model, x)},
+    ]
     for sigma in args.sigmas:
-        for key in ("smoothed_margin", "noise_flip_rate"):
-            scores[f"{key}_sigma{sigma:g}"] = lambda x, s=sigma, k=key: under_noise(model, x, s, args.draws, 0)[k]
+        scorers.append(lambda x, s=sigma: {f"{k}_sigma{s:g}": v for k, v in under_noise(model, x, s, args.draws, 0).items()})
     x_fit, y_fit = data.x_train[:args.n_fit], data.y_train[:args.n_fit]
     x_adversarial = np.concatenate([FGSM(eps=eps)(model, x_fit, y_fit).x_adv, PGD(eps=eps, steps=10)(model, x_fit, y_fit).x_adv])
     variants = [("last_three", None)] + ([("blocks", args.block_layers)] if args.block_layers else [])
     for (label, layers), noise in [(v, n) for v in variants for n in args.mahalanobis_noise]:
         detector = MahalanobisDetector(model, layers=layers, noise=noise)
         detector.fit(np.concatenate([x_fit, x_fit]), x_adversarial, y_clean=np.concatenate([y_fit, y_fit]), verbose=0)
-        scores[f"mahalanobis_{label}_noise{noise:g}"] = detector.score
+        scorers.append(lambda x, d=detector, name=f"mahalanobis_{label}_noise{noise:g}": {name: d.score(x)})
 
     rows = {}
-    for name, score in scores.items():
+    for scorer in scorers:
         begin = time.perf_counter()
-        clean = np.asarray(score(x_test), np.float64)
-        rows[name] = {attack: {"auroc": auroc(clean, positives), "tpr_at_5pct_test_fpr": tpr_at_fpr(clean, positives, 0.05)}
-                      for attack, x in attacked.items() for positives in [np.asarray(score(x), np.float64)]}
-        rows[name]["seconds"] = time.perf_counter() - begin
-        print(name, {a: round(r["auroc"], 3) for a, r in rows[name].items() if a != "seconds"}, file=sys.stderr)
+        clean, positives = scorer(x_test), {attack: scorer(x) for attack, x in attacked.items()}
+        for name, negatives in clean.items():
+            rows[name] = {attack: {"auroc": auroc(negatives, found[name]), "tpr_at_5pct_test_fpr": tpr_at_fpr(negatives, found[name], 0.05)}
+                          for attack, found in positives.items()}
+            rows[name]["seconds"] = (time.perf_counter() - begin) / len(clean)
+            print(name, {a: round(r["auroc"], 3) for a, r in rows[name].items() if a != "seconds"}, file=sys.stderr)
     emit({"data": args.data, "model": args.model, "eps": eps, "n_fit": args.n_fit, "n_test": args.n_test,
           "n_turned": {name: len(x) for name, x in attacked.items()}, "art_cache": str(args.art_cache),
           "scores": rows, "seconds": time.perf_counter() - started}, args.out)
