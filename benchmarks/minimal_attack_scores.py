@@ -1,4 +1,4 @@
-"""Which scores see a minimal attack that stops short of the boundary (ART's CW-L2)? Prints JSON.
+"""Which scores see a minimal attack that stops a little past the boundary (ART's CW-L2)? Prints JSON.
 
 Issue 15 names two directions for detecting CW-L2 from FGSM/PGD training: Lee et al.'s full
 Mahalanobis (every block, input pre-processing, logistic weights) and features of closeness to the
@@ -29,7 +29,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from art_unseen import art_attacks, art_cw_params  # noqa: E402
+from art_unseen import art_attacks, art_cw_params, require_art  # noqa: E402
 from attacks import FGSM, PGD, parse_attack_spec  # noqa: E402
 from detector.features import predict  # noqa: E402
 from detector.joint import logit_gap  # noqa: E402
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=16)
     parser.add_argument("--out")
     args = parser.parse_args()
+    require_art()  # its cache is read through ART's attack code
     if not args.art_cache.is_file():
         raise SystemExit(f"{args.art_cache} does not exist: make ART's images first with benchmarks/detection.py --art --art-cache")
 
