@@ -34,6 +34,7 @@ from attacks import FGSM, PGD, parse_attack_spec  # noqa: E402
 from detector.features import predict  # noqa: E402
 from detector.joint import logit_gap  # noqa: E402
 from detector.mahalanobis import MahalanobisDetector  # noqa: E402
+from detector.margin import MarginDetector  # noqa: E402
 from detector.metrics import auroc, correctly_classified, tpr_at_fpr  # noqa: E402
 from foundation.backend import value_and_grad  # noqa: E402
 from foundation.models import load_model  # noqa: E402
@@ -105,15 +106,16 @@ def main() -> None:
         result = attack(model, x_test[:args.n_seen], y_test[:args.n_seen])
         attacked[name] = result.x_adv[np.asarray(result.success) & correct[:args.n_seen]]
 
+    x_fit, y_fit = data.x_train[:args.n_fit], data.y_train[:args.n_fit]
+    x_adversarial = np.concatenate([FGSM(eps=eps)(model, x_fit, y_fit).x_adv, PGD(eps=eps, steps=10)(model, x_fit, y_fit).x_adv])
+    margin = MarginDetector(model).fit(x_fit, x_adversarial, verbose=0)  # training-free: the family as users get it
     # each scorer gives one or more named scores per image (the noisy copies serve two)
     scorers: list[Callable[[np.ndarray], dict[str, np.ndarray]]] = [
-        lambda x: {"margin": -np.asarray(logit_gap(predict(model, x)[0]), np.float64)},
+        lambda x: {"margin": margin.score(x)},
         lambda x: {"boundary_distance": boundary_distance(model, x)},
     ]
     for sigma in args.sigmas:
         scorers.append(lambda x, s=sigma: {f"{k}_sigma{s:g}": v for k, v in under_noise(model, x, s, args.draws, 0).items()})
-    x_fit, y_fit = data.x_train[:args.n_fit], data.y_train[:args.n_fit]
-    x_adversarial = np.concatenate([FGSM(eps=eps)(model, x_fit, y_fit).x_adv, PGD(eps=eps, steps=10)(model, x_fit, y_fit).x_adv])
     variants = [("last_three", None)] + ([("blocks", args.block_layers)] if args.block_layers else [])
     for (label, layers), noise in [(v, n) for v in variants for n in args.mahalanobis_noise]:
         detector = MahalanobisDetector(model, layers=layers, noise=noise)
