@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="classifier training epochs")
     parser.add_argument("--model", help="a saved classifier (.keras, loaded with safe_mode) instead of training the reference CNN")
     parser.add_argument("--detector-epochs", type=int, default=10)
+    parser.add_argument("--shifted-fpr", type=float, default=0.10,
+                        help="cap on each benign corruption's FPR when the threshold is set (fit_detector's default)")
     parser.add_argument("--train-attacks", nargs="+",
                         help="the attacks the families are fitted on, as specs at --eps (default: the seen FGSM and"
                              " PGD-10; e.g. fgsm pgd pgd:eps_min=1/255); the seen rows stay FGSM and PGD-10 at --eps")
@@ -100,7 +102,7 @@ def main() -> None:
     x_calibration = None if args.calibrate_on is None else args.calibrate_on.load()
     report: dict = {
         "data": args.data, "model": args.model, "eps": eps, "n_train": args.n_train, "n_test": args.n_test,
-        "calibrate_on": None if args.calibrate_on is None else str(args.calibrate_on),
+        "calibrate_on": None if args.calibrate_on is None else str(args.calibrate_on), "shifted_fpr": args.shifted_fpr,
         "classifier_clean_accuracy": accuracy(classifier, data.x_test, data.y_test),
         "families": {}, "fit_seconds": {}, "attack_seconds": {},
     }
@@ -155,7 +157,8 @@ def main() -> None:
         for family in args.families:
             begin = time.perf_counter()
             detectors[family] = fit_detector(seen_sets, family=family, classifier=classifier,
-                                             epochs=args.detector_epochs, calibration_images=x_calibration, verbose=0,
+                                             epochs=args.detector_epochs, shifted_fpr=args.shifted_fpr,
+                                             calibration_images=x_calibration, verbose=0,
                                              **({"members": args.members} if args.members else {}))
             report["fit_seconds"][family] = time.perf_counter() - begin
             report["families"][family] = test_rows(detectors[family], family)

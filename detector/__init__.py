@@ -8,7 +8,7 @@ from detector.ensemble import EnsembleDetector
 from detector.input_detector import InputDetector
 from detector.joint import JointDetector
 from detector.mahalanobis import MahalanobisDetector
-from detector.margin import MarginDetector
+from detector.margin import MarginDetector, ShiftMarginDetector
 from detector.odds import OddsDetector
 from detector.squeeze import SqueezeDetector
 from detector.svm import SafetyNetDetector
@@ -16,11 +16,12 @@ from detector.svm import SafetyNetDetector
 FAMILIES.update({
     cls.kind: cls
     for cls in (InputDetector, ActivationDetector, SafetyNetDetector, MahalanobisDetector, SqueezeDetector,
-                MarginDetector, OddsDetector, EnsembleDetector, JointDetector)
+                MarginDetector, ShiftMarginDetector, OddsDetector, EnsembleDetector, JointDetector)
 })
 
 
 __all__ = [
     "FAMILIES", "ActivationDetector", "Calibration", "Detector", "EnsembleDetector", "InputDetector", "JointDetector",
-    "MahalanobisDetector", "MarginDetector", "OddsDetector", "SafetyNetDetector", "SqueezeDetector", "calibrate_threshold", "load_detector",
+    "MahalanobisDetector", "MarginDetector", "OddsDetector", "SafetyNetDetector", "ShiftMarginDetector", "SqueezeDetector",
+    "calibrate_threshold", "load_detector",
 ]

@@ -7,9 +7,18 @@ where few clean images of a well-trained classifier fall; FGSM and PGD, which th
 are fitted on, leave the opposite trace (a confident wrong label). Score = minus the top-two logit
 gap, so higher is more suspicious; training-free, differentiable (`white-box`).
 
+`shift_margin` reads the same gap for the label of the image as given, averaged over its
+translations by up to `max_shift` pixels (borders replicated). A minimal perturbation is tied to
+pixel positions: moved by one pixel it no longer holds, and the label falls back, so the averaged
+gap is negative. A clean image near the boundary, or one shifted by a camera, keeps its label in
+most of the translations. On ART's CW-L2 it lifts AUROC from 0.849 to 0.951 on CIFAR-10 (the
+86.8% ResNet) and from 0.994 to 0.998 on MNIST (docs/benchmarks.md); it costs (2k+1)^2 forward
+passes per image. Detection of transformation-fragile perturbations: Tian et al. 2018.
+
 Not a defence on its own: an attacker who knows it asks for a confident misclassification (CW with
-confidence > 0, PGD), which it does not see. It is an ensemble member for the minimal attacks the
-others miss; the adaptive rows of `evaluate` show what it keeps against such an attacker.
+confidence > 0, PGD), which it does not see, and averages its attack over the translations (EOT).
+It is an ensemble member for the minimal attacks the others miss; the adaptive rows of `evaluate`
+show what it keeps against such an attacker.
 """
 from __future__ import annotations
 
@@ -18,10 +27,10 @@ from typing import Any, ClassVar
 
 import keras
 import numpy as np
+from keras import ops
 
 from detector.base import Detector
 from detector.features import image_shape, predict, prepare_classifier, require_classifier
-from detector.joint import logit_gap
 from foundation.storage import model_fingerprint
 from foundation.validation import Interval, check_image_shape
 
@@ -43,13 +52,27 @@ class MarginDetector(Detector):
     def _fit(self, x_clean: np.ndarray, x_adversarial: np.ndarray, *, verbose: int | str = 0) -> None:
         """Nothing to learn: the threshold comes from `calibrate` on clean images."""
 
+    max_shift: int = 0  # translations read (`shift_margin`); 0: the image as given only
+
     def _score(self, x: np.ndarray) -> np.ndarray:
         x = check_image_shape(x, image_shape(self.classifier))
-        top = np.sort(predict(self.classifier, x, self.batch_size)[0], axis=-1)[:, -2:]
-        return -(top[:, 1] - top[:, 0]).astype(np.float64)
+        k = self.max_shift
+        padded = np.pad(x, ((0, 0), (k, k), (k, k), (0, 0)), mode="edge")
+        given = predict(self.classifier, x, self.batch_size)[0]
+        labels = np.argmax(given, axis=-1)
+        gaps = [ops.convert_to_numpy(own_label_gap(
+                    given if (dy, dx) == (k, k) else
+                    predict(self.classifier, padded[:, dy:dy + x.shape[1], dx:dx + x.shape[2]], self.batch_size)[0],
+                    labels))
+                for dy, dx in _offsets(k)]
+        return -np.mean(np.asarray(gaps, np.float64), axis=0)
 
     def score_graph(self, images: Any) -> Any:
-        return -logit_gap(self.classifier(images))
+        moved = translations(images, self.max_shift)
+        logits = self.classifier(ops.concatenate(moved, axis=0))
+        logits = ops.reshape(logits, (len(moved), -1, ops.shape(logits)[-1]))
+        labels = ops.argmax(logits[len(moved) // 2], axis=-1)  # the image as given sits in the middle
+        return -ops.mean(own_label_gap(logits, labels), axis=0)
 
     def _save_files(self, directory: Path) -> None:
         """No files: the classifier comes at load time, checked against the recorded fingerprint."""
@@ -58,3 +81,42 @@ class MarginDetector(Detector):
     def _load_files(cls, directory: Path, params: dict[str, Any],
                     classifier: keras.Model | None = None) -> "MarginDetector":
         return cls(require_classifier(directory, classifier, cls.kind), **params)
+
+
+class ShiftMarginDetector(MarginDetector):
+    """Minus the top-two logit gap of the label of the image as given, averaged over its
+    translations by up to `max_shift` pixels (module docstring)."""
+
+    kind = "shift_margin"
+    _parameter_constraints = {"max_shift": [Interval(int, 1, 4)], "batch_size": [Interval(int, 1)]}
+
+    def __init__(self, classifier: keras.Model, *, max_shift: int = 1, batch_size: int = 256) -> None:
+        Detector.__init__(self)
+        self._set_params(locals())
+        self.classifier = prepare_classifier(classifier)
+        self.classifier_fingerprint = model_fingerprint(self.classifier)
+
+
+def _offsets(max_shift: int) -> list[tuple[int, int]]:
+    """(row, column) windows into the edge-padded image, row-major: the identity is the middle one."""
+    return [(dy, dx) for dy in range(2 * max_shift + 1) for dx in range(2 * max_shift + 1)]
+
+
+def translations(images: Any, max_shift: int) -> list[Any]:
+    """NHWC `images` moved by every (dy, dx) in [-max_shift, max_shift]^2, borders replicated
+    (keras.ops, so differentiable), in the order of `_offsets`."""
+    k = max_shift
+    if k == 0:
+        return [images]
+    rows = ops.concatenate([ops.repeat(images[:, :1], k, axis=1), images, ops.repeat(images[:, -1:], k, axis=1)], axis=1)
+    padded = ops.concatenate([ops.repeat(rows[:, :, :1], k, axis=2), rows, ops.repeat(rows[:, :, -1:], k, axis=2)],
+                             axis=2)
+    height, width = images.shape[1], images.shape[2]
+    return [padded[:, dy:dy + height, dx:dx + width] for dy, dx in _offsets(k)]
+
+
+def own_label_gap(logits: Any, labels: Any) -> Any:
+    """The logit of `labels` minus the largest other logit, over the last axis: the top-two gap
+    where the label is the top one, negative where another class has overtaken it."""
+    chosen = ops.one_hot(labels, ops.shape(logits)[-1], dtype=logits.dtype)
+    return ops.sum(chosen * logits, axis=-1) - ops.max(logits - 1e9 * chosen, axis=-1)

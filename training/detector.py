@@ -143,7 +143,7 @@ def make_detector(family: str, classifier: keras.Model | None, *, epochs: int, s
         return InputDetector(epochs=epochs, seed=seed)
     if family == "activations":
         return cls(classifier, epochs=epochs, seed=seed)
-    if family in ("squeeze", "margin"):
+    if family in ("squeeze", "margin", "shift_margin"):
         return cls(classifier)
     return cls(classifier, seed=seed)
 
