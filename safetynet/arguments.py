@@ -20,7 +20,7 @@ ADAPTIVE_STEPS = 60  # AdaptiveSettings.steps
 FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "margin", "shift_margin", "odds", "ensemble",
             "joint")  # detector.FAMILIES
 DEFAULT_MEMBERS = ("input", "safetynet", "squeeze", "margin")  # training.detector.DEFAULT_MEMBERS
-COLOUR_MEMBERS = ("input", "activations", "margin", "odds")  # training.detector.COLOUR_MEMBERS
+COLOUR_MEMBERS = ("input", "activations", "margin", "shift_margin", "odds")  # training.detector.COLOUR_MEMBERS
 ARCHITECTURES = ("reference", "resnet")  # training.classifier.ARCHITECTURES
 RESNET_WIDTH = 64  # training.resnet.RESNET_WIDTH
 

@@ -123,7 +123,7 @@ def describe_datasets(datasets: Sequence[AdversarialDataset], paths: Sequence[st
 # `odds` confident L2 ones (CIFAR-10 L2 PGD 0.5: 0.988 / 91% with it, 0.898 / 33% without); on CIFAR-10 with the
 # ResNet `squeeze` (seen AUROC 0.61-0.67) and `mahalanobis` (FGSM 0.54) are left out
 DEFAULT_MEMBERS = ("input", "safetynet", "squeeze", "margin")
-COLOUR_MEMBERS = ("input", "activations", "margin", "odds")
+COLOUR_MEMBERS = ("input", "activations", "margin", "shift_margin", "odds")
 
 
 def default_members(image_shape: Sequence[int | None]) -> tuple[str, ...]:
