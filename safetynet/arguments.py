@@ -23,6 +23,7 @@ DEFAULT_MEMBERS = ("input", "safetynet", "squeeze", "margin")  # training.detect
 COLOUR_MEMBERS = ("input", "activations", "margin", "shift_margin", "odds")  # training.detector.COLOUR_MEMBERS
 ARCHITECTURES = ("reference", "resnet")  # training.classifier.ARCHITECTURES
 RESNET_WIDTH = 64  # training.resnet.RESNET_WIDTH
+OPTIMIZERS = ("adam", "sgd")  # training.classifier.OPTIMIZERS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -112,6 +113,18 @@ def add_architecture_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction,
                         help="resnet: random shifts (4 px on 32x32) and, for colour images, horizontal flips, in training only "
                         "(default on for resnet's standard training; --no-augment turns it off)")
+
+
+def add_hardening_options(parser: argparse.ArgumentParser) -> None:
+    """--learning-rate, --schedule, --optimizer and --augment, for harden's adversarial fine-tuning."""
+    parser.add_argument("--learning-rate", type=float, default=5e-4, help="learning rate at the start (default 5e-4, Adam's)")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                        help="learning rate over the epochs (default cosine: decays to 2%%)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                        help="adam (default) or sgd (Nesterov momentum 0.9, weight decay 5e-4: the ResNet recipe's; try --learning-rate 0.05)")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                        help="random shifts (4 px on 32x32) and horizontal flips before each batch's attack "
+                        "(default on for colour images, off for grayscale)")
 
 
 def calibration_images(text: str) -> str:

@@ -19,6 +19,7 @@ from safetynet.arguments import (
     add_benign_options,
     add_data_option,
     add_devices_option,
+    add_hardening_options,
     attack_spec,
     fraction,
     id_range,
@@ -90,9 +91,7 @@ def _add_training(commands: Commands) -> None:
     harden.add_argument("--epochs", type=int, default=20, help="at most this many (early stop on robust validation accuracy)")
     harden.add_argument("--eps-warmup", type=float, default=3.0, metavar="EPOCHS", help="ramp eps up over this many epochs (default 3)")
     harden.add_argument("--trades", type=float, metavar="BETA", help="TRADES loss with this beta instead of PGD-AT")
-    harden.add_argument("--learning-rate", type=float, default=5e-4, help="Adam's learning rate at the start (default 5e-4)")
-    harden.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
-                        help="learning rate over the epochs (default cosine: decays to 2%%)")
+    add_hardening_options(harden)
     harden.add_argument("--batch-size", type=int, default=128, help="default 128")
     harden.add_argument("--patience", type=int, default=4, help="epochs without robust improvement before stopping")
     harden.add_argument("--family", default="input", choices=[f for f in FAMILIES if f not in ("joint", "ensemble")],

@@ -32,6 +32,7 @@ from training.classifier import (
     train_adversarial,
     train_on_adversarial_data,
 )
+from training.augmented import augmentation
 from training.collapse import CollapseCheck, TrainingCollapsed
 from training.workflow import attack_stage
 
@@ -113,6 +114,39 @@ def test_eps_ramps_up_linearly_over_the_warmup_steps(digits):
         x_adv = keras.ops.convert_to_numpy(trainer.adversarial_batch(x, y)[0])
         size = np.abs(x_adv - x).max()
         assert fraction * EPS * 0.9 < size <= fraction * EPS + 1e-6, (iterations, size)
+
+
+def zero_filled_shifts(image: np.ndarray, reach: int) -> list[np.ndarray]:
+    """Every move of `image` by whole pixels within `reach` down and across, zeros filling in."""
+    height, width = image.shape[:2]
+    padded = np.pad(image, ((reach, reach), (reach, reach), (0, 0)))
+    return [padded[reach + down: reach + down + height, reach + across: reach + across + width]
+            for down in range(-reach, reach + 1) for across in range(-reach, reach + 1)]
+
+
+def test_augment_shifts_each_image_before_its_attack(digits):
+    """The attack perturbs the shifted image the step trains on: each adversarial row lies within eps
+    of a one-pixel shift of its clean image, and some lie farther than eps from the unshifted one."""
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    shifts = augmentation(digits.input_shape, shift=1, seed=0)
+    trainer = AdversarialTraining(linear_model(), PGD(eps=EPS, steps=3), augment=shifts)
+    x_adv = keras.ops.convert_to_numpy(trainer.adversarial_batch(x, y)[0])
+    nearest = [min(np.abs(row - moved).max() for moved in zero_filled_shifts(image, 1)) for row, image in zip(x_adv, x)]
+    assert max(nearest) <= EPS + 1e-6
+    assert (np.abs(x_adv - x).reshape(64, -1).max(axis=1) > EPS + 1e-3).mean() > 0.3  # most of 8 of 9 moves are real
+    plain = AdversarialTraining(linear_model(), PGD(eps=EPS, steps=3), augment=shifts, mix=0.0)
+    moved = keras.ops.convert_to_numpy(plain.adversarial_batch(x, y)[0])
+    assert all(any(np.array_equal(row, m) for m in zero_filled_shifts(image, 1)) for row, image in zip(moved, x))
+
+
+def test_train_adversarial_with_shifts_and_sgd(digits):
+    model = train_adversarial(digits.x_train[:256], digits.y_train[:256], 10, PGD(eps=EPS, steps=2), model=linear_model(),
+                              epochs=1, batch_size=64, learning_rate=0.05, augment=True, optimizer="sgd", verbose=0)
+    assert np.isfinite(model.predict(digits.x_test[:8], verbose=0)).all()
+    optimizer = compile_classifier(linear_model(), 0.05, "sgd").optimizer
+    assert isinstance(optimizer, keras.optimizers.SGD) and optimizer.nesterov and optimizer.weight_decay == 5e-4
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop': expected one of adam, sgd"):
+        compile_classifier(linear_model(), 1e-3, "rmsprop")
 
 
 def test_trades_trains_on_clean_and_adversarial_rows(digits):
@@ -219,6 +253,15 @@ seed = keras.ops.convert_to_numpy(trainer.noise_seed.state).copy()
 history = trainer.fit(x, np.arange(64) % 3, epochs=1, batch_size=16, verbose=0).history
 assert np.isfinite(history["loss"]).all() and int(trainer.optimizer.iterations.numpy()) == 4
 assert (keras.ops.convert_to_numpy(trainer.noise_seed.state) != seed).any()
+import warnings
+from training.augmented import augmentation
+shifts = augmentation((8, 8, 1), shift=1, seed=0)
+moving = compile_classifier(AdversarialTraining(model, PGD(eps=0.1, steps=2), augment=shifts), 0.05, "sgd")
+start = keras.ops.convert_to_numpy(shifts.generator.state).copy()
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # Keras warns of unbuilt state if the shift layer is left unbuilt
+    moving.fit(x, np.arange(64) % 3, epochs=1, batch_size=16, verbose=0)
+assert (keras.ops.convert_to_numpy(shifts.generator.state) != start).any()  # new shifts every step
 print("jax trains")
 """
 

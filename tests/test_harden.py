@@ -154,6 +154,47 @@ def test_harden_refuses_before_training(tmp_path, digits_classifier, capsys):
     assert "argument --family: invalid choice: 'ensemble'" in capsys.readouterr().err
 
 
+def test_harden_cli_options_reach_the_settings(monkeypatch, tmp_path):
+    import training.harden as module
+
+    seen = []
+    monkeypatch.setattr(module, "harden", lambda model, data, out, settings, **kwargs: seen.append(settings))
+    base = ["harden", "--model", str(tmp_path / "m.keras"), "--out", str(tmp_path / "o")]
+    assert cli.main(base) == 0
+    assert cli.main([*base, "--optimizer", "sgd", "--learning-rate", "0.05", "--no-augment"]) == 0
+    assert cli.main([*base, "--augment"]) == 0
+    assert [(s.optimizer, s.learning_rate, s.augment) for s in seen] == [
+        ("adam", 5e-4, None), ("sgd", 0.05, False), ("adam", 5e-4, True)]
+    with pytest.raises(ValueError, match="optimizer"):
+        HardenSettings(optimizer="rmsprop")
+
+
+@pytest.mark.parametrize("channels, augment, shifted", [(3, None, True), (1, None, False), (3, False, False), (1, True, True)])
+def test_harden_shifts_colour_images_unless_told(monkeypatch, tmp_path, digits, channels, augment, shifted):
+    """By default the fine-tuning shifts and flips colour images (CIFAR-10 overfits without), not grey ones."""
+    import keras
+
+    import training.harden as module
+    from training.data import ImageDataset
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(module, "train_adversarial", record)
+    data = ImageDataset("tiny", np.repeat(digits.x_train, channels, -1), digits.y_train,
+                        np.repeat(digits.x_test, channels, -1), digits.y_test, digits.class_names)
+    model = keras.Sequential([keras.Input(data.input_shape), keras.layers.Flatten(), keras.layers.Dense(10)])
+    with pytest.raises(Stop):
+        harden(save_model(model, tmp_path / "m.keras"), data, tmp_path / "o", HardenSettings(augment=augment, optimizer="sgd"))
+    assert seen[0]["augment"] is shifted and seen[0]["optimizer"] == "sgd"
+
+
 def test_quickstart_table_reports_each_guards_worst_case():
     def report(guarded, adaptive):
         return {"attacks": {"fgsm": {"eps": 0.1, "guarded_accuracy": guarded}},

@@ -93,6 +93,7 @@ def test_augmented_training_changes_weights_not_inference(digits, tmp_path):
 
 def test_cli_names_agree_with_the_library():
     assert arguments.ARCHITECTURES == classifier.ARCHITECTURES and arguments.RESNET_WIDTH == resnet.RESNET_WIDTH
+    assert arguments.OPTIMIZERS == classifier.OPTIMIZERS
 
 
 def test_cli_architecture_flags_reach_the_stage(monkeypatch, tmp_path):

@@ -66,11 +66,13 @@ class AdversarialTraining(keras.Model):
         optimizer steps.
     trades_beta: TRADES instead of PGD-AT: every row is attacked, the loss is cross-entropy on the
         clean rows + beta * KL(clean || adversarial) (needs mix=1).
+    augment: a layer applied to each batch in training mode before the attack (random shifts and
+        flips, `training.augmented.augmentation`), so the attack perturbs the image the step trains on.
     """
 
     def __init__(
         self, classifier: keras.Model, attack: GradientSignAttack, *, mix: float = 1.0,
-        warmup_steps: int = 0, trades_beta: float | None = None, seed: int = 0,
+        warmup_steps: int = 0, trades_beta: float | None = None, augment: keras.layers.Layer | None = None, seed: int = 0,
     ) -> None:
         super().__init__(name=f"{classifier.name}_adversarial_training")
         if not classifier.trainable_weights:
@@ -88,7 +90,9 @@ class AdversarialTraining(keras.Model):
                 raise ValueError("TRADES attacks every row once: it needs mix=1, restarts=1 and no early_stop")
         self.classifier = classifier
         self.attack = attack
-        self.mix, self.warmup_steps, self.trades_beta = float(mix), warmup_steps, trades_beta
+        self.mix, self.warmup_steps, self.trades_beta, self.augment = float(mix), warmup_steps, trades_beta, augment
+        if augment is not None and not augment.built:
+            augment.build(classifier.input_shape)  # no weights; built here, Keras (JAX) would warn it is not
         self.noise_seed = keras.random.SeedGenerator(seed)
 
     def call(self, x: Tensor, training: bool = False) -> Tensor:
@@ -113,9 +117,11 @@ class AdversarialTraining(keras.Model):
     def adversarial_batch(self, x: Tensor, y: Tensor, sample_weight: Tensor | None = None) -> tuple:
         """(x, y, sample_weight) to train on: the first `mix` of the rows made adversarial (TRADES:
         the clean rows followed by their adversarial versions)."""
+        x = ops.convert_to_tensor(x, "float32")
+        if self.augment is not None:
+            x = self.augment(x, training=True)
         if self.mix == 0.0:
             return x, y, sample_weight
-        x = ops.convert_to_tensor(x, "float32")
         if self.trades_beta is not None:
             twice = None if sample_weight is None else ops.concatenate([sample_weight, sample_weight])
             return ops.concatenate([x, self._attack(x, y)]), ops.concatenate([y, y]), twice

@@ -92,6 +92,14 @@ def one_cycle(peak: float, total_steps: int, warmup_fraction: float = WARMUP_FRA
         peak / 10, decay_steps=max(1, total_steps - warmup), alpha=0.0, warmup_target=peak, warmup_steps=warmup)
 
 
+def sgd(learning_rate: float | keras.optimizers.schedules.LearningRateSchedule) -> keras.optimizers.SGD:
+    """SGD with Nesterov momentum and weight decay on the kernels only (not BatchNorm's scale and
+    offset, nor biases): the ResNet recipe's optimizer."""
+    optimizer = keras.optimizers.SGD(learning_rate, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
+    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    return optimizer
+
+
 def train_augmented(
     model: keras.Model,
     x_train: np.ndarray,
@@ -115,8 +123,6 @@ def train_augmented(
     keras.utils.set_random_seed(seed)
     trainer = training_wrapper(model, augmentation(model.input_shape[1:], seed=seed) if augment else None)
     steps = epochs * math.ceil(len(x_train) / batch_size)
-    optimizer = keras.optimizers.SGD(one_cycle(learning_rate, steps), momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
-    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-    trainer.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    trainer.compile(optimizer=sgd(one_cycle(learning_rate, steps)), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     trainer.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose, callbacks=list(callbacks))
     return model

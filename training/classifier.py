@@ -17,6 +17,7 @@ from foundation.backend import Devices, replica_count, training_devices
 from foundation.validation import check_images, check_labels, check_model_input
 from training.adversarial import AdversarialTraining, mixed_batches
 from training.collapse import CollapseCheck
+from training.augmented import augmentation, sgd
 from training.resnet import RESNET_WIDTH, build_resnet
 
 # training images whose clean accuracy is checked after each adversarial epoch
@@ -59,10 +60,16 @@ def build_classifier(architecture: str, input_shape: tuple[int, ...], num_classe
 LearningRate = float | keras.optimizers.schedules.LearningRateSchedule
 
 
-def compile_classifier(model: keras.Model, learning_rate: LearningRate = 1e-3) -> keras.Model:
-    """Adam on sparse cross-entropy from logits, reporting accuracy: every classifier trains so."""
+OPTIMIZERS = ("adam", "sgd")
+
+
+def compile_classifier(model: keras.Model, learning_rate: LearningRate = 1e-3, optimizer: str = "adam") -> keras.Model:
+    """Adam (or "sgd": `training.augmented.sgd`, the ResNet recipe's) on sparse cross-entropy from
+    logits, reporting accuracy: every classifier trains so."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate) if optimizer == "adam" else sgd(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -119,6 +126,8 @@ def train_adversarial(
     mix: float = 1.0,
     warmup_epochs: float = 0.0,
     trades_beta: float | None = None,
+    augment: bool = False,
+    optimizer: str = "adam",
     seed: int = 0,
     verbose: int | str = 2,
     callbacks: Sequence[keras.callbacks.Callback] = (),
@@ -128,7 +137,9 @@ def train_adversarial(
     reference CNN) with `model.fit`; eps ramps up over the first `warmup_epochs`. No validation
     split or early stopping: clean validation loss says nothing about robustness. Training that
     collapses (clean accuracy near chance, or far below a given model's, two epochs running) stops
-    with `TrainingCollapsed`, which says what to change (`training.collapse`).
+    with `TrainingCollapsed`, which says what to change (`training.collapse`). `augment`: random
+    shifts (and flips for colour images) before each batch's attack (`training.augmented.augmentation`);
+    `optimizer`: "adam" or "sgd" (`compile_classifier`).
 
     `devices` (a count, "all" or device names) > 1 trains data-parallel (`foundation.backend.
     training_devices`): a copy of the model built inside that context is trained, and its weights are
@@ -152,8 +163,10 @@ def train_adversarial(
         x_train, y_train = x_train[:usable], y_train[:usable]
         warmup_steps = round(warmup_epochs * math.ceil(len(x_train) / batch_size))
         trained = model if distributed is None else _copy_of(model)
-        trainer = AdversarialTraining(trained, attack, mix=mix, warmup_steps=warmup_steps, trades_beta=trades_beta, seed=seed)
-        compile_classifier(trainer, learning_rate)
+        shifts = augmentation(x_train.shape[1:], seed=seed) if augment else None
+        trainer = AdversarialTraining(trained, attack, mix=mix, warmup_steps=warmup_steps, trades_beta=trades_beta,
+                                      augment=shifts, seed=seed)
+        compile_classifier(trainer, learning_rate, optimizer)
         back = [] if trained is model else [CopyWeights(trained, model)]
         trainer.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose, callbacks=[*back, *callbacks, check])
     return model

@@ -32,7 +32,7 @@ from detector.adaptive_evaluation import DEFAULT_ADAPTIVE, AdaptiveSettings
 from detector.guard_directory import save_guard_directory
 from training.adversarial import training_attack
 from training.attack_specs import default_attacks, default_eps
-from training.classifier import LearningRate, accuracy, train_adversarial
+from training.classifier import OPTIMIZERS, LearningRate, accuracy, train_adversarial
 from training.evaluate_stage import evaluate_stage
 from training.workflow import Data, Log, as_dataset, attack_stage, train_detector_stage
 
@@ -42,7 +42,9 @@ class HardenSettings(Parameterized):
     """attack: the training attack spec (`pgd:steps=10`; `pgd:steps=4` on a CPU; `fgsm_rs`, faster and weaker); eps: its
     budget and the guard's (default: 0.3 for grey images, 8/255 for colour). epochs: at most this
     many; training stops earlier once robust validation accuracy has not improved for `patience`
-    epochs after the warm-up. schedule: "cosine" decays the learning rate to 2% over `epochs`. validation_n: training images held out for that check
+    epochs after the warm-up. schedule: "cosine" decays the learning rate to 2% over `epochs`. optimizer: "adam" or "sgd"
+    (`training.classifier.compile_classifier`). augment: random shifts and flips before each batch's
+    attack (default: for colour images, where adversarial training without them overfits). validation_n: training images held out for that check
     (`validation_steps`-step PGD). family: the detector family inside the joint rule.
     benign_augmentation: fit the joint rule on corrupted clean copies too, and cap the FPR of each
     corruption of the held-out clean images at shifted_fpr (`fit_detector`)."""
@@ -54,6 +56,8 @@ class HardenSettings(Parameterized):
     trades_beta: float | None = None
     learning_rate: float = 5e-4
     schedule: str = "cosine"
+    optimizer: str = "adam"
+    augment: bool | None = None
     batch_size: int = 128
     validation_n: int = 500
     validation_steps: int = 10
@@ -73,6 +77,8 @@ class HardenSettings(Parameterized):
         "learning_rate": [Interval(float, 0, closed="neither")],
         "target_fpr": [Interval(float, 0, 0.5, closed="neither")],
         "schedule": [Options("cosine", "constant")],
+        "optimizer": [Options(*OPTIMIZERS)],
+        "augment": [BOOLEAN, None],
         "benign_augmentation": [BOOLEAN],
         "shifted_fpr": [Interval(float, 0, 1, closed="neither")],
     }
@@ -166,11 +172,14 @@ def harden(
     if settings.schedule == "cosine":  # robust accuracy gains most as the rate decays (Rice et al. 2020)
         steps = settings.epochs * math.ceil(len(fit) / settings.batch_size)
         learning_rate = keras.optimizers.schedules.CosineDecay(settings.learning_rate, steps, alpha=0.02)
-    log(f"[1/4] adversarial fine-tuning against {attack.get_params()}" + ("" if settings.trades_beta is None else f", TRADES beta {settings.trades_beta}"))
+    augment = data.input_shape[-1] == 3 if settings.augment is None else settings.augment
+    log(f"[1/4] adversarial fine-tuning against {attack.get_params()}" + ("" if settings.trades_beta is None else f", TRADES beta {settings.trades_beta}")
+        + f", {settings.optimizer}" + (", random shifts and flips" if augment else ""))
     train_adversarial(
         data.x_train[fit], data.y_train[fit], data.num_classes, attack, model=classifier, epochs=settings.epochs,
         batch_size=settings.batch_size, learning_rate=learning_rate, warmup_epochs=settings.warmup_epochs,
-        trades_beta=settings.trades_beta, seed=settings.seed, verbose=0, callbacks=[stopper], devices=devices,
+        trades_beta=settings.trades_beta, augment=augment, optimizer=settings.optimizer, seed=settings.seed, verbose=0,
+        callbacks=[stopper], devices=devices,
     )
     out.mkdir(parents=True, exist_ok=True)
     classifier_path = save_model(classifier, out / "classifier.keras")
