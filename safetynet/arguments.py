@@ -19,7 +19,7 @@ ADAPTIVE_SUITE = ("adaptive_pgd", "apgd_ce", "apgd_dlr", "apgd_dlr_targeted", "o
 ADAPTIVE_STEPS = 60  # AdaptiveSettings.steps
 FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "margin", "shift_margin", "odds", "ensemble",
             "joint")  # detector.FAMILIES
-DEFAULT_MEMBERS = ("input", "safetynet", "squeeze", "margin")  # training.detector.DEFAULT_MEMBERS
+DEFAULT_MEMBERS = ("input", "safetynet", "squeeze", "margin", "shift_margin")  # training.detector.DEFAULT_MEMBERS
 COLOUR_MEMBERS = ("input", "activations", "margin", "shift_margin", "odds")  # training.detector.COLOUR_MEMBERS
 ARCHITECTURES = ("reference", "resnet")  # training.classifier.ARCHITECTURES
 RESNET_WIDTH = 64  # training.resnet.RESNET_WIDTH
