@@ -111,8 +111,8 @@ def add_architecture_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=RESNET_WIDTH,
                         help=f"resnet: channels of its first layer, doubled at each stage (default {RESNET_WIDTH}; 16-32 for CPUs)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                        help="resnet: random shifts (4 px on 32x32) and, for colour images, horizontal flips, in training only "
-                        "(default on for resnet's standard training; --no-augment turns it off)")
+                        help="random shifts (4 px on 32x32) and, for colour images, horizontal flips, in training only "
+                        "(default on for resnet's standard training; with --adversarial, off unless given, before each batch's attack)")
 
 
 def add_hardening_options(parser: argparse.ArgumentParser) -> None:

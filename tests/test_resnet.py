@@ -118,7 +118,7 @@ def test_cli_trains_and_saves_a_resnet(tmp_path, capsys):
     assert model.name == "resnet" and model.output_shape == (None, 10)
     assert not any(layer.name == "augmentation" for layer in model.layers)
     assert main(["train-classifier", "--augment", "--epochs", "1", "--out", str(tmp_path / "ref.keras")]) == 2
-    assert "augment is the resnet architecture's standard training recipe" in capsys.readouterr().err
+    assert "augment is for the resnet architecture's standard training and for adversarial training" in capsys.readouterr().err
 
 
 def test_stage_augments_resnet_training_unless_told_not(digits, monkeypatch, tmp_path):
@@ -135,7 +135,19 @@ def test_stage_augments_resnet_training_unless_told_not(digits, monkeypatch, tmp
         workflow.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", width=4, epochs=3,
                                         augment=augment, log=lambda line: None)
     assert seen == [("resnet", True, 3), ("resnet", False, 3), ("resnet", True, 3)]
-    with pytest.raises(ValueError, match="^augment is the resnet architecture's standard training recipe: not with the "
-                       "reference CNN, adversarial or adversarial_data$"):
-        workflow.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", adversarial="fgsm_rs",
+    shifted = []
+
+    def adversarial(x, y, classes, attack, *, model, augment, **kwargs):
+        shifted.append(augment)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(workflow, "train_adversarial", adversarial)
+    for augment in (None, True):  # adversarial training shifts only when asked, before each batch's attack
+        with pytest.raises(RuntimeError, match="recorded"):
+            workflow.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", adversarial="fgsm_rs",
+                                            augment=augment, log=lambda line: None)
+    assert shifted == [False, True]
+    with pytest.raises(ValueError, match="^augment is for the resnet architecture's standard training and for adversarial "
+                       "training: not for the reference CNN's standard training or adversarial_data$"):
+        workflow.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", adversarial_data=["x"],
                                         augment=True, log=lambda line: None)

@@ -16,8 +16,8 @@ from attacks import GradientSignAttack
 from foundation.backend import Devices, replica_count, training_devices
 from foundation.validation import check_images, check_labels, check_model_input
 from training.adversarial import AdversarialTraining, mixed_batches
-from training.collapse import CollapseCheck
 from training.augmented import augmentation, sgd
+from training.collapse import CollapseCheck
 from training.resnet import RESNET_WIDTH, build_resnet
 
 # training images whose clean accuracy is checked after each adversarial epoch

@@ -88,7 +88,8 @@ def train_classifier_stage(
     (`training.resnet`, `width` channels first; standard training runs exactly `epochs` on a one-cycle
     schedule, on augmented batches unless `augment` is False: `training.augmented`). `adversarial`
     (an attack or spec such as `pgd:eps=0.3,steps=40` or `fgsm_rs`) trains adversarially (`mix`,
-    default 1, of each batch; eps ramps up over `eps_warmup` epochs; `trades_beta` for TRADES);
+    default 1, of each batch; eps ramps up over `eps_warmup` epochs; `trades_beta` for TRADES; each
+    batch shifted and flipped before its attack when `augment`);
     `adversarial_data` mixes in stored adversarial datasets (`mix` default 0.5). Robust accuracy on
     `robust_n` test images (default 1000 when either is given, else none) is printed and written
     beside the model (`training.adversarial.robustness_path`).
@@ -100,9 +101,9 @@ def train_classifier_stage(
     attack = None if adversarial is None else training_attack(adversarial, default_eps(data.input_shape))
     if devices != 1 and attack is None:
         raise ValueError(f"devices={devices!r}: only adversarial training (adversarial=...) runs on several devices")
-    if augment and (architecture != "resnet" or attack is not None or adversarial_data):
-        raise ValueError("augment is the resnet architecture's standard training recipe: not with the reference CNN, "
-                         "adversarial or adversarial_data")
+    if augment and (adversarial_data or architecture != "resnet" and attack is None):
+        raise ValueError("augment is for the resnet architecture's standard training and for adversarial training: "
+                         "not for the reference CNN's standard training or adversarial_data")
     given = (None if architecture == "reference"
              else build_classifier(architecture, data.input_shape, data.num_classes, width=width, seed=seed))
     log(f"training {architecture} classifier on {data.name}: {len(data.x_train)} images {data.input_shape}, {data.num_classes} classes")
@@ -111,7 +112,7 @@ def train_classifier_stage(
         log(f"adversarial training against {attack.get_params()}" + ("" if trades_beta is None else f", TRADES beta {trades_beta}"))
         model = train_adversarial(
             data.x_train, data.y_train, data.num_classes, attack, model=given, mix=1.0 if mix is None else mix,
-            warmup_epochs=eps_warmup, trades_beta=trades_beta, devices=devices, **common,
+            warmup_epochs=eps_warmup, trades_beta=trades_beta, augment=bool(augment), devices=devices, **common,
         )
     elif adversarial_data:
         model = train_on_adversarial_data(
