@@ -42,9 +42,10 @@ class HardenSettings(Parameterized):
     """attack: the training attack spec (`pgd:steps=10`; `pgd:steps=4` on a CPU; `fgsm_rs`, faster and weaker); eps: its
     budget and the guard's (default: 0.3 for grey images, 8/255 for colour). epochs: at most this
     many; training stops earlier once robust validation accuracy has not improved for `patience`
-    epochs after the warm-up. schedule: "cosine" decays the learning rate to 2% over `epochs`. optimizer: "adam" or "sgd"
-    (`training.classifier.compile_classifier`). augment: random shifts and flips before each batch's
-    attack (default: for colour images, where adversarial training without them overfits). validation_n: training images held out for that check
+    epochs after the warm-up. schedule: "cosine" decays the learning rate to 2% over `epochs`.
+    optimizer: "adam" or "sgd" (`training.classifier.compile_classifier`). augment: random shifts
+    and flips before each batch's attack (default: for colour images, where adversarial training
+    without them overfits). validation_n: training images held out for that check
     (`validation_steps`-step PGD). family: the detector family inside the joint rule.
     benign_augmentation: fit the joint rule on corrupted clean copies too, and cap the FPR of each
     corruption of the held-out clean images at shifted_fpr (`fit_detector`)."""
