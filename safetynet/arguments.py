@@ -142,8 +142,8 @@ def add_benign_options(parser: argparse.ArgumentParser, *, keeps_detector_cap: b
     parser.add_argument("--no-benign-augmentation", action="store_true", help="fit and calibrate on the clean "
                         "images only, without corrupted copies (JPEG, noise, shifts, resizing)")
     parser.add_argument("--shifted-fpr", type=float, default=None if keeps_detector_cap else 0.10, metavar="F",
-                        help="with benign augmentation, the threshold also flags at most F of the held-out clean "
-                        "images under each corruption (default " + ("the detector's own" if keeps_detector_cap else "0.10") + ")")
+                        help="with benign augmentation, the threshold also keeps the FPR of clean images under each "
+                        "corruption at most F with 95%% confidence, bounded on the held-out images (default " + ("the detector's own" if keeps_detector_cap else "0.10") + ")")
     if names_images:
         parser.add_argument("--calibrate-on", type=calibration_images, metavar="DATA:SPLIT:START:STOP",
                             help="set the threshold on these clean images, like those the guard will serve (e.g. "

@@ -84,6 +84,7 @@ def test_stages_one_by_one_reproduce_the_pipeline(quickstart_dir, tmp_path, caps
     assert manifest["count"] == 300 and manifest["attack"]["eps"] == 0.2 and manifest["attack"]["steps"] == 5
     assert main(["train-detector", "--adversarial", str(tmp_path / "bim"), "--epochs", "3",
                  "--out", str(tmp_path / "det")]) == 0
+    assert "each benign corruption at most 0.1 with 95% confidence)" in capsys.readouterr().out
     assert main(["evaluate", "--model", model, "--detector", str(tmp_path / "det"), "--attacks", "pgd:eps=0.2,steps=5",
                  "fgsm", "--n", "100", "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())

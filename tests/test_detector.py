@@ -24,7 +24,7 @@ from foundation.storage import model_fingerprint
 from detector import FAMILIES, Calibration, InputDetector, calibrate_threshold, load_detector
 from detector.base import FORMAT_VERSION, MANIFEST
 from detector.benign_shift import BENIGN_SHIFTS, shifted_fprs
-from detector.calibration import capped_calibration
+from detector.calibration import CAP_CONFIDENCE, allowed_false_positives, capped_calibration, upper_bound
 from detector.input_detector import MODEL_FILE
 from training.detector import fit_detector, split_by_source
 
@@ -152,18 +152,53 @@ def test_calibration_json_round_trip():
 def test_capped_calibration_takes_the_largest_threshold_and_says_which_cap_bound():
     clean = np.arange(100.0)  # 5% alone: 94
     shifted = {"mild": np.arange(100.0) + 1.0, "hard": np.arange(100.0) + 20.0}  # 10% alone: 90 and 109
-    cal = capped_calibration(clean, shifted, 0.05, 0.10)
+    cal = capped_calibration(clean, shifted, 0.05, 0.10, confidence=None)  # each cap on these scores only
     assert cal.threshold == 109.0 and cal.bound_by == "hard"
-    assert cal.nominal_threshold == 94.0 and cal.shifted_fpr == 0.10
-    assert cal.shifted == {"mild": {"threshold": 90.0, "fpr": 0.0, "n": 100},
-                           "hard": {"threshold": 109.0, "fpr": 0.10, "n": 100}}
+    assert cal.nominal_threshold == 94.0 and cal.shifted_fpr == 0.10 and cal.shifted_confidence is None
+    assert {name: {k: v for k, v in c.items() if k != "fpr_upper"} for name, c in cal.shifted.items()} == {
+        "mild": {"threshold": 90.0, "fpr": 0.0, "n": 100}, "hard": {"threshold": 109.0, "fpr": 0.10, "n": 100}}
+    assert cal.shifted["hard"]["fpr_upper"] == pytest.approx(upper_bound(10, 100, 0.95)) and cal.warnings() == []
     assert cal.fpr == 0.0 and cal.n_clean == 100 and cal.target_fpr == 0.05
     # the smallest threshold within every cap: a hair lower flags 11% of "hard"
     assert np.mean(shifted["hard"] > np.nextafter(cal.threshold, -np.inf)) == 0.11
     assert Calibration.from_json(json.loads(json.dumps(cal.to_json()))) == cal
     # corruptions the detector already takes in its stride leave the nominal threshold
-    mild = capped_calibration(clean, {"mild": shifted["mild"]}, 0.05, 0.10)
+    mild = capped_calibration(clean, {"mild": shifted["mild"]}, 0.05, 0.10, confidence=None)
     assert mild.threshold == 94.0 and mild.bound_by == "nominal" and mild.fpr == 0.05
+
+
+def test_a_cap_holds_with_its_confidence_where_the_sample_rate_does_not():
+    """Uniform scores, so a threshold t flags 1 - t of new images: over 400 calibrations on 300 images,
+    the default cap at 10% is exceeded on new images in at most about 5% of them (95% confidence);
+    set at the sample's own rate it is exceeded about half the time."""
+    rng = np.random.default_rng(0)
+    clean = np.zeros(300)  # the nominal target never binds
+    exceeded = {"confidence": 0, "sample": 0}
+    for _ in range(400):
+        noisy = {"noise": rng.random(300)}
+        exceeded["confidence"] += 1 - capped_calibration(clean, noisy, 0.05, 0.10).threshold > 0.10
+        exceeded["sample"] += 1 - capped_calibration(clean, noisy, 0.05, 0.10, confidence=None).threshold > 0.10
+    assert exceeded["confidence"] <= 32 and exceeded["sample"] >= 150, exceeded
+
+
+def test_the_confidence_cap_flags_the_most_its_upper_bound_allows():
+    scores = {"noise": np.arange(1000.0)}
+    cal = capped_calibration(np.zeros(1000), scores, 0.05, 0.10)
+    assert cal.shifted_confidence == CAP_CONFIDENCE == 0.95 and cal.bound_by == "noise"
+    flagged_count = int(np.sum(scores["noise"] > cal.threshold))
+    assert flagged_count == allowed_false_positives(1000, 0.10, 0.95) == 84  # 8.4%, the bound 9.98%
+    assert upper_bound(84, 1000, 0.95) <= 0.10 < upper_bound(85, 1000, 0.95)
+    assert cal.shifted["noise"]["fpr_upper"] == pytest.approx(upper_bound(84, 1000, 0.95))
+    assert Calibration.from_json(json.loads(json.dumps(cal.to_json()))) == cal
+
+
+def test_too_few_calibration_images_to_bound_a_cap_flag_none_and_say_so():
+    cal = capped_calibration(np.zeros(20), {"jpeg": np.arange(20.0)}, 0.05, 0.10)
+    assert cal.threshold == 19.0 and cal.shifted["jpeg"]["fpr"] == 0.0  # flags none of them
+    assert cal.shifted["jpeg"]["fpr_upper"] > 0.10  # 20 images cannot show 10% at 95%: 29 can
+    assert allowed_false_positives(29, 0.10, 0.95) == 0 and upper_bound(0, 29, 0.95) <= 0.10
+    [warning] = cal.warnings()
+    assert "20 calibration images" in warning and "jpeg" in warning and "above the cap 0.1" in warning
 
 
 def test_capped_calibration_rejects_a_bad_cap_or_no_corruption():
@@ -171,6 +206,8 @@ def test_capped_calibration_rejects_a_bad_cap_or_no_corruption():
         capped_calibration(np.arange(100.0), {"a": np.arange(100.0)}, 0.05, 1.0)
     with pytest.raises(ValueError, match="at least one benign corruption"):
         capped_calibration(np.arange(100.0), {}, 0.05, 0.10)
+    with pytest.raises(ValueError, match="confidence"):
+        capped_calibration(np.arange(100.0), {"a": np.arange(100.0)}, 0.05, 0.10, confidence=1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,13 +396,15 @@ def test_threshold_caps_each_corruption_and_is_the_smallest_that_does(fitted):
     broken = []
     for name, (scores, cap) in groups.items():
         assert len(scores) == detector.info["n_calibration"]
-        allowed = math.floor(cap * len(scores) + 1e-9)
+        allowed = allowed_false_positives(len(scores), cap, None if name == "nominal" else CAP_CONFIDENCE)
         assert int(np.sum(scores > calibration.threshold)) <= allowed, name
         if int(np.sum(scores > lower)) > allowed:
             broken.append(name)
         if name != "nominal":
             assert calibration.shifted[name]["fpr"] == np.mean(scores > calibration.threshold)
             assert calibration.shifted[name]["n"] == len(scores)
+            assert calibration.shifted[name]["fpr_upper"] <= cap  # the cap holds with 95% confidence
+    assert calibration.shifted_confidence == CAP_CONFIDENCE
     assert calibration.bound_by in broken, (calibration.bound_by, broken)
     own = {"nominal": calibration.nominal_threshold} | {n: c["threshold"] for n, c in calibration.shifted.items()}
     assert calibration.threshold == own[calibration.bound_by] == max(own.values())

@@ -74,6 +74,8 @@ def test_retraining_that_loses_detection_says_so_and_why():
     assert len(lines) == 4 and "(set by the target FPR)" in lines[3]  # a point's loss or less: no warning
     lost = kept | {"after": {"new:cw:0": 0.5, "replay:fgsm:1": 1.0}}
     assert retrain_lines(lost, "saved")[-1] == "warning: retraining lowered the held-out TPR of new:cw:0 from 0.9890 to 0.5000"
+    few = kept | {"calibration_warnings": ["warning: 20 calibration images bound the FPR under jpeg90 only at 0.139"]}
+    assert retrain_lines(few, "saved")[4:] == few["calibration_warnings"]  # the calibration's own warnings follow
 
 
 def test_retrain_fits_a_joint_detector_again_around_its_member(digits, digits_classifier, tmp_path):

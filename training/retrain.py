@@ -135,7 +135,7 @@ def _report(old: Detector, retrained: Detector, split: Any, names: list[str], be
     after = detection_rates(retrained, split, names)
     return {"before": before, "after": after, "threshold_before": old.threshold,
             "threshold_after": retrained.threshold, "calibration_fpr_after": retrained.calibration.fpr,
-            "bound_by_after": retrained.calibration.bound_by}
+            "bound_by_after": retrained.calibration.bound_by, "calibration_warnings": retrained.calibration.warnings()}
 
 
 def retrain_lines(report: dict[str, Any], saved: str) -> list[str]:
@@ -149,7 +149,7 @@ def retrain_lines(report: dict[str, Any], saved: str) -> list[str]:
                  f"(set by {'the target FPR' if cause in (None, 'nominal') else f'the cap on {cause}'}); {saved}")
     why = ("" if cause in (None, "nominal") else f"; the cap on {cause} set the threshold: keep the old version, or "
            "retry with a higher --shifted-fpr or --no-benign-augmentation")
-    return lines + [f"warning: retraining lowered the held-out TPR of {name} from {before:.4f} to "
+    return lines + report.get("calibration_warnings", []) + [f"warning: retraining lowered the held-out TPR of {name} from {before:.4f} to "
                     f"{report['after'][name]:.4f}{why}"
                     for name, before in report["before"].items() if report["after"][name] < before - 0.01]
 

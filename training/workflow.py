@@ -238,9 +238,12 @@ def train_detector_stage(
     log(
         f"detector saved to {out}: threshold {calibration.threshold:.4g}, calibration FPR {calibration.fpr:.4f} on "
         + (f"images {named}" if named else f"{calibration.n_clean} held-out clean images")
-        + (f" (set by {calibration.bound_by}: each benign corruption at most {calibration.shifted_fpr:g})"
+        + (f" (set by {calibration.bound_by}: each benign corruption at most {calibration.shifted_fpr:g}"
+           + (f" with {calibration.shifted_confidence:.0%} confidence" if calibration.shifted_confidence else "") + ")"
            if calibration.bound_by else "")
     )
+    for line in calibration.warnings():
+        log(line)
     return calibration.threshold
 
 
