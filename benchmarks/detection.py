@@ -144,6 +144,7 @@ def main() -> None:
             rows = {
                 "clean_fpr": evaluation["detector"]["clean_fpr"],
                 "clean_fpr_shifted": evaluation["detector"]["clean_fpr_shifted"],  # each benign corruption, and max
+                "calibration": detector.calibration.to_json(),  # the threshold, which cap set it, with what confidence
                 "attacks": {name: {k: row[k] for k in ("success_rate", "n_turned", "auroc", "tpr")}
                             for name, row in evaluation["attacks"].items()},
             }
