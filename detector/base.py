@@ -131,8 +131,8 @@ class Detector(Parameterized, abc.ABC):
     def calibrate(self, clean_x: np.ndarray, target_fpr: float = 0.05, *,
                   shifted: Mapping[str, np.ndarray] | None = None, shifted_fpr: float = 0.10) -> "Detector":
         """Set the threshold so that about `target_fpr` of clean images are flagged; with `shifted`
-        (name -> benignly corrupted clean images), also at most `shifted_fpr` of each corruption's
-        images (the smallest threshold meeting every cap; `detector.calibration.capped_calibration`)."""
+        (name -> benignly corrupted clean images), also each corruption's FPR at most `shifted_fpr`
+        with 95% confidence (the smallest threshold meeting every cap; `detector.calibration.capped_calibration`)."""
         scores = self.score(clean_x)
         if shifted is None:
             self.calibration = calibrate_threshold(scores, target_fpr)

@@ -176,7 +176,8 @@ def calibration_info(x_calibration: np.ndarray, given: bool) -> dict[str, Any]:
 def calibrate_held_out(detector: Detector, x_held_out: np.ndarray, target_fpr: float, shifted_fpr: float | None,
                seed: int) -> Detector:
     """Calibrate on the held-out clean images at `target_fpr`; with `shifted_fpr`, also cap the FPR
-    of each benign corruption of every held-out image (`benign_versions`) at `shifted_fpr`."""
+    of each benign corruption (`benign_versions` of every held-out image) at `shifted_fpr`, with
+    95% confidence (`detector.calibration.capped_calibration`)."""
     if shifted_fpr is None:
         return detector.calibrate(x_held_out, target_fpr)
     shifted = benign_versions(x_held_out, [seed, 3])
@@ -214,8 +215,8 @@ def fit_detector(
     `joint`) a copy of each with an ordinary corruption (`detector.benign_shift.augment_benign`:
     JPEG, noise, shifts, resizing), so that images from a real pipeline are not learnt as
     adversarial, and sets the one threshold as the smallest that flags at most `target_fpr` of the
-    held-out clean images and at most `shifted_fpr` of them under each corruption (all held-out
-    images per corruption); `detector.calibration` records each corruption's own threshold and
+    held-out clean images and keeps each corruption's FPR at most `shifted_fpr` with 95% confidence
+    (its exact upper bound on all held-out images under it; `detector.calibration`); `detector.calibration` records each corruption's own threshold and
     which cap bound. An ensemble's max rule then anchors each member on its worst corruption of the
     stacker's images, so that a member which flags one corruption does not lift the threshold for
     all. Without it, the threshold flags `target_fpr` of the held-out images.
