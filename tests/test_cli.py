@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -229,6 +230,20 @@ def test_version_and_help_text_for_every_option():
     assert undocumented == []
     members = build_parser().parse_args(["train-detector", "--adversarial", "a", "--out", "d"]).members
     assert members is None  # fit_detector picks them by the images (training.detector.default_members)
+
+
+def test_train_detector_warns_when_too_few_images_can_bound_a_benign_cap(quickstart_dir, tmp_path, capsys):
+    """90 attacked images leave about 18 held out: too few to show a 10% cap at 95% (29 can)."""
+    model = str(quickstart_dir / "classifier.keras")
+    assert main(["attack", "--model", model, "--attack", "fgsm", "--n", "90", "--out", str(tmp_path / "fgsm")]) == 0
+    capsys.readouterr()
+    assert main(["train-detector", "--adversarial", str(tmp_path / "fgsm"), "--epochs", "2",
+                 "--out", str(tmp_path / "det")]) == 0
+    warnings = re.findall(r"warning: (\d+) calibration images bound the FPR under (\S+) only at ([0-9.]+), above the cap 0.1",
+                          capsys.readouterr().out)
+    calibration = json.loads((tmp_path / "det" / "manifest.json").read_text())["calibration"]
+    assert warnings and {name for _, name, _ in warnings} == set(calibration["shifted"])  # every corruption
+    assert all(int(n) == calibration["n_clean"] < 29 and float(bound) > 0.1 for n, _, bound in warnings)
 
 
 def test_dataset_commands_info_verify_shard_and_merge(quickstart_dir, tmp_path, capsys):
