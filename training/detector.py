@@ -216,8 +216,8 @@ def fit_detector(
     JPEG, noise, shifts, resizing), so that images from a real pipeline are not learnt as
     adversarial, and sets the one threshold as the smallest that flags at most `target_fpr` of the
     held-out clean images and keeps each corruption's FPR at most `shifted_fpr` with 95% confidence
-    (its exact upper bound on all held-out images under it; `detector.calibration`); `detector.calibration` records each corruption's own threshold and
-    which cap bound. An ensemble's max rule then anchors each member on its worst corruption of the
+    (its exact upper bound on all held-out images under it); `detector.calibration` records each
+    corruption's own threshold, rate and bound, and which cap bound. An ensemble's max rule then anchors each member on its worst corruption of the
     stacker's images, so that a member which flags one corruption does not lift the threshold for
     all. Without it, the threshold flags `target_fpr` of the held-out images.
 

@@ -149,9 +149,9 @@ def retrain_lines(report: dict[str, Any], saved: str) -> list[str]:
                  f"(set by {'the target FPR' if cause in (None, 'nominal') else f'the cap on {cause}'}); {saved}")
     why = ("" if cause in (None, "nominal") else f"; the cap on {cause} set the threshold: keep the old version, or "
            "retry with a higher --shifted-fpr or --no-benign-augmentation")
-    return lines + report.get("calibration_warnings", []) + [f"warning: retraining lowered the held-out TPR of {name} from {before:.4f} to "
-                    f"{report['after'][name]:.4f}{why}"
-                    for name, before in report["before"].items() if report["after"][name] < before - 0.01]
+    lost = [f"warning: retraining lowered the held-out TPR of {name} from {before:.4f} to {report['after'][name]:.4f}{why}"
+            for name, before in report["before"].items() if report["after"][name] < before - 0.01]
+    return lines + report.get("calibration_warnings", []) + lost
 
 
 def _fine_tune(detector: InputDetector, split: Any, epochs: int, seed: int, benign_augmentation: bool,
