@@ -8,7 +8,7 @@ from detector.ensemble import EnsembleDetector
 from detector.input_detector import InputDetector
 from detector.joint import JointDetector
 from detector.mahalanobis import MahalanobisDetector
-from detector.margin import MarginDetector, ShiftMarginDetector
+from detector.margin import MarginDetector, ShiftDropDetector, ShiftMarginDetector
 from detector.odds import OddsDetector
 from detector.squeeze import SqueezeDetector
 from detector.svm import SafetyNetDetector
@@ -16,12 +16,13 @@ from detector.svm import SafetyNetDetector
 FAMILIES.update({
     cls.kind: cls
     for cls in (InputDetector, ActivationDetector, SafetyNetDetector, MahalanobisDetector, SqueezeDetector,
-                MarginDetector, ShiftMarginDetector, OddsDetector, EnsembleDetector, JointDetector)
+                MarginDetector, ShiftMarginDetector, ShiftDropDetector, OddsDetector, EnsembleDetector, JointDetector)
 })
 
 
 __all__ = [
     "FAMILIES", "ActivationDetector", "Calibration", "Detector", "EnsembleDetector", "InputDetector", "JointDetector",
-    "MahalanobisDetector", "MarginDetector", "OddsDetector", "SafetyNetDetector", "ShiftMarginDetector", "SqueezeDetector",
+    "MahalanobisDetector", "MarginDetector", "OddsDetector", "SafetyNetDetector", "ShiftDropDetector", "ShiftMarginDetector",
+    "SqueezeDetector",
     "calibrate_threshold", "load_detector",
 ]

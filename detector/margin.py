@@ -21,6 +21,15 @@ Not a defence on its own: an attacker who knows it asks for a confident misclass
 confidence > 0, PGD), which it does not see, and averages its attack over the translations (EOT).
 It is an ensemble member for the minimal attacks the others miss; the adaptive rows of `evaluate`
 show what it keeps against such an attacker.
+
+`shift_drop` reads how far that gap drops when the image moves: the gap of the image as given
+minus its mean over the other translations (Tian et al.'s instability under transformation). PGD's
+confident examples keep a large gap only where the perturbation was put, so one pixel away it
+collapses; a clean image keeps most of its gap, whether sure or unsure, blurred or noisy, so
+benign corruptions that lower every gap move it little. On CIFAR-10 (the 86.5% ResNet) alone it
+catches seen PGD at 1.000 / 99.7% and L2 PGD at 0.999 / 98.8%, with at most 5.4% of clean images
+flagged under a benign corruption; minimal attacks, whose gap is about zero
+to start with, it sees less (ART's CW-L2 0.905 / 57%: `shift_margin`'s part).
 """
 from __future__ import annotations
 
@@ -64,16 +73,22 @@ class MarginDetector(Detector):
         gaps = [ops.convert_to_numpy(own_label_gap(
                     given if (dy, dx) == (k, k) else
                     predict(self.classifier, padded[:, dy:dy + x.shape[1], dx:dx + x.shape[2]], self.batch_size)[0],
-                    labels))
+                    labels)).astype(np.float64)
                 for dy, dx in _offsets(k)]
-        return -np.mean(np.asarray(gaps, np.float64), axis=0)
+        return self.combine(gaps)
 
     def score_graph(self, images: Any) -> Any:
         moved = translations(images, self.max_shift)
         logits = self.classifier(ops.concatenate(moved, axis=0))
         logits = ops.reshape(logits, (len(moved), -1, ops.shape(logits)[-1]))
         labels = ops.argmax(logits[len(moved) // 2], axis=-1)  # the image as given sits in the middle
-        return -ops.mean(own_label_gap(logits, labels), axis=0)
+        gaps = own_label_gap(logits, labels)
+        return self.combine([gaps[i] for i in range(len(moved))])
+
+    def combine(self, gaps: list[Any]) -> Any:
+        """The score from the label's gap in each translation (arrays or tensors, row-major, the image
+        as given in the middle): minus their mean."""
+        return -(sum(gaps) / len(gaps))
 
     def _save_files(self, directory: Path) -> None:
         """No files: the classifier comes at load time, checked against the recorded fingerprint."""
@@ -96,6 +111,17 @@ class ShiftMarginDetector(MarginDetector):
         self._set_params(locals())
         self.classifier = prepare_classifier(classifier)
         self.classifier_fingerprint = model_fingerprint(self.classifier)
+
+
+class ShiftDropDetector(ShiftMarginDetector):
+    """The top-two logit gap of the image as given minus its mean over the other translations by up
+    to `max_shift` pixels: how far the label's gap drops when the image moves (module docstring)."""
+
+    kind = "shift_drop"
+
+    def combine(self, gaps: list[Any]) -> Any:
+        given = gaps[len(gaps) // 2]
+        return given - (sum(gaps) - given) / (len(gaps) - 1)
 
 
 def _offsets(max_shift: int) -> list[tuple[int, int]]:

@@ -17,10 +17,10 @@ TRAINING_ATTACK_NAMES = (*ATTACK_NAMES, "fgsm_rs")  # training.adversarial.train
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "cifar10")  # training.data.BUILTIN_DATASETS
 ADAPTIVE_SUITE = ("adaptive_pgd", "apgd_ce", "apgd_dlr", "apgd_dlr_targeted", "orthogonal_pgd", "orthogonal_pgd_warm", "selective_pgd")  # detector.adaptive_evaluation.SUITE
 ADAPTIVE_STEPS = 60  # AdaptiveSettings.steps
-FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "margin", "shift_margin", "odds", "ensemble",
-            "joint")  # detector.FAMILIES
+FAMILIES = ("input", "activations", "safetynet", "mahalanobis", "squeeze", "margin", "shift_margin", "shift_drop", "odds",
+            "ensemble", "joint")  # detector.FAMILIES
 DEFAULT_MEMBERS = ("input", "safetynet", "squeeze", "margin", "shift_margin")  # training.detector.DEFAULT_MEMBERS
-COLOUR_MEMBERS = ("input", "activations", "margin", "shift_margin", "odds")  # training.detector.COLOUR_MEMBERS
+COLOUR_MEMBERS = ("input", "margin", "shift_margin", "odds", "shift_drop")  # training.detector.COLOUR_MEMBERS
 ARCHITECTURES = ("reference", "resnet")  # training.classifier.ARCHITECTURES
 RESNET_WIDTH = 64  # training.resnet.RESNET_WIDTH
 OPTIMIZERS = ("adam", "sgd")  # training.classifier.OPTIMIZERS

@@ -68,7 +68,7 @@ def detectors(input_detector, activation_detector, fit_data, digits_classifier) 
     """Every family, fitted on the same pairs and calibrated on the same clean images."""
     x_fit, x_adv, x_calibrate = fit_data
     fitted = {family: make_detector(family, digits_classifier, epochs=2, seed=0).fit(x_fit, x_adv, verbose=0).calibrate(x_calibrate)
-              for family in ("mahalanobis", "safetynet", "squeeze", "margin", "shift_margin", "odds")}
+              for family in ("mahalanobis", "safetynet", "squeeze", "margin", "shift_margin", "shift_drop", "odds")}
     half = len(x_fit) // 2
     ensemble = EnsembleDetector([input_detector, fitted["safetynet"], fitted["squeeze"]]).fit(x_fit[half:], x_adv[half:], verbose=0)
     joint = JointDetector(input_detector, digits_classifier).fit(x_fit[half:], x_adv[half:], verbose=0)
@@ -76,8 +76,8 @@ def detectors(input_detector, activation_detector, fit_data, digits_classifier) 
             "ensemble": ensemble.calibrate(x_calibrate), "joint": joint.calibrate(x_calibrate)}
 
 
-FAMILIES = ["input", "activations", "mahalanobis", "safetynet", "squeeze", "margin", "shift_margin", "odds", "ensemble",
-            "joint"]
+FAMILIES = ["input", "activations", "mahalanobis", "safetynet", "squeeze", "margin", "shift_margin", "shift_drop", "odds",
+            "ensemble", "joint"]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The `margin` family: minimal attacks (CW-L2 at confidence 0, DeepFool) end at a top-two logit gap
 near zero, which it flags; a confident attack (PGD, or CW asked for a margin) it does not, which is
 why it is an ensemble member and never the guard on its own. `shift_margin` averages the gap of the
-given label over small translations, where a minimal perturbation no longer holds."""
+given label over small translations, where a minimal perturbation no longer holds; `shift_drop`
+reads how far the gap falls under them."""
 from __future__ import annotations
 
 import cv2
@@ -11,7 +12,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from attacks import PGD, CarliniWagnerL2, DeepFool
-from detector import MarginDetector, ShiftMarginDetector, load_detector
+from detector import MarginDetector, ShiftDropDetector, ShiftMarginDetector, load_detector
+from detector.benign_shift import benign_versions
 
 N = 200
 
@@ -68,9 +70,9 @@ def test_saved_margin_detector_needs_its_classifier(margin, digits, digits_class
     assert loaded.threshold == margin.threshold
 
 
-def reference_shift_margin(classifier: keras.Model, x: np.ndarray, max_shift: int) -> np.ndarray:
-    """Minus the mean, over OpenCV translations (borders replicated), of the given label's logit
-    minus the best other logit: written apart from the family's padding and slicing."""
+def reference_gaps(classifier: keras.Model, x: np.ndarray, max_shift: int) -> np.ndarray:
+    """(translations, n): over OpenCV translations (borders replicated, the identity in the middle),
+    the given label's logit minus the best other logit: written apart from the family's padding and slicing."""
     labels = np.argmax(classifier.predict_on_batch(x), axis=-1)
     height, width = x.shape[1:3]
     gaps = []
@@ -83,17 +85,45 @@ def reference_shift_margin(classifier: keras.Model, x: np.ndarray, max_shift: in
             own = logits[np.arange(len(x)), labels]
             logits[np.arange(len(x)), labels] = -np.inf
             gaps.append(own - logits.max(axis=-1))
-    return -np.mean(gaps, axis=0)
+    return np.asarray(gaps)
 
 
 @pytest.mark.parametrize("max_shift", [1, 2])
 def test_shift_margin_averages_the_given_labels_gap_over_translations(max_shift, digits, digits_classifier, attacked):
     detector = ShiftMarginDetector(digits_classifier, max_shift=max_shift)
     x = np.concatenate([digits.x_test[:40], attacked["cw"][:20]])
-    expected = reference_shift_margin(digits_classifier, x, max_shift)
+    expected = -reference_gaps(digits_classifier, x, max_shift).mean(axis=0)
     np.testing.assert_allclose(detector.score(x), expected, rtol=1e-5, atol=1e-4)
     graph = keras.ops.convert_to_numpy(detector.score_graph(keras.ops.convert_to_tensor(x)))
     np.testing.assert_allclose(graph, expected, rtol=1e-5, atol=1e-4)  # what the adaptive attacks differentiate
+
+
+@pytest.mark.parametrize("max_shift", [1, 2])
+def test_shift_drop_is_the_given_gap_minus_the_mean_of_the_moved_ones(max_shift, digits, digits_classifier, attacked):
+    detector = ShiftDropDetector(digits_classifier, max_shift=max_shift)
+    x = np.concatenate([digits.x_test[:40], attacked["pgd"][:20]])
+    gaps = reference_gaps(digits_classifier, x, max_shift)
+    middle = len(gaps) // 2
+    expected = gaps[middle] - np.delete(gaps, middle, axis=0).mean(axis=0)
+    np.testing.assert_allclose(detector.score(x), expected, rtol=1e-5, atol=1e-4)
+    graph = keras.ops.convert_to_numpy(detector.score_graph(keras.ops.convert_to_tensor(x)))
+    np.testing.assert_allclose(graph, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_shift_drop_sees_pgd_and_passes_shifted_clean_images(mnist, mnist_classifier):
+    """Calibrated at 5% on clean test images: where the label's gap itself (`shift_margin`) sees
+    nothing of PGD and flags a fifth of clean images moved by two pixels, its drop under one-pixel
+    translations flags a quarter of PGD's examples and few moved images. Measured: PGD 26% against
+    1%, 2-pixel shifts 2.8% against 22.2%, resizing 0.4% against 8.4%."""
+    x, y = mnist.x_test[:200], mnist.y_test[:200]
+    attacked = PGD(eps=0.3)(mnist_classifier, x, y)
+    adversarial, calibration = attacked.x_adv[attacked.success], mnist.x_test[1000:1500]
+    moved = benign_versions(mnist.x_test[2000:2500], 0)
+    drop = ShiftDropDetector(mnist_classifier).calibrate(calibration, 0.05)
+    level = ShiftMarginDetector(mnist_classifier).calibrate(calibration, 0.05)
+    assert drop.predict(adversarial).mean() > 0.15 > 0.05 > level.predict(adversarial).mean()
+    for name in ("shift2", "resize0.75"):
+        assert drop.predict(moved[name]).mean() < 0.05 < level.predict(moved[name]).mean(), name
 
 
 def test_shift_margin_sees_an_attack_that_stops_past_the_boundary(mnist, mnist_classifier):
