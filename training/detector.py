@@ -219,9 +219,10 @@ def fit_detector(
     adversarial, and sets the one threshold as the smallest that flags at most `target_fpr` of the
     held-out clean images and keeps each corruption's FPR at most `shifted_fpr` with 95% confidence
     (its exact upper bound on all held-out images under it); `detector.calibration` records each
-    corruption's own threshold, rate and bound, and which cap bound. An ensemble's max rule then anchors each member on its worst corruption of the
-    stacker's images, so that a member which flags one corruption does not lift the threshold for
-    all. Without it, the threshold flags `target_fpr` of the held-out images.
+    corruption's own threshold, rate and bound, and which cap bound. An ensemble's max rule then
+    anchors each member on its worst corruption of the stacker's images, so that a member which
+    flags one corruption does not lift the threshold for all. Without it, the threshold flags
+    `target_fpr` of the held-out images.
 
     `calibration_images`: clean images like those the guard will serve, none of them a source the
     detector fits on, to set the threshold on instead of the held-out sources' clean versions
