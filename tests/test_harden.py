@@ -171,7 +171,8 @@ def test_harden_cli_options_reach_the_settings(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("channels, augment, shifted", [(3, None, True), (1, None, False), (3, False, False), (1, True, True)])
 def test_harden_shifts_colour_images_unless_told(monkeypatch, tmp_path, digits, channels, augment, shifted):
-    """By default the fine-tuning shifts and flips colour images (CIFAR-10 overfits without), not grey ones."""
+    """By default the fine-tuning shifts and flips colour images (CIFAR-10 overfits without), not grey
+    ones; grey images asked for it are shifted, never flipped, and the log says which."""
     import keras
 
     import training.harden as module
@@ -190,9 +191,13 @@ def test_harden_shifts_colour_images_unless_told(monkeypatch, tmp_path, digits, 
     data = ImageDataset("tiny", np.repeat(digits.x_train, channels, -1), digits.y_train,
                         np.repeat(digits.x_test, channels, -1), digits.y_test, digits.class_names)
     model = keras.Sequential([keras.Input(data.input_shape), keras.layers.Flatten(), keras.layers.Dense(10)])
+    lines = []
     with pytest.raises(Stop):
-        harden(save_model(model, tmp_path / "m.keras"), data, tmp_path / "o", HardenSettings(augment=augment, optimizer="sgd"))
+        harden(save_model(model, tmp_path / "m.keras"), data, tmp_path / "o", HardenSettings(augment=augment, optimizer="sgd"),
+               log=lines.append)
     assert seen[0]["augment"] is shifted and seen[0]["optimizer"] == "sgd"
+    said = lines[-1].split(", sgd")[-1]
+    assert said == ("" if not shifted else ", random shifts and flips" if channels == 3 else ", random shifts")
 
 
 def test_quickstart_table_reports_each_guards_worst_case():

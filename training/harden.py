@@ -173,9 +173,11 @@ def harden(
     if settings.schedule == "cosine":  # robust accuracy gains most as the rate decays (Rice et al. 2020)
         steps = settings.epochs * math.ceil(len(fit) / settings.batch_size)
         learning_rate = keras.optimizers.schedules.CosineDecay(settings.learning_rate, steps, alpha=0.02)
-    augment = data.input_shape[-1] == 3 if settings.augment is None else settings.augment
+    colour = data.input_shape[-1] == 3
+    augment = colour if settings.augment is None else settings.augment
+    moves = ", random shifts and flips" if colour else ", random shifts"  # `augmentation` flips colour images only
     log(f"[1/4] adversarial fine-tuning against {attack.get_params()}" + ("" if settings.trades_beta is None else f", TRADES beta {settings.trades_beta}")
-        + f", {settings.optimizer}" + (", random shifts and flips" if augment else ""))
+        + f", {settings.optimizer}" + (moves if augment else ""))
     train_adversarial(
         data.x_train[fit], data.y_train[fit], data.num_classes, attack, model=classifier, epochs=settings.epochs,
         batch_size=settings.batch_size, learning_rate=learning_rate, warmup_epochs=settings.warmup_epochs,
