@@ -29,7 +29,8 @@ from attacks import parse_attack_spec
 from detector.adaptive_evaluation import AdaptiveSettings
 from training.data import load_dataset
 from training.evaluate_stage import evaluate_stage
-from training.workflow import attack_stage, train_classifier_stage, train_detector_stage
+from training.classifier_stage import train_classifier_stage
+from training.workflow import attack_stage, train_detector_stage
 from timing import emit
 
 TARGETS = {1: 0.90, 3: 0.50}  # adaptive guarded accuracy by channel count (MNIST-like, CIFAR-like)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -48,7 +48,7 @@ from attacks.adaptive import AdaptiveAPGD, AdaptivePGD, joint_model
 from attacks.base import Attack, AttackResult
 from attacks.orthogonal import OrthogonalPGD, SelectivePGD
 from detector.base import Detector
-from detector.adaptive_outcomes import Outcome, judge, targeted, worst_case
+from detector.adaptive_outcomes import Checkpoints, Outcome, judge, targeted, worst_case
 from detector.differentiable import stand_in
 from detector.metrics import attack_row, flagged
 from foundation.validation import check_integer
@@ -184,12 +184,14 @@ def evaluate_adaptive(
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """The report's "adaptive" section and its curves; (None, {}) when no attack has an L-p budget.
 
     `keyed` maps the non-adaptive report keys to (attack, result); `handled` to whether each input
     was rejected or still classified correctly under that attack; `clean_correct` whether the
-    classifier gets each clean input right."""
+    classifier gets each clean input right; `checkpoints`, where finished attacks are kept for a
+    resumed run."""
     chosen = budgets([attack for attack, _ in keyed.values()])
     if not chosen:
         return None, {}
@@ -213,18 +215,20 @@ def evaluate_adaptive(
     count = len(x) if settings.max_inputs is None else min(settings.max_inputs, len(x))
     x, y = x[:count], y[:count]
     for template in chosen:
-        attacks = suite(template, settings, threshold, spread if spread > 0 else 1.0)
+        attacks, key = suite(template, settings, threshold, spread if spread > 0 else 1.0), _key(template)
         outcomes: dict[str, Outcome] = {}
         tried: dict[str, int] = {}
         for name, attack in attacks.items():
+            store = _store(checkpoints, key, [attack.get_params(), jsonable_settings(settings), standin.method])
             if name == "apgd_dlr_targeted":
-                outcome, tried[name] = targeted(attack, classifier, detector, joint, x, y, settings.target_classes,
-                                                batch_size, progress)
-                if outcome is not None:
-                    outcomes[name] = outcome
-                continue
-            result = attack(joint, x, y, batch_size=batch_size, progress=progress)
-            outcomes[name] = judge(classifier, detector, result, y, batch_size)
+                outcome, tried[name] = store(name, lambda: targeted(
+                    attack, classifier, detector, joint, x, y, settings.target_classes, batch_size, progress,
+                    keep=lambda rank, run: store(f"{name}-target{rank + 1}", lambda: (run(), rank + 1))[0]))
+            else:
+                outcome, _ = store(name, lambda: (judge(classifier, detector, attack(joint, x, y, batch_size=batch_size,
+                                                                                      progress=progress), y, batch_size), 0))
+            if outcome is not None:
+                outcomes[name] = outcome
         if not outcomes:
             raise ValueError("the adaptive suite holds only apgd_dlr_targeted, which needs 4 or more classes")
         same = [k for k, (a, _) in keyed.items() if getattr(a, "eps", None) == template.eps and getattr(a, "norm", None) == template.norm]
@@ -236,7 +240,6 @@ def evaluate_adaptive(
         choice, kept = worst_case(outcomes)
         names = list(outcomes)
         won = np.bincount(choice[kept.broken], minlength=len(names))
-        key = _key(template)
         result = AttackResult(kept.x_adv, kept.broken, kept.linf, kept.l2)
         row, curves[key] = attack_row(clean_scores, threshold, kept.scores, result, kept.misclassified, clean_correct[:count])
         baseline = min(same, key=lambda k: handled[k][:count].mean())  # the strongest on the same inputs
@@ -258,6 +261,14 @@ def evaluate_adaptive(
             row["note"] = _masking_note(row, baseline, standin.method, settings.masking_margin)
         section["attacks"][key] = row
     return section, curves
+
+
+def _store(checkpoints: Checkpoints | None, key: str, params: Any) -> Callable[[str, Callable[[], Any]], Any]:
+    """`store(label, run)`: `run()`, kept in `checkpoints` (when given) under the budget's key and
+    `label` for the attack's `params`."""
+    if checkpoints is None:
+        return lambda label, run: run()
+    return lambda label, run: checkpoints.outcome(f"{key}-{label}", params, run)
 
 
 def jsonable_settings(settings: AdaptiveSettings) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from detector.adaptive_evaluation import (
     AdaptiveSettings,
     evaluate_adaptive,
 )
+from detector.adaptive_outcomes import Checkpoints
 from detector.base import Detector
 from detector.benign_shift import shifted_fprs
 from detector.calibration import false_positive_interval
@@ -151,11 +152,13 @@ def evaluate(
     command: Sequence[str] | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    checkpoints: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Run each attack on (x, y) and measure the detector on it; then the adaptive attacks (None
     turns them off), the Taylor picture on the first `taylor_inputs` inputs, and what it takes to
     reproduce the report. `results` (the attacks' results on x, in order; a result may cover only
-    the first images of x) skips running them.
+    the first images of x) skips running them. `checkpoints`: a folder where each finished adaptive
+    attack is stored, so that the same call after an interruption resumes where it stopped.
 
     Returns the report (schema of README "report.json"), strict JSON values only.
     """
@@ -201,9 +204,13 @@ def evaluate(
         handled[key] = flagged(scores, threshold) | ~misclassified
         report["attacks"][key] = {"eps": getattr(attack, "eps", None), **row, "label": attack_label(attack), "params": attack.get_params()}
     if adaptive is not None:
+        identity = [report["classifier"]["fingerprint"], report["detector"]["fingerprint"], seed,
+                    [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in (x, y)],
+                    [attack.get_params() for attack in attacks]]
         section, adaptive_curves = evaluate_adaptive(
             classifier, detector, x, y, keyed, handled, clean_scores, clean_correct, adaptive, seed=seed,
-            batch_size=batch_size, progress=progress)
+            batch_size=batch_size, progress=progress,
+            checkpoints=None if checkpoints is None else Checkpoints(Path(checkpoints), json.dumps(identity, default=str)))
         if section is not None:
             report["adaptive"] = section
             report["detector"]["gradient_masking_check"] = any(r["gradient_masking_check"] for r in section["attacks"].values())

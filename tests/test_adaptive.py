@@ -3,6 +3,7 @@
 flag. Small cases on digits."""
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -275,3 +276,49 @@ def test_no_drop_under_the_adaptive_attack_is_flagged_for_gradient_masking(digit
 def test_adaptive_settings_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdaptiveSettings(**kwargs)
+
+
+def test_an_interrupted_adaptive_evaluation_resumes_from_the_attacks_it_finished(monkeypatch, tmp_path, digits_classifier,
+                                                                                input_detector, test_images):
+    """Each finished attack is stored; rerun after an interruption, the evaluation reuses those
+    (without running them) and gives the uninterrupted report; other settings run them again."""
+    x, y = test_images[0][:30], test_images[1][:30]
+    settings = AdaptiveSettings(steps=3, lambdas=(1.0,), target_classes=2, suite=("adaptive_pgd", "apgd_ce", "apgd_dlr_targeted"))
+
+    def run(checkpoints, adaptive=settings):
+        return evaluate(digits_classifier, input_detector, x, y, [PGD(eps=EPS, steps=3)], data="d", adaptive=adaptive,
+                        taylor_inputs=0, progress=False, checkpoints=checkpoints)["adaptive"]["attacks"]
+
+    expected = run(None)
+    calls = {"pgd": 0, "apgd": 0, "stop_at": 1}
+    real_pgd, real_apgd = AdaptivePGD.__call__, AdaptiveAPGD.__call__
+
+    def counted(self, *args, **kwargs):
+        calls["pgd"] += 1
+        return real_pgd(self, *args, **kwargs)
+
+    def interrupted(self, *args, **kwargs):  # APGD-CE, then the targeted attack's first and second target
+        calls["apgd"] += 1
+        if calls["apgd"] == calls["stop_at"]:
+            raise KeyboardInterrupt
+        return real_apgd(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdaptivePGD, "__call__", counted)
+    monkeypatch.setattr(AdaptiveAPGD, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path)
+    assert calls["pgd"] == 1 and [p.name for p in tmp_path.iterdir()] == ["adaptive_worst_case@eps=0.3-adaptive_pgd.npz"]
+    calls |= {"apgd": 0, "stop_at": 3}  # stopped during the second target: the first one is kept
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path)
+    assert calls["pgd"] == 1  # adaptive PGD came from its checkpoint
+    assert sorted(p.name.split("-", 1)[1] for p in tmp_path.iterdir()) == [
+        "adaptive_pgd.npz", "apgd_ce.npz", "apgd_dlr_targeted-target1.npz"]
+    calls |= {"apgd": 0, "stop_at": 0}
+    assert run(tmp_path) == expected and calls == {"pgd": 1, "apgd": 1, "stop_at": 0}  # the second target alone ran
+    assert len(list(tmp_path.iterdir())) == 5
+    assert run(tmp_path) == expected and calls["pgd"] == 1  # every attack from its checkpoint
+    run(tmp_path, dataclasses.replace(settings, steps=4))
+    assert calls["pgd"] == 2  # other settings: run again
+    (tmp_path / "adaptive_worst_case@eps=0.3-adaptive_pgd.npz").write_bytes(b"not a checkpoint")
+    assert run(tmp_path) == expected and calls["pgd"] == 3  # an unreadable one: run again

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from attacks import FGSM, PGD, AttackResult
+from attacks.adaptive import AdaptiveAPGD, AdaptivePGD
 from detector import InputDetector, load_detector
 from detector.adaptive_evaluation import AdaptiveSettings
 from detector.cross_attack import cross_attack_matrix
@@ -22,7 +23,7 @@ from foundation.models import save_model
 from foundation.storage import model_fingerprint
 from safetynet.cli import main
 from training.classifier import train_classifier
-from training.evaluate_stage import evaluate_stage
+from training.evaluate_stage import CHECKPOINTS, evaluate_stage
 
 EPS = 0.3
 SMALL = AdaptiveSettings(steps=5, lambdas=(1.0, 10.0))
@@ -97,6 +98,28 @@ def test_rerun_gives_the_same_report(saved, digits, tmp_path):
     assert info["classifier_fingerprint"] == first["classifier"]["fingerprint"]
     assert info["detector_fingerprint"] == first["detector"]["fingerprint"]
     assert {"numpy", "keras", "scikit-learn"} <= set(info["versions"])
+
+
+def test_an_interrupted_evaluate_resumes_and_clears_its_checkpoints(saved, digits, tmp_path, monkeypatch):
+    """The stage keeps finished adaptive attacks in --out/adaptive-progress; the same call after an
+    interruption reuses them, writes the report and removes the folder."""
+    out, settings = tmp_path / "eval", AdaptiveSettings(steps=3, lambdas=(1.0,), suite=("adaptive_pgd", "apgd_ce"))
+    real = AdaptiveAPGD.__call__
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AdaptiveAPGD, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_stage(saved["model"], saved["detector"], digits, out, attacks=["pgd:steps=3"], n=20, adaptive=settings,
+                       log=lambda _: None)
+    assert [p.name for p in (out / CHECKPOINTS).iterdir()] == ["adaptive_worst_case@eps=0.3-adaptive_pgd.npz"]
+    monkeypatch.setattr(AdaptiveAPGD, "__call__", real)
+    monkeypatch.setattr(AdaptivePGD, "__call__", interrupted)  # must not run again
+    report = evaluate_stage(saved["model"], saved["detector"], digits, out, attacks=["pgd:steps=3"], n=20, adaptive=settings,
+                            log=lambda _: None)
+    assert list(report["adaptive"]["attacks"]["adaptive_worst_case@eps=0.3"]["suite"]) == ["adaptive_pgd", "apgd_ce", "pgd"]
+    assert (out / "report.json").is_file() and not (out / CHECKPOINTS).exists()
 
 
 def test_markdown_without_optional_sections(saved, digits, tmp_path):

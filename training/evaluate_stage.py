@@ -6,6 +6,7 @@ Progress shows as each attack's live bar on a terminal, and as one sparse bar pe
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +25,8 @@ from training.attack_specs import resolve_attack, sweep_eps, trained_attacks
 from training.calibration_images import CalibrationImages
 from training.detector import make_detector
 from training.workflow import Data, Log, as_dataset, select
+
+CHECKPOINTS = "adaptive-progress"  # the folder in --out where finished adaptive attacks wait for the report
 
 
 def _progress(desc: str, total: int | None = None) -> bool | tqdm:
@@ -90,12 +93,15 @@ def evaluate_stage(
     bar = _progress("attacks", len(x) * len(attacks))
     results = run_attacks(model, x, y, attacks, targets=targets, batch_size=batch_size, progress=bar)
     _close(bar)
+    checkpoints = Path(out) / CHECKPOINTS
     if adaptive is not None:
         log(f"adaptive attacks that know the detector ({', '.join(adaptive.suite)}, {adaptive.steps} steps) on up to "
-            f"{min(len(x), adaptive.max_inputs or len(x))} test images: the longest part")
+            f"{min(len(x), adaptive.max_inputs or len(x))} test images: the longest part (each finished attack and target is kept in "
+            f"{checkpoints}: the same command resumes an interrupted run)")
     bar = _progress("adaptive attacks")
     report = evaluate(model, detector, x, y, attacks, data=data.name, results=results, targets=targets,
-                      adaptive=adaptive, seed=seed, command=command, batch_size=batch_size, progress=bar)
+                      adaptive=adaptive, seed=seed, command=command, batch_size=batch_size, progress=bar,
+                      checkpoints=checkpoints)
     _close(bar)
     if cross_attack:
         log(f"cross-attack matrix: one input detector per attack on {len(x_train)} training images")
@@ -105,6 +111,7 @@ def evaluate_stage(
             x_train=x_train, y_train=y_train, target_fpr=detector.calibration.target_fpr, seed=seed, batch_size=batch_size,
         )
     paths = write_report_files(report, out, html=html)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the report holds what they were for
     log(format_table(report))
     log(f"report written to {paths['report.json']} (+ {', '.join(name for name in paths if name != 'report.json')})")
     return report
