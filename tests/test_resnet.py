@@ -97,10 +97,10 @@ def test_cli_names_agree_with_the_library():
 
 
 def test_cli_architecture_flags_reach_the_stage(monkeypatch, tmp_path):
-    from training import workflow
+    from training import classifier_stage
 
     seen = []
-    monkeypatch.setattr(workflow, "train_classifier_stage", lambda *args, **kwargs: seen.append(kwargs))
+    monkeypatch.setattr(classifier_stage, "train_classifier_stage", lambda *args, **kwargs: seen.append(kwargs))
     out = str(tmp_path / "m.keras")
     assert main(["train-classifier", "--out", out]) == 0
     assert main(["train-classifier", "--out", out, "--architecture", "resnet", "--width", "8", "--no-augment"]) == 0
@@ -122,7 +122,7 @@ def test_cli_trains_and_saves_a_resnet(tmp_path, capsys):
 
 
 def test_stage_augments_resnet_training_unless_told_not(digits, monkeypatch, tmp_path):
-    from training import workflow
+    from training import classifier_stage
 
     seen = []
 
@@ -130,10 +130,10 @@ def test_stage_augments_resnet_training_unless_told_not(digits, monkeypatch, tmp
         seen.append((model.name, augment, kwargs["epochs"]))
         return model
 
-    monkeypatch.setattr(workflow, "train_augmented", record)
+    monkeypatch.setattr(classifier_stage, "train_augmented", record)
     for augment in (None, False, True):
-        workflow.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", width=4, epochs=3,
-                                        augment=augment, log=lambda line: None)
+        classifier_stage.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", width=4, epochs=3,
+                                                        augment=augment, log=lambda line: None)
     assert seen == [("resnet", True, 3), ("resnet", False, 3), ("resnet", True, 3)]
     shifted = []
 
@@ -141,13 +141,60 @@ def test_stage_augments_resnet_training_unless_told_not(digits, monkeypatch, tmp
         shifted.append(augment)
         raise RuntimeError("recorded")
 
-    monkeypatch.setattr(workflow, "train_adversarial", adversarial)
+    monkeypatch.setattr(classifier_stage, "train_adversarial", adversarial)
     for augment in (None, True):  # adversarial training shifts only when asked, before each batch's attack
         with pytest.raises(RuntimeError, match="recorded"):
-            workflow.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", adversarial="fgsm_rs",
-                                            augment=augment, log=lambda line: None)
+            classifier_stage.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", adversarial="fgsm_rs",
+                                                            augment=augment, log=lambda line: None)
     assert shifted == [False, True]
     with pytest.raises(ValueError, match="^augment is for the resnet architecture's standard training and for adversarial "
                        "training: not for the reference CNN's standard training or adversarial_data$"):
-        workflow.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", adversarial_data=["x"],
-                                        augment=True, log=lambda line: None)
+        classifier_stage.train_classifier_stage(digits, tmp_path / "m.keras", architecture="resnet", adversarial_data=["x"],
+                                                        augment=True, log=lambda line: None)
+
+
+def test_an_interrupted_resnet_training_resumes_and_other_settings_start_over(digits, monkeypatch, tmp_path):
+    """The stage keeps each epoch beside the model file: the same call after an interruption runs only
+    the epochs left; a call with other settings starts from the first epoch; the folder goes once the
+    model is saved."""
+    from training import classifier_stage
+    from training.resume import EpochCheckpoint
+
+    class Cut(Exception):
+        pass
+
+    out, progress = tmp_path / "m.keras", tmp_path / "m.progress"
+    begun: list[int] = []
+
+    def cut_at(epoch_to_cut: int | None):
+        def on_epoch_begin(self, epoch, logs=None):
+            begun.append(epoch)
+            if epoch == epoch_to_cut:
+                raise Cut
+        return on_epoch_begin
+
+    def train(lines: list[str], epochs: int = 3) -> None:
+        classifier_stage.train_classifier_stage(digits, out, architecture="resnet", width=4, epochs=epochs, batch_size=256,
+                                                robust_n=0, log=lines.append)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EpochCheckpoint, "on_epoch_begin", cut_at(2), raising=False)
+        with pytest.raises(Cut):
+            train([])
+        assert begun == [0, 1, 2] and (progress / "state.json").is_file() and not out.exists()
+        lines: list[str] = []
+        patch.setattr(EpochCheckpoint, "on_epoch_begin", cut_at(None), raising=False)
+        train(lines)
+        assert begun[3:] == [2] and f"resumed from {progress} after epoch 2 (continuing)" in lines
+    assert out.is_file() and not progress.exists()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EpochCheckpoint, "on_epoch_begin", cut_at(1), raising=False)
+        with pytest.raises(Cut):
+            train([])
+        begun.clear()
+        lines = []
+        patch.setattr(EpochCheckpoint, "on_epoch_begin", cut_at(None), raising=False)
+        train(lines, epochs=2)
+        assert begun == [0, 1]
+        assert f"{progress} holds the progress of another run (other settings or data): starting from the first epoch" in lines

@@ -94,6 +94,7 @@ class AdversarialTraining(keras.Model):
         if augment is not None and not augment.built:
             augment.build(classifier.input_shape)  # no weights; built here, Keras (JAX) would warn it is not
         self.noise_seed = keras.random.SeedGenerator(seed)
+        self.built = True  # its weights are the classifier's (built) and the seeds': loadable before fit (`training.resume`)
 
     def call(self, x: Tensor, training: bool = False) -> Tensor:
         return self.classifier(x, training=training)

@@ -115,7 +115,8 @@ def train_augmented(
 ) -> keras.Model:
     """Train `model` for exactly `epochs` epochs: SGD with Nesterov momentum and weight decay on a
     one-cycle schedule peaking at `learning_rate`, on batches augmented when `augment` (no
-    validation split or early stopping: the schedule sets the length). Returns the model, uncompiled."""
+    validation split or early stopping: the schedule sets the length). Returns the model, uncompiled.
+    `callbacks` may hold a `training.resume.EpochCheckpoint`: its state is the wrapper's, optimizer included."""
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     x_train = check_images(x_train, (0.0, 1.0))

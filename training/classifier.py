@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -18,6 +19,7 @@ from foundation.validation import check_images, check_labels, check_model_input
 from training.adversarial import AdversarialTraining, mixed_batches
 from training.augmented import augmentation, sgd
 from training.collapse import CollapseCheck
+from training.resume import EpochCheckpoint
 from training.resnet import RESNET_WIDTH, build_resnet
 
 # training images whose clean accuracy is checked after each adversarial epoch
@@ -132,6 +134,8 @@ def train_adversarial(
     verbose: int | str = 2,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     devices: Devices = 1,
+    checkpoint: str | os.PathLike | None = None,
+    log: Callable[[str], Any] = print,
 ) -> keras.Model:
     """Adversarial training (`training.adversarial.AdversarialTraining`) of `model` (default: a new
     reference CNN) with `model.fit`; eps ramps up over the first `warmup_epochs`. No validation
@@ -145,7 +149,10 @@ def train_adversarial(
     training_devices`): a copy of the model built inside that context is trained, and its weights are
     copied back into `model` after each epoch, before `callbacks` run, so they and the caller only
     ever see the plain single-device model. `batch_size` must then be a multiple of the device count,
-    and the last (fewer than that count) images that would leave the last batch uneven are left out."""
+    and the last (fewer than that count) images that would leave the last batch uneven are left out.
+
+    `checkpoint`: a folder where the training state is kept after every epoch (`training.resume`):
+    the same call after an interruption continues from the last finished epoch (messages go to `log`)."""
     if not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
         raise ValueError(f"warmup_epochs must be a finite number >= 0, got {warmup_epochs}")
     keras.utils.set_random_seed(seed)
@@ -168,7 +175,10 @@ def train_adversarial(
                                       augment=shifts, seed=seed)
         compile_classifier(trainer, learning_rate, optimizer)
         back = [] if trained is model else [CopyWeights(trained, model)]
-        trainer.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose, callbacks=[*back, *callbacks, check])
+        every = [*back, *callbacks, check]
+        if checkpoint is not None:
+            every.append(EpochCheckpoint(checkpoint, every, log=log))
+        trainer.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=verbose, callbacks=every)
     return model
 
 

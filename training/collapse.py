@@ -11,6 +11,9 @@ far below where a pretrained model started, for `patience` epochs in a row. Epoc
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import keras
 import numpy as np
 
@@ -44,6 +47,13 @@ class CollapseCheck(keras.callbacks.Callback):
         self.start_accuracy, self.patience, self.min_steps, self.advice = start_accuracy, patience, min_steps, advice
         self.history: list[float] = []
         self.steps = 0
+
+    def state(self, directory: Path) -> dict[str, Any]:
+        """The accuracies so far and the steps run: `training.resume.Resumable`."""
+        return {"history": self.history, "steps": self.steps}
+
+    def restore(self, state: dict[str, Any], directory: Path) -> None:
+        self.history, self.steps = list(state["history"]), int(state["steps"])
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.steps += 1

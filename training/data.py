@@ -3,6 +3,7 @@ or a path (.npz file, CIFAR pickle-batch folder, image folder). TensorFlow is im
 the keras.datasets names, so the module stays cheap to import."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,14 @@ class ImageDataset:
     def num_classes(self) -> int:
         """Number of classes, i.e. the length of class_names."""
         return len(self.class_names)
+
+    def fingerprint(self) -> str:
+        """sha256 over the four arrays: which data a long run (harden, training) was started on."""
+        digest = hashlib.sha256()
+        for array in (self.x_train, self.y_train, self.x_test, self.y_test):
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
