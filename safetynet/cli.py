@@ -39,7 +39,9 @@ def _pipeline(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, benign_augmentation=not args.no_benign_augmentation, shifted_fpr=args.shifted_fpr,
         )
     elif args.command == "train-classifier":
-        workflow.train_classifier_stage(
+        from training.classifier_stage import train_classifier_stage
+
+        train_classifier_stage(
             args.data, args.out, epochs=args.epochs, seed=args.seed, adversarial=args.adversarial,
             adversarial_data=args.adversarial_data or (), mix=args.mix, eps_warmup=args.eps_warmup,
             trades_beta=args.trades, batch_size=args.batch_size, robust_n=args.robust_n, devices=args.devices,

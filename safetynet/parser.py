@@ -58,7 +58,7 @@ def _add_training(commands: Commands) -> None:
     quick.add_argument("--target-fpr", type=float, default=0.05, help="clean false-positive rate to calibrate to")
     quick.add_argument("--family", default="input", choices=FAMILIES, help="detector family (default input)")
     quick.add_argument("--no-robust", action="store_true", help="skip the robust guard (harden) and the table of both guards")
-    quick.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart's outputs in --out (refused without it)")
+    quick.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart's outputs in --out (without it a finished run is refused and an interrupted one of the same command resumes)")
     quick.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     train = commands.add_parser("train-classifier", help="train the reference CNN or a ResNet (optionally adversarially), save it as .keras")
@@ -84,7 +84,7 @@ def _add_training(commands: Commands) -> None:
     harden = commands.add_parser("harden", help="classifier -> robust guard: adversarial fine-tuning, joint detector, one threshold, report")
     harden.add_argument("--model", required=True, help="your classifier (.keras or .h5), fine-tuned into the guard's")
     add_data_option(harden)
-    harden.add_argument("--out", required=True, help="new output folder: classifier.keras, datasets/, detector/, guard/, report/")
+    harden.add_argument("--out", required=True, help="new output folder: classifier.keras, datasets/, detector/, guard/, report/ (rerun the same command to resume)")
     harden.add_argument("--attack", default="pgd:steps=10", metavar="SPEC", type=training_attack_spec,
                         help="training attack: pgd:steps=10 (default, PGD-AT), pgd:steps=4 (CPUs), fgsm_rs (fastest, weaker)")
     harden.add_argument("--eps", type=float, help="the guard's budget (default 0.3 for grayscale, 8/255 for colour)")

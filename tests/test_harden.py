@@ -115,6 +115,23 @@ def test_robust_early_stopping_keeps_the_best_epoch(robust, warmup, stopped_afte
     assert check.classifier.restored == best
 
 
+def test_robust_early_stopping_state_survives_a_crash_between_its_files(tmp_path):
+    """The best epoch's weights are written before the state that names them: a process that dies in
+    between leaves the state on disk naming the best epoch before, whose weights must still be there."""
+    check = Scripted([0.1, 0.3, 0.5], patience=3, warmup_epochs=0)
+    check.classifier = Weights(check)
+    states = []
+    for epoch in range(3):
+        check.on_epoch_end(epoch)
+        states.append(check.state(tmp_path))  # epoch 3's state is never written to disk: the crash
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-weights-2.npz", "best-weights-3.npz"]
+    resumed = Scripted([], patience=3, warmup_epochs=0)
+    resumed.classifier = Weights(resumed)
+    resumed.restore(states[1], tmp_path)
+    resumed.on_train_end()
+    assert resumed.classifier.restored == 2 and resumed.history == states[1]["history"]
+
+
 @pytest.mark.slow  # 50 s on 2 cores: pytest -m slow
 def test_harden_builds_a_guard_more_robust_than_the_classifier(tmp_path, digits, digits_classifier):
     """From the digits classifier to a guard directory: the hardened classifier resists PGD far
@@ -196,7 +213,7 @@ def test_harden_shifts_colour_images_unless_told(monkeypatch, tmp_path, digits, 
         harden(save_model(model, tmp_path / "m.keras"), data, tmp_path / "o", HardenSettings(augment=augment, optimizer="sgd"),
                log=lines.append)
     assert seen[0]["augment"] is shifted and seen[0]["optimizer"] == "sgd"
-    said = lines[-1].split(", sgd")[-1]
+    said = lines[-1].split(", sgd")[-1].split(" (each epoch is kept in")[0]
     assert said == ("" if not shifted else ", random shifts and flips" if channels == 3 else ", random shifts")
 
 
@@ -210,3 +227,52 @@ def test_quickstart_table_reports_each_guards_worst_case():
     table = summary_table({"plain": report(0.9, 0.0), "robust": report(0.95, 0.81)})
     assert "robust" in table and "0.8100  adaptive@eps=0.1" in table and "0.0000" in table
     assert robust_eps((8, 8, 1), None) == 0.1 and robust_eps((28, 28, 1), None) == 0.3 and robust_eps((8, 8, 1), 0.2) == 0.2
+
+
+def test_an_interrupted_harden_resumes_where_it_stopped(monkeypatch, tmp_path, digits, digits_classifier):
+    """Cut off in the fine-tuning, the same call continues at the next epoch (another setting is
+    refused, naming it); cut off later, it keeps the hardened classifier and trains no more; once
+    finished, the folder is not written over."""
+    import training.harden as module
+    from foundation.storage import sha256_file
+
+    start, out = save_model(digits_classifier, tmp_path / "start.keras"), tmp_path / "robust"
+    settings = HardenSettings(eps=EPS, epochs=3, warmup_epochs=1, validation_n=100, n_attack=200, detector_epochs=1)
+
+    class Cut(Exception):
+        pass
+
+    def cut_at_third_epoch(self, epoch, logs=None):
+        if epoch == 2:
+            raise Cut
+
+    def run(lines: list[str], chosen: HardenSettings = settings):
+        return harden(start, digits, out, chosen, evaluate=False, log=lines.append)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RobustEarlyStopping, "on_epoch_begin", cut_at_third_epoch, raising=False)
+        with pytest.raises(Cut):
+            run([])
+    assert (out / module.RECORD).is_file() and (out / module.TRAINING / "state.json").is_file()
+    with pytest.raises(FileExistsError, match="interrupted harden with another setting epochs: run that command again"):
+        run([], HardenSettings(**{**settings.__dict__, "epochs": 4}))
+
+    resumed: list[str] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "train_detector_stage", lambda *args, **kwargs: (_ for _ in ()).throw(Cut()))
+        with pytest.raises(Cut):
+            run(resumed)
+    assert f"resumed from {out / module.TRAINING} after epoch 2 (continuing)" in resumed
+    assert [line.split(":")[0] for line in resumed if line.startswith("epoch ")] == ["epoch 3"]
+    assert not (out / module.TRAINING).exists()
+    hardened = sha256_file(out / "classifier.keras")
+
+    finished: list[str] = []
+    result = run(finished)
+    assert not any(line.startswith("epoch ") for line in finished)
+    assert f"[1/4] adversarial fine-tuning: done by the interrupted run, {out / 'classifier.keras'} kept" in finished
+    assert sha256_file(out / "classifier.keras") == hardened
+    assert [row["epoch"] for row in result.validation] == [1, 2, 3]
+    assert Guard.load(result.guard).detector.kind == "joint"
+    with pytest.raises(FileExistsError, match="holds a finished harden"):
+        run([])

@@ -12,11 +12,16 @@ robust at eps/2 (Tramer 2022). So the guard is built around a robust classifier:
 3. one threshold for that rule, calibrated on held-out clean images at the target false-positive rate;
 4. the guard directory (`detector.guard_directory`), and the evaluation report with the adaptive,
    detector-aware attacks (unless `evaluate=False`).
+
+Every stage can be cut off and resumed by running the same command again: the fine-tuning keeps
+its state after each epoch (`training.resume`), the datasets and the evaluation's adaptive attacks
+resume where they stopped, and finished stages are not run again (harden.json records the run).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +32,7 @@ from attacks import PGD
 from foundation.backend import Devices
 from foundation.validation import BOOLEAN, Interval, Options, Parameterized
 from foundation.models import load_model, save_model
+from foundation.storage import atomic_write, model_fingerprint
 from detector import load_detector
 from detector.adaptive_evaluation import DEFAULT_ADAPTIVE, AdaptiveSettings
 from detector.guard_directory import save_guard_directory
@@ -34,7 +40,14 @@ from training.adversarial import training_attack
 from training.attack_specs import default_attacks, default_eps
 from training.classifier import OPTIMIZERS, LearningRate, accuracy, train_adversarial
 from training.evaluate_stage import evaluate_stage
+from training.data import ImageDataset
+from training.run_record import differences, mark, new_record, read_record, run_identity
 from training.workflow import Data, Log, as_dataset, attack_stage, train_detector_stage
+
+# in the output folder: the run's record (what it is, what it has done), and the training state kept after each epoch
+RECORD, TRAINING = "harden.json", "training-progress"
+# in TRAINING: the best epoch's classifier weights (`RobustEarlyStopping`)
+BEST_WEIGHTS = "best-weights-{}.npz"  # the best epoch's weights, by epoch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +115,7 @@ class RobustEarlyStopping(keras.callbacks.Callback):
         self.patience, self.warmup_epochs, self.log = patience, warmup_epochs, log
         self.history: list[dict[str, float]] = []
         self.best: tuple[float, int, list[np.ndarray]] | None = None
+        self._saved_best: int | None = None
 
     def measure(self) -> tuple[float, float]:
         """(clean, PGD robust) accuracy of the classifier on the held-out images."""
@@ -117,10 +131,52 @@ class RobustEarlyStopping(keras.callbacks.Callback):
             self.log(f"robust validation accuracy has not improved for {self.patience} epochs: stopping")
             self.model.stop_training = True
 
+    def state(self, directory: Path) -> dict[str, Any]:
+        """History and best epoch (its weights in best-weights-<epoch>.npz): `training.resume.Resumable`.
+        The file of the best epoch before stays until the next state, since the state on disk may
+        still name it if the process dies before the new state is written."""
+        if self.best is not None and self.best[1] != self._saved_best:
+            atomic_write(directory / BEST_WEIGHTS.format(self.best[1]), lambda temp: np.savez(temp, *self.best[2]))
+            keep = {BEST_WEIGHTS.format(epoch) for epoch in (self.best[1], self._saved_best)}
+            for old in directory.glob(BEST_WEIGHTS.format("*")):
+                if old.name not in keep:
+                    old.unlink()
+            self._saved_best = self.best[1]
+        return {"history": self.history, "best": None if self.best is None else list(self.best[:2])}
+
+    def restore(self, state: dict[str, Any], directory: Path) -> None:
+        self.history = list(state["history"])
+        if state["best"] is not None:
+            with np.load(directory / BEST_WEIGHTS.format(int(state["best"][1])), allow_pickle=False) as stored:
+                weights = [stored[f"arr_{i}"] for i in range(len(stored.files))]
+            self.best = (float(state["best"][0]), int(state["best"][1]), weights)
+            self._saved_best = self.best[1]
+
     def on_train_end(self, logs: dict | None = None) -> None:
         if self.best is not None:
             self.classifier.set_weights(self.best[2])
             self.log(f"kept epoch {self.best[1]}: validation PGD-{self.attack.steps} robust accuracy {self.best[0]:.4f}")
+
+
+def begin_record(out: Path, settings: HardenSettings, classifier: keras.Model, data: ImageDataset) -> dict[str, Any]:
+    """harden.json in `out` (`training.run_record`): what the run is (settings, starting classifier,
+    data), then what it has done. A new or empty `out` gets a new record; one left by an interrupted
+    run of the same command is returned, to resume from; anything else in `out` is refused, naming
+    what differs."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file: --out names the folder harden writes")
+    identity = run_identity(dataclasses.asdict(settings), data, classifier=model_fingerprint(classifier))
+    if out.is_dir() and any(out.iterdir()):
+        record = read_record(out / RECORD)
+        if record is None:
+            raise FileExistsError(f"{out} already exists and is not empty: choose another --out or delete it")
+        if record.get("finished"):
+            raise FileExistsError(f"{out} holds a finished harden: choose another --out or delete it")
+        if record.get("identity") != identity:
+            raise FileExistsError(f"{out} holds an interrupted harden with another {differences(record, identity)}: run that "
+                                  "command again to resume it, or choose another --out")
+        return record
+    return new_record(out / RECORD, identity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,12 +206,12 @@ def harden(
 ) -> HardenedGuard:
     """Build a robust guard from the classifier at `model_path` into the new directory `out`:
     classifier.keras (hardened), datasets/, detector/ (joint rule), guard/ (the deployable guard
-    directory) and report/ (unless `evaluate=False`). Everything is checked before training.
+    directory), report/ (unless `evaluate=False`) and harden.json (`begin_record`). Everything is
+    checked before training. The same call after an interruption resumes: at the last finished
+    epoch of the fine-tuning, or after the last finished stage.
     `adaptive`: the evaluation's adaptive suite. `devices` (a count or "all") runs the fine-tuning
     data-parallel (`train_adversarial`)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} already exists and is not empty: choose another --out or delete it")
     data = as_dataset(data)
     classifier = load_model(model_path)
     eps = default_eps(data.input_shape) if settings.eps is None else settings.eps
@@ -176,16 +232,23 @@ def harden(
     colour = data.input_shape[-1] == 3
     augment = colour if settings.augment is None else settings.augment
     moves = ", random shifts and flips" if colour else ", random shifts"  # `augmentation` flips colour images only
-    log(f"[1/4] adversarial fine-tuning against {attack.get_params()}" + ("" if settings.trades_beta is None else f", TRADES beta {settings.trades_beta}")
-        + f", {settings.optimizer}" + (moves if augment else ""))
-    train_adversarial(
-        data.x_train[fit], data.y_train[fit], data.num_classes, attack, model=classifier, epochs=settings.epochs,
-        batch_size=settings.batch_size, learning_rate=learning_rate, warmup_epochs=settings.warmup_epochs,
-        trades_beta=settings.trades_beta, augment=augment, optimizer=settings.optimizer, seed=settings.seed, verbose=0,
-        callbacks=[stopper], devices=devices,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    classifier_path = save_model(classifier, out / "classifier.keras")
+    record = begin_record(out, settings, classifier, data)
+    classifier_path = out / "classifier.keras"
+    if classifier_path.is_file() and "validation" in record:
+        classifier, stopper.history = load_model(classifier_path), record["validation"]
+        log(f"[1/4] adversarial fine-tuning: done by the interrupted run, {classifier_path} kept")
+    else:
+        log(f"[1/4] adversarial fine-tuning against {attack.get_params()}" + ("" if settings.trades_beta is None else f", TRADES beta {settings.trades_beta}")
+            + f", {settings.optimizer}" + (moves if augment else "") + f" (each epoch is kept in {out / TRAINING}: the same command resumes)")
+        train_adversarial(
+            data.x_train[fit], data.y_train[fit], data.num_classes, attack, model=classifier, epochs=settings.epochs,
+            batch_size=settings.batch_size, learning_rate=learning_rate, warmup_epochs=settings.warmup_epochs,
+            trades_beta=settings.trades_beta, augment=augment, optimizer=settings.optimizer, seed=settings.seed, verbose=0,
+            callbacks=[stopper], devices=devices, checkpoint=out / TRAINING, log=log,
+        )
+        save_model(classifier, classifier_path)
+        record = mark(out / RECORD, record, validation=stopper.history)
+        shutil.rmtree(out / TRAINING, ignore_errors=True)
     clean_accuracy = accuracy(classifier, data.x_test, data.y_test)
     log(f"hardened classifier saved to {classifier_path}: clean test accuracy {clean_accuracy:.4f}")
     log("[2/4] adversarial datasets against the hardened classifier")
@@ -195,9 +258,10 @@ def harden(
         attack_stage(classifier_path, data, spec, path, split="train", n=settings.n_attack, log=log)
     log(f"[3/4] joint rule: {settings.family} detector + the classifier's logit gap, one threshold at FPR {settings.target_fpr}")
     detector_path = out / "detector"
-    train_detector_stage(datasets, detector_path, family="joint", members=(settings.family,), model_path=classifier_path,
-                         target_fpr=settings.target_fpr, epochs=settings.detector_epochs, seed=settings.seed,
-                         benign_augmentation=settings.benign_augmentation, shifted_fpr=settings.shifted_fpr, log=log)
+    if not detector_path.is_dir():  # saved whole or not at all: one there is finished
+        train_detector_stage(datasets, detector_path, family="joint", members=(settings.family,), model_path=classifier_path,
+                             target_fpr=settings.target_fpr, epochs=settings.detector_epochs, seed=settings.seed,
+                             benign_augmentation=settings.benign_augmentation, shifted_fpr=settings.shifted_fpr, log=log)
     guard_path = save_guard_directory(out / "guard", classifier, load_detector(detector_path, classifier=classifier))
     log(f"guard written to {guard_path} (serve it with: safetynet serve --guard {guard_path})")
     report = None
@@ -205,5 +269,6 @@ def harden(
         log("[4/4] evaluation, adaptive attacks included")
         report = evaluate_stage(classifier_path, detector_path, data, out / "report", n=n_eval, adaptive=adaptive,
                                 seed=settings.seed, log=log)
+    mark(out / RECORD, record, finished=True)
     return HardenedGuard(out=out, classifier=Path(classifier_path), detector=detector_path, guard=guard_path, report=report,
                          clean_accuracy=clean_accuracy, validation=stopper.history)
