@@ -74,7 +74,7 @@ def test_quickstart_refuses_an_earlier_run_unless_overwrite(quickstart_dir, tmp_
     monkeypatch.setattr(training.quickstart, "train_classifier_stage", first_stage)
     with pytest.raises(Stop, match="the first stage ran"):
         training.quickstart.quickstart("digits", out, overwrite=True, log=lambda _: None)
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only the quickstart's own outputs are removed
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "quickstart.json"]  # only its own outputs removed, then the new record
 
 
 def test_stages_one_by_one_reproduce_the_pipeline(quickstart_dir, tmp_path, capsys):

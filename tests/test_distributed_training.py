@@ -167,7 +167,7 @@ class Stop(Exception):
 
 
 @pytest.mark.parametrize("command, module, given, expected", [
-    ("train-classifier", "training.workflow", ["--devices", "2"], 2),
+    ("train-classifier", "training.classifier_stage", ["--devices", "2"], 2),
     ("harden", "training.harden", ["--devices", "all"], "all"),
     ("harden", "training.harden", [], 1),
 ])

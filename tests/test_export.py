@@ -87,6 +87,12 @@ def x_eval(digits, digits_classifier) -> np.ndarray:
     return np.concatenate([x, FGSM(eps=EPS)(digits_classifier, x, y).x_adv])
 
 
+# `odds` scores are z-scores of the small change noise makes to logit gaps of about 10: a difference of
+# nearly equal numbers divided by its clean spread, so float32 round-off of the logits (batched one way
+# here, another way in `score`) comes out about 100 times larger (9e-5 of the spread seen in CI)
+ROUNDOFF = {"odds": 1e-3}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scoring_model_matches_score_and_logits(family, detectors, digits_classifier, x_eval):
     """Every family's graph gives its NumPy score to float32 round-off: 1e-5 of the scores' spread
@@ -95,7 +101,8 @@ def test_scoring_model_matches_score_and_logits(family, detectors, digits_classi
     outputs = detector.scoring_model(digits_classifier).predict_on_batch(x_eval)
     assert set(outputs) == {"logits", "score"}
     expected = detector.score(x_eval)
-    np.testing.assert_allclose(outputs["score"], expected, rtol=1e-5, atol=1e-5 * max(1.0, float(np.std(expected))))
+    spread = max(1.0, float(np.std(expected)))
+    np.testing.assert_allclose(outputs["score"], expected, rtol=1e-5, atol=ROUNDOFF.get(family, 1e-5) * spread)
     np.testing.assert_allclose(outputs["logits"], digits_classifier.predict_on_batch(x_eval), rtol=1e-5, atol=1e-5)
     alone = detector.scoring_model(None).predict_on_batch(x_eval)
     assert set(alone) == {"score"}
