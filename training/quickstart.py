@@ -27,6 +27,10 @@ from training.workflow import Log, attack_stage, train_detector_stage
 # 8x8 images with 17 grey levels (scikit-learn's digits): at eps 0.3 an attacker may redraw the digit,
 # so the robust guard there defends the smaller budget
 SMALL_IMAGE_ROBUST_EPS = 0.1
+# the robust stage's adversarial fine-tuning: on digits robust validation accuracy still rises at 60
+# epochs; 100 (patience 15) kept 81.9-83.3% worst-case guarded over three seeds where 60 (patience 10)
+# kept 79.7-81.1% (docs/benchmarks.md)
+ROBUST_EPOCHS, ROBUST_PATIENCE = 100, 15
 # the run's record (`training.run_record`) and its stages, in order
 RECORD, STAGES = "quickstart.json", ("classifier", "datasets", "detector", "evaluation", "robust")
 # what a quickstart writes into its folder (evaluate_stage's report files included): all that --overwrite removes
@@ -149,10 +153,8 @@ def quickstart(
         stages.finish("evaluation")
     plain = json.loads(paths.report.read_text(encoding="utf-8"))  # both reports from their files, kept or new
     if paths.robust is not None:
-        # on digits robust validation accuracy still rises at 60 epochs: 100 (patience 15) kept 81.9-83.3%
-        # worst-case guarded over three seeds where 60 (patience 10) kept 79.7-81.1% (docs/benchmarks.md)
         settings = hardening or HardenSettings(
-            eps=robust_eps(data.input_shape, eps), epochs=100, patience=15, validation_n=min(500, len(data.x_train) // 5),
+            eps=robust_eps(data.input_shape, eps), epochs=ROBUST_EPOCHS, patience=ROBUST_PATIENCE, validation_n=min(500, len(data.x_train) // 5),
             n_attack=n_attack, detector_epochs=detector_epochs, target_fpr=target_fpr,
             benign_augmentation=benign_augmentation, shifted_fpr=shifted_fpr, seed=seed)
         if stages.begin("robust", f"robust guard (harden: adversarial fine-tuning at eps {settings.eps:g}, joint detector)"):
