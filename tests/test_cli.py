@@ -59,6 +59,8 @@ def test_quickstart_builds_the_robust_guard_beside_the_plain_one(tmp_path, capsy
     assert robust["detector"]["kind"] == "joint" and robust["adaptive"]["settings"]["max_inputs"] == 120
     assert all(row["eps"] == pytest.approx(0.1) for row in robust["attacks"].values())
     assert "robust (harden, joint rule)" in capsys.readouterr().out
+    settings = json.loads((out / "robust" / "harden.json").read_text())["identity"]["settings"]
+    assert (settings["epochs"], settings["patience"]) == (3, 2)  # the stage reads the module's settings
 
 
 def test_quickstart_refuses_an_earlier_run_unless_overwrite(quickstart_dir, tmp_path, monkeypatch, capsys):
