@@ -80,6 +80,17 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
 
 
+def momentum(text: str) -> float:
+    """An exponential moving average's momentum per step: a number in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a momentum in (0, 1) such as 0.99 or 0.999, got {text!r}")
+    return value
+
+
 def id_range(text: str) -> list[int]:
     """A record id (7) or an inclusive range of them (10-20)."""
     first, dash, last = text.partition("-")
@@ -116,7 +127,7 @@ def add_architecture_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_hardening_options(parser: argparse.ArgumentParser) -> None:
-    """--learning-rate, --schedule, --optimizer and --augment, for harden's adversarial fine-tuning."""
+    """--learning-rate, --schedule, --optimizer, --augment and --ema, for harden's adversarial fine-tuning."""
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="learning rate at the start (default 5e-4, Adam's)")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                         help="learning rate over the epochs (default cosine: decays to 2%%)")
@@ -125,6 +136,9 @@ def add_hardening_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction,
                         help="random shifts (4 px on 32x32) and horizontal flips before each batch's attack "
                         "(default on for colour images, off for grayscale)")
+    parser.add_argument("--ema", type=momentum, metavar="MOMENTUM",
+                        help="validate, keep and save the moving average of the weights (momentum per step, such as 0.99;"
+                        " default: the weights as trained)")
 
 
 def calibration_images(text: str) -> str:

@@ -53,7 +53,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         settings = HardenSettings(
             attack=args.attack, eps=args.eps, epochs=args.epochs, warmup_epochs=args.eps_warmup, trades_beta=args.trades,
             learning_rate=args.learning_rate, schedule=args.schedule, optimizer=args.optimizer, augment=args.augment,
-            batch_size=args.batch_size, patience=args.patience,
+            ema=args.ema, batch_size=args.batch_size, patience=args.patience,
             family=args.family, n_attack=args.n_attack, target_fpr=args.target_fpr, seed=args.seed,
             benign_augmentation=not args.no_benign_augmentation, shifted_fpr=args.shifted_fpr,
         )

@@ -149,6 +149,26 @@ def test_train_adversarial_with_shifts_and_sgd(digits):
         compile_classifier(linear_model(), 1e-3, "rmsprop")
 
 
+def test_ema_gives_the_model_the_moving_average_of_the_trained_weights(digits):
+    model, seen = linear_model(), []
+
+    class Watch(keras.callbacks.Callback):  # one step an epoch: the weights trained, and those the model holds
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seen.append((self.model.classifier.get_weights(), model.get_weights()))
+
+    returned = train_adversarial(digits.x_train[:64], digits.y_train[:64], 10, PGD(eps=EPS, steps=2), model=model, epochs=4,
+                                 batch_size=64, learning_rate=0.05, ema=0.5, callbacks=[Watch()], verbose=0)
+    average = None
+    for trained, held in seen:  # Keras's EMA: the first step's weights, then 0.5 old + 0.5 new
+        average = trained if average is None else [0.5 * a + 0.5 * t for a, t in zip(average, trained, strict=True)]
+        for a, h in zip(average, held, strict=True):
+            np.testing.assert_allclose(h, a, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(seen[-1][0][0], seen[-1][1][0])  # the average, not the last weights
+    assert returned is model and all(np.allclose(a, r) for a, r in zip(average, model.get_weights(), strict=True))
+    with pytest.raises(ValueError, match=r"ema must be a momentum in \(0, 1\)"):
+        train_adversarial(digits.x_train[:64], digits.y_train[:64], 10, PGD(eps=EPS), model=linear_model(), ema=1.0, verbose=0)
+
+
 def test_trades_trains_on_clean_and_adversarial_rows(digits):
     x, y = digits.x_train[:300], digits.y_train[:300]
     trainer = compile_classifier(AdversarialTraining(linear_model(), PGD(eps=EPS, steps=3), trades_beta=6.0))

@@ -171,7 +171,7 @@ def test_harden_refuses_before_training(tmp_path, digits_classifier, capsys):
     assert "argument --family: invalid choice: 'ensemble'" in capsys.readouterr().err
 
 
-def test_harden_cli_options_reach_the_settings(monkeypatch, tmp_path):
+def test_harden_cli_options_reach_the_settings(monkeypatch, tmp_path, capsys):
     import training.harden as module
 
     seen = []
@@ -179,11 +179,16 @@ def test_harden_cli_options_reach_the_settings(monkeypatch, tmp_path):
     base = ["harden", "--model", str(tmp_path / "m.keras"), "--out", str(tmp_path / "o")]
     assert cli.main(base) == 0
     assert cli.main([*base, "--optimizer", "sgd", "--learning-rate", "0.05", "--no-augment"]) == 0
-    assert cli.main([*base, "--augment"]) == 0
-    assert [(s.optimizer, s.learning_rate, s.augment) for s in seen] == [
-        ("adam", 5e-4, None), ("sgd", 0.05, False), ("adam", 5e-4, True)]
+    assert cli.main([*base, "--augment", "--ema", "0.999"]) == 0
+    assert [(s.optimizer, s.learning_rate, s.augment, s.ema) for s in seen] == [
+        ("adam", 5e-4, None, None), ("sgd", 0.05, False, None), ("adam", 5e-4, True, 0.999)]
     with pytest.raises(ValueError, match="optimizer"):
         HardenSettings(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="ema"):
+        HardenSettings(ema=1.0)
+    with pytest.raises(SystemExit, match="^2$"):
+        cli.main([*base, "--ema", "1.5"])
+    assert "expected a momentum in (0, 1) such as 0.99 or 0.999, got '1.5'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("channels, augment, shifted", [(3, None, True), (1, None, False), (3, False, False), (1, True, True)])
@@ -212,7 +217,7 @@ def test_harden_shifts_colour_images_unless_told(monkeypatch, tmp_path, digits, 
     with pytest.raises(Stop):
         harden(save_model(model, tmp_path / "m.keras"), data, tmp_path / "o", HardenSettings(augment=augment, optimizer="sgd"),
                log=lines.append)
-    assert seen[0]["augment"] is shifted and seen[0]["optimizer"] == "sgd"
+    assert seen[0]["augment"] is shifted and seen[0]["optimizer"] == "sgd" and seen[0]["ema"] is None
     said = lines[-1].split(", sgd")[-1].split(" (each epoch is kept in")[0]
     assert said == ("" if not shifted else ", random shifts and flips" if channels == 3 else ", random shifts")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -92,10 +93,10 @@ def one_cycle(peak: float, total_steps: int, warmup_fraction: float = WARMUP_FRA
         peak / 10, decay_steps=max(1, total_steps - warmup), alpha=0.0, warmup_target=peak, warmup_steps=warmup)
 
 
-def sgd(learning_rate: float | keras.optimizers.schedules.LearningRateSchedule) -> keras.optimizers.SGD:
+def sgd(learning_rate: float | keras.optimizers.schedules.LearningRateSchedule, **options: Any) -> keras.optimizers.SGD:
     """SGD with Nesterov momentum and weight decay on the kernels only (not BatchNorm's scale and
-    offset, nor biases): the ResNet recipe's optimizer."""
-    optimizer = keras.optimizers.SGD(learning_rate, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
+    offset, nor biases): the ResNet recipe's optimizer. `options`: more `keras.optimizers.SGD` arguments."""
+    optimizer = keras.optimizers.SGD(learning_rate, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY, **options)
     optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     return optimizer
 

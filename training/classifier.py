@@ -65,13 +65,17 @@ LearningRate = float | keras.optimizers.schedules.LearningRateSchedule
 OPTIMIZERS = ("adam", "sgd")
 
 
-def compile_classifier(model: keras.Model, learning_rate: LearningRate = 1e-3, optimizer: str = "adam") -> keras.Model:
+def compile_classifier(model: keras.Model, learning_rate: LearningRate = 1e-3, optimizer: str = "adam",
+                       ema: float | None = None) -> keras.Model:
     """Adam (or "sgd": `training.augmented.sgd`, the ResNet recipe's) on sparse cross-entropy from
-    logits, reporting accuracy: every classifier trains so."""
+    logits, reporting accuracy: every classifier trains so. `ema`: the optimizer also keeps an
+    exponential moving average of the weights with this momentum per step (Keras's `use_ema`)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    check_momentum(ema)
+    average = {} if ema is None else {"use_ema": True, "ema_momentum": ema}
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate) if optimizer == "adam" else sgd(learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate, **average) if optimizer == "adam" else sgd(learning_rate, **average),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -133,6 +137,7 @@ def train_adversarial(
     seed: int = 0,
     verbose: int | str = 2,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    ema: float | None = None,
     devices: Devices = 1,
     checkpoint: str | os.PathLike | None = None,
     log: Callable[[str], Any] = print,
@@ -143,7 +148,10 @@ def train_adversarial(
     collapses (clean accuracy near chance, or far below a given model's, two epochs running) stops
     with `TrainingCollapsed`, which says what to change (`training.collapse`). `augment`: random
     shifts (and flips for colour images) before each batch's attack (`training.augmented.augmentation`);
-    `optimizer`: "adam" or "sgd" (`compile_classifier`).
+    `optimizer`: "adam" or "sgd" (`compile_classifier`). `ema`: a momentum per step (0.99, 0.999):
+    `model` gets the exponential moving average of the trained weights after each epoch (the trained
+    copy goes on with its own), which smooths robust overfitting (Gowal et al. 2020, Rebuffi et al.
+    2021); `callbacks` and the caller see only the average.
 
     `devices` (a count, "all" or device names) > 1 trains data-parallel (`foundation.backend.
     training_devices`): a copy of the model built inside that context is trained, and its weights are
@@ -155,6 +163,7 @@ def train_adversarial(
     the same call after an interruption continues from the last finished epoch (messages go to `log`)."""
     if not (math.isfinite(warmup_epochs) and warmup_epochs >= 0):
         raise ValueError(f"warmup_epochs must be a finite number >= 0, got {warmup_epochs}")
+    check_momentum(ema)
     keras.utils.set_random_seed(seed)
     given = model is not None
     model = _checked_model(model, x_train, y_train, num_classes, attack.clip)
@@ -169,12 +178,12 @@ def train_adversarial(
         usable = len(x_train) - len(x_train) % batch_size % replicas  # the last batch must split evenly too (JAX)
         x_train, y_train = x_train[:usable], y_train[:usable]
         warmup_steps = round(warmup_epochs * math.ceil(len(x_train) / batch_size))
-        trained = model if distributed is None else _copy_of(model)
+        trained = model if distributed is None and ema is None else _copy_of(model)
         shifts = augmentation(x_train.shape[1:], seed=seed) if augment else None
         trainer = AdversarialTraining(trained, attack, mix=mix, warmup_steps=warmup_steps, trades_beta=trades_beta,
                                       augment=shifts, seed=seed)
-        compile_classifier(trainer, learning_rate, optimizer)
-        back = [] if trained is model else [CopyWeights(trained, model)]
+        compile_classifier(trainer, learning_rate, optimizer, ema)
+        back = [] if trained is model else [CopyWeights(trained, model, averaged=ema is not None)]
         every = [*back, *callbacks, check]
         if checkpoint is not None:
             every.append(EpochCheckpoint(checkpoint, every, log=log))
@@ -190,18 +199,34 @@ def _copy_of(model: keras.Model) -> keras.Model:
     return copy
 
 
-class CopyWeights(keras.callbacks.Callback):
-    """Copies the weights of the model being trained into `target` after each epoch and at the end."""
+def check_momentum(ema: float | None) -> None:
+    """An EMA momentum must lie in (0, 1), or be None (no average)."""
+    if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 < ema < 1.0):
+        raise ValueError(f"ema must be a momentum in (0, 1) such as 0.99 or 0.999, or None, got {ema!r}")
 
-    def __init__(self, source: keras.Model, target: keras.Model) -> None:
+
+class CopyWeights(keras.callbacks.Callback):
+    """Copies the weights of the model being trained into `target` after each epoch and at the end;
+    with `averaged`, each trainable weight's moving average that the optimizer keeps (`use_ema`)
+    in its place (the non-trainable ones, such as BatchNorm's statistics, as they are)."""
+
+    def __init__(self, source: keras.Model, target: keras.Model, *, averaged: bool = False) -> None:
         super().__init__()
-        self.source, self.target = source, target
+        self.source, self.target, self.averaged = source, target, averaged
+
+    def weights(self) -> list[np.ndarray]:
+        if not self.averaged:
+            return self.source.get_weights()
+        optimizer = self.model.optimizer  # its averages sit in the order of its variables (as in SwapEMAWeights)
+        averages = optimizer._model_variables_moving_average
+        average = {id(v): averages[optimizer._get_variable_index(v)] for v in self.source.trainable_variables}
+        return [keras.ops.convert_to_numpy(average.get(id(v), v)) for v in self.source.weights]
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.target.set_weights(self.source.get_weights())
+        self.target.set_weights(self.weights())
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        self.target.set_weights(self.source.get_weights())
+        self.target.set_weights(self.weights())
 
 
 def _collapse_advice(attack: GradientSignAttack, warmup_epochs: float, learning_rate: LearningRate, batch_size: int) -> str:

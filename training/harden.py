@@ -61,7 +61,9 @@ class HardenSettings(Parameterized):
     without them overfits). validation_n: training images held out for that check
     (`validation_steps`-step PGD). family: the detector family inside the joint rule.
     benign_augmentation: fit the joint rule on corrupted clean copies too, and cap the FPR of each
-    corruption of the held-out clean images at shifted_fpr (`fit_detector`)."""
+    corruption of the held-out clean images at shifted_fpr (`fit_detector`). ema: keep the moving
+    average of the weights with this momentum per step and validate, keep and return it
+    (`train_adversarial`); None trains without."""
 
     attack: str = "pgd:steps=10"
     eps: float | None = None
@@ -82,6 +84,7 @@ class HardenSettings(Parameterized):
     target_fpr: float = 0.05
     benign_augmentation: bool = True
     shifted_fpr: float = 0.10
+    ema: float | None = None
     seed: int = 0
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -95,6 +98,7 @@ class HardenSettings(Parameterized):
         "augment": [BOOLEAN, None],
         "benign_augmentation": [BOOLEAN],
         "shifted_fpr": [Interval(float, 0, 1, closed="neither")],
+        "ema": [Interval(float, 0, 1, closed="neither"), None],
     }
 
     def __post_init__(self) -> None:
@@ -239,11 +243,12 @@ def harden(
         log(f"[1/4] adversarial fine-tuning: done by the interrupted run, {classifier_path} kept")
     else:
         log(f"[1/4] adversarial fine-tuning against {attack.get_params()}" + ("" if settings.trades_beta is None else f", TRADES beta {settings.trades_beta}")
-            + f", {settings.optimizer}" + (moves if augment else "") + f" (each epoch is kept in {out / TRAINING}: the same command resumes)")
+            + f", {settings.optimizer}" + (moves if augment else "") + ("" if settings.ema is None else f", weights averaged (EMA {settings.ema:g})")
+            + f" (each epoch is kept in {out / TRAINING}: the same command resumes)")
         train_adversarial(
             data.x_train[fit], data.y_train[fit], data.num_classes, attack, model=classifier, epochs=settings.epochs,
             batch_size=settings.batch_size, learning_rate=learning_rate, warmup_epochs=settings.warmup_epochs,
-            trades_beta=settings.trades_beta, augment=augment, optimizer=settings.optimizer, seed=settings.seed, verbose=0,
+            trades_beta=settings.trades_beta, augment=augment, optimizer=settings.optimizer, ema=settings.ema, seed=settings.seed, verbose=0,
             callbacks=[stopper], devices=devices, checkpoint=out / TRAINING, log=log,
         )
         save_model(classifier, classifier_path)
