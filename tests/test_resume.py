@@ -44,10 +44,10 @@ class Epochs(keras.callbacks.Callback):
         self.seen = list(state["seen"])
 
 
-def model(seed: int) -> keras.Model:
+def model(seed: int, **optimizer: Any) -> keras.Model:
     keras.utils.set_random_seed(seed)
     net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    net.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(0.01, EPOCHS * N // BATCH)),
+    net.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(0.01, EPOCHS * N // BATCH), **optimizer),
                 "sparse_categorical_crossentropy")
     return net
 
@@ -99,3 +99,28 @@ def test_an_unreadable_state_starts_training_over(tmp_path):
     fit(model(1), tmp_path, epochs, lines)
     assert epochs.seen == [0, 1, 2, 3, 4] and epochs.began[1] == 0
     assert lines == [f"{tmp_path / STATE} cannot be read or belongs to other callbacks: training starts from the first epoch"]
+
+
+def test_the_optimizers_moving_average_comes_back_too(tmp_path):
+    """`harden --ema` keeps the weights' average in the optimizer: a resumed fit goes on from it."""
+    def averages(net: keras.Model) -> list[np.ndarray]:
+        return [keras.ops.convert_to_numpy(v) for v in net.optimizer._model_variables_moving_average]
+
+    class Averages(Epochs):  # the same callbacks in both fits, or the saved state is not theirs
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            if self.began is None and self.model.optimizer.built:
+                self.average = averages(self.model)
+            super().on_epoch_begin(epoch, logs)
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            self.ended = (averages(self.model), self.model.get_weights())
+
+    first = Averages(interrupt_at=2)
+    with pytest.raises(Interrupted):
+        fit(model(0, use_ema=True, ema_momentum=0.5), tmp_path, first, [])
+    saved, weights = first.ended  # after the second epoch, the last one saved
+    assert not np.allclose(saved[0], weights[0])  # an average, not the weights
+    resumed = Averages()
+    fit(model(1, use_ema=True, ema_momentum=0.5), tmp_path, resumed, [])
+    for got, want in zip(resumed.average, saved, strict=True):
+        np.testing.assert_array_equal(got, want)
